@@ -1,0 +1,60 @@
+//! The command line: `coffer serve` and its flags, each also read from a `COFFER_*`
+//! environment variable.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::engine::{EngineConfig, ACCOUNT_MAILBOX_CAPACITY};
+
+/// coffer: a durable, in-memory account engine for wallet and game backends.
+#[derive(Debug, Parser)]
+#[command(name = "coffer", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the HTTP API.
+    Serve(ServeArgs),
+}
+
+/// Flags of `coffer serve`.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Directory of the write-ahead log (created if missing).
+    #[arg(long, env = "COFFER_DATA_DIR", default_value = "./coffer-data")]
+    pub data_dir: PathBuf,
+    /// Address to listen on.
+    #[arg(long, env = "COFFER_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: String,
+    /// How long idempotency keys are remembered at least (e.g. 24h, 90m).
+    #[arg(long, env = "COFFER_IDEMPOTENCY_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub idempotency_ttl: Duration,
+    /// Size in bytes at which the WAL starts a new segment file.
+    #[arg(long, env = "COFFER_WAL_SEGMENT_BYTES", default_value_t = crate::wal::SEGMENT_BYTES_DEFAULT)]
+    pub wal_segment_bytes: u64,
+    /// Capacity of each account's mailbox (commands queued before senders wait).
+    #[arg(long, env = "COFFER_MAILBOX_CAPACITY", default_value_t = ACCOUNT_MAILBOX_CAPACITY)]
+    pub mailbox_capacity: usize,
+    /// Log format: text or json.
+    #[arg(long, env = "COFFER_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
+}
+
+impl ServeArgs {
+    /// The engine configuration these flags describe.
+    pub fn engine_config(&self) -> EngineConfig {
+        let mut config = EngineConfig::new(self.data_dir.clone());
+        config.segment_bytes_max = self.wal_segment_bytes.max(4096);
+        config.mailbox_capacity = self.mailbox_capacity.max(1);
+        config.clock = Arc::new(crate::clock::SystemClock);
+        config
+    }
+}

@@ -1,0 +1,992 @@
+//! The account state machine: `decide` turns a request into an event (or a refusal) without
+//! changing anything; `apply` changes the state by an event. The live path and WAL replay both
+//! call `apply`, so replay cannot disagree with what was acknowledged. No I/O, no clock: time
+//! and fresh ids come in as arguments.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+
+use uuid::Uuid;
+
+use super::types::*;
+
+/// The kind of a transaction (one change of one account).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TxKind {
+    /// Money added.
+    Credit,
+    /// Money removed.
+    Debit,
+    /// Money reserved by a new hold.
+    Hold,
+    /// A hold turned into a debit (fully or partly; the rest is released).
+    Capture,
+    /// A hold dropped by request.
+    Release,
+    /// A hold dropped because its deadline passed.
+    Expire,
+    /// Money sent to another account (saga, later issue).
+    TransferOut,
+    /// Money received from another account (saga, later issue).
+    TransferIn,
+}
+
+impl TxKind {
+    /// The API name of the kind.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TxKind::Credit => "credit",
+            TxKind::Debit => "debit",
+            TxKind::Hold => "hold",
+            TxKind::Capture => "capture",
+            TxKind::Release => "release",
+            TxKind::Expire => "expire",
+            TxKind::TransferOut => "transfer_out",
+            TxKind::TransferIn => "transfer_in",
+        }
+    }
+}
+
+/// The status of a hold. A hold ends exactly once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HoldStatus {
+    /// Funds are reserved.
+    Open,
+    /// Captured (fully or partly).
+    Captured,
+    /// Released by request.
+    Released,
+    /// Released because its deadline passed.
+    Expired,
+}
+
+impl HoldStatus {
+    /// The API name of the status.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HoldStatus::Open => "open",
+            HoldStatus::Captured => "captured",
+            HoldStatus::Released => "released",
+            HoldStatus::Expired => "expired",
+        }
+    }
+
+    /// Parses an API name.
+    pub fn parse(text: &str) -> Option<HoldStatus> {
+        match text {
+            "open" => Some(HoldStatus::Open),
+            "captured" => Some(HoldStatus::Captured),
+            "released" => Some(HoldStatus::Released),
+            "expired" => Some(HoldStatus::Expired),
+            _ => None,
+        }
+    }
+}
+
+/// A hold on an account's funds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Hold {
+    /// Hold id (UUID v7).
+    pub id: Uuid,
+    /// The account it holds funds of.
+    pub account_id: AccountId,
+    /// The reserved amount.
+    pub amount: Amount,
+    /// What a capture took (0 until captured).
+    pub captured: u64,
+    /// Where it is in its life.
+    pub status: HoldStatus,
+    /// When it was placed (unix ms).
+    pub created_at_ms: u64,
+    /// When it expires if still open (unix ms).
+    pub expires_at_ms: u64,
+    /// The metadata given when it was placed.
+    pub metadata: Metadata,
+}
+
+/// One change of one account, with the balances just after it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transaction {
+    /// Transaction id (UUID v7).
+    pub id: Uuid,
+    /// The account changed.
+    pub account_id: AccountId,
+    /// The account's sequence number after this change.
+    pub seq: u64,
+    /// What happened.
+    pub kind: TxKind,
+    /// The amount moved (for a release or expire: the amount released).
+    pub amount: u64,
+    /// The hold involved, if any.
+    pub hold_id: Option<Uuid>,
+    /// The transfer involved, if any.
+    pub transfer_id: Option<Uuid>,
+    /// Balance after.
+    pub balance: i64,
+    /// Held after.
+    pub held: u64,
+    /// Available after (balance - held).
+    pub available: i64,
+    /// When it happened (unix ms).
+    pub created_at_ms: u64,
+    /// The metadata given with the request.
+    pub metadata: Metadata,
+}
+
+/// A point-in-time copy of an account's public fields.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AccountView {
+    /// Account id.
+    pub id: AccountId,
+    /// Currency.
+    pub currency: Currency,
+    /// Posted money.
+    pub balance: i64,
+    /// Sum of open holds.
+    pub held: u64,
+    /// balance - held.
+    pub available: i64,
+    /// How far `available` may go below zero.
+    pub overdraft_limit: u64,
+    /// Number of open holds.
+    pub open_holds: u32,
+    /// Number of changes so far.
+    pub seq: u64,
+    /// When it was opened (unix ms).
+    pub created_at_ms: u64,
+    /// Metadata given at creation.
+    pub metadata: Metadata,
+}
+
+/// What a successful change returns: the transaction, the account after it and the hold
+/// it touched. Stored with the idempotency key and returned again on a replay.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Receipt {
+    /// The transaction written.
+    pub transaction: Transaction,
+    /// The account just after.
+    pub account: AccountView,
+    /// The hold just after (hold, capture, release, expire).
+    pub hold: Option<Hold>,
+}
+
+/// The kinds of client request that change an account.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OpKind {
+    /// Add money.
+    Credit,
+    /// Remove money.
+    Debit,
+    /// Reserve money.
+    Hold,
+    /// Capture a hold.
+    Capture,
+    /// Release a hold.
+    Release,
+}
+
+impl OpKind {
+    /// Whether a success creates a resource (HTTP 201) rather than changing one (200).
+    pub fn creates(self) -> bool {
+        matches!(self, OpKind::Credit | OpKind::Debit | OpKind::Hold)
+    }
+}
+
+/// A client request as parsed, before validation. Equality of two requests is what
+/// "same request" means for idempotency; numbers are wide so out-of-range values survive
+/// parsing and are refused by validation with a clear message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Request {
+    /// `POST .../credits`
+    Credit {
+        /// Amount as given.
+        amount: i128,
+        /// Metadata as given (absent = empty).
+        metadata: BTreeMap<String, String>,
+    },
+    /// `POST .../debits`
+    Debit {
+        /// Amount as given.
+        amount: i128,
+        /// Metadata as given.
+        metadata: BTreeMap<String, String>,
+    },
+    /// `POST .../holds`
+    Hold {
+        /// Amount as given.
+        amount: i128,
+        /// Lifetime as given (absent = default).
+        expires_in_secs: Option<i128>,
+        /// Metadata as given.
+        metadata: BTreeMap<String, String>,
+    },
+    /// `POST .../holds/{id}/capture`
+    Capture {
+        /// The hold.
+        hold_id: Uuid,
+        /// Amount as given (absent = the whole hold).
+        amount: Option<i128>,
+        /// Metadata as given.
+        metadata: BTreeMap<String, String>,
+    },
+    /// `POST .../holds/{id}/release`
+    Release {
+        /// The hold.
+        hold_id: Uuid,
+        /// Metadata as given.
+        metadata: BTreeMap<String, String>,
+    },
+}
+
+impl Request {
+    /// The kind of the request.
+    pub fn kind(&self) -> OpKind {
+        match self {
+            Request::Credit { .. } => OpKind::Credit,
+            Request::Debit { .. } => OpKind::Debit,
+            Request::Hold { .. } => OpKind::Hold,
+            Request::Capture { .. } => OpKind::Capture,
+            Request::Release { .. } => OpKind::Release,
+        }
+    }
+}
+
+/// An event: the outcome of a decision, as written to the WAL and applied.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Event {
+    /// Log sequence number (assigned by the WAL).
+    pub lsn: u64,
+    /// The account it changes.
+    pub account: AccountId,
+    /// The account's seq after it (0 for `Opened`).
+    pub seq: u64,
+    /// When it happened (unix ms).
+    pub at_ms: u64,
+    /// The transaction id (nil for `Opened`).
+    pub tx_id: Uuid,
+    /// The idempotency key of the request that caused it, if any.
+    pub idempotency_key: Option<IdempotencyKey>,
+    /// What happened.
+    pub body: EventBody,
+}
+
+/// What an event does.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EventBody {
+    /// The account was created.
+    Opened {
+        /// Its currency.
+        currency: Currency,
+        /// Its overdraft limit.
+        overdraft_limit: u64,
+        /// Its metadata.
+        metadata: Metadata,
+    },
+    /// Money added.
+    Credit {
+        /// Amount.
+        amount: Amount,
+        /// Metadata of the request.
+        metadata: Metadata,
+    },
+    /// Money removed.
+    Debit {
+        /// Amount.
+        amount: Amount,
+        /// Metadata of the request.
+        metadata: Metadata,
+    },
+    /// A hold placed.
+    Hold {
+        /// The new hold's id.
+        hold_id: Uuid,
+        /// Amount reserved.
+        amount: Amount,
+        /// Deadline (unix ms).
+        expires_at_ms: u64,
+        /// The lifetime the request named, if it named one (for idempotent comparison).
+        expires_in_secs: Option<u32>,
+        /// Metadata of the request.
+        metadata: Metadata,
+    },
+    /// A hold captured, fully or partly; the rest is released.
+    Capture {
+        /// The hold.
+        hold_id: Uuid,
+        /// Amount captured.
+        amount: Amount,
+        /// Whether the request named the amount (for idempotent comparison).
+        amount_given: bool,
+        /// Metadata of the request.
+        metadata: Metadata,
+    },
+    /// A hold released by request.
+    Release {
+        /// The hold.
+        hold_id: Uuid,
+        /// Metadata of the request.
+        metadata: Metadata,
+    },
+    /// A hold released because its deadline passed.
+    Expire {
+        /// The hold.
+        hold_id: Uuid,
+    },
+}
+
+/// Why a request is refused. These are expected outcomes, not failures.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum OpError {
+    /// The key was used for a different request.
+    IdempotencyKeyReused,
+    /// A well-formed value is out of bounds.
+    Validation(String),
+    /// No such hold on this account.
+    HoldNotFound(Uuid),
+    /// The hold has already ended.
+    HoldNotOpen(HoldStatus),
+    /// A capture larger than the hold.
+    AmountExceedsHold {
+        /// Requested capture.
+        amount: u64,
+        /// The hold's amount.
+        hold: u64,
+    },
+    /// Not enough available money.
+    InsufficientFunds {
+        /// Available now.
+        available: i64,
+        /// Overdraft allowed.
+        overdraft_limit: u64,
+        /// Requested amount.
+        amount: u64,
+    },
+    /// A credit would push the balance over AMOUNT_MAX.
+    BalanceLimitExceeded {
+        /// Balance now.
+        balance: i64,
+        /// Requested amount.
+        amount: u64,
+    },
+}
+
+impl From<Invalid> for OpError {
+    fn from(invalid: Invalid) -> OpError {
+        OpError::Validation(invalid.0)
+    }
+}
+
+/// A successful outcome remembered under its idempotency key.
+#[derive(Clone, Debug)]
+pub struct IdempotencyEntry {
+    /// The request, to tell a replay from a reuse.
+    pub request: Request,
+    /// The response it got.
+    pub receipt: Arc<Receipt>,
+    /// The LSN of the event that carried it: a replay is answered once this is durable.
+    pub lsn: u64,
+    /// When it happened (unix ms).
+    pub created_at_ms: u64,
+}
+
+/// What `decide` says to do with a request.
+#[derive(Debug)]
+pub enum Decision {
+    /// The key was seen with the same request: answer with the stored outcome.
+    Replay(IdempotencyEntry),
+    /// Write and apply this event.
+    Apply(EventBody),
+}
+
+/// Fresh values the engine supplies to a decision, so that `decide` stays pure.
+#[derive(Clone, Copy, Debug)]
+pub struct Fresh {
+    /// Now (unix ms).
+    pub now_ms: u64,
+    /// An id for a new hold, if the request places one.
+    pub hold_id: Uuid,
+}
+
+/// An account and everything it remembers. Fields with invariants are private.
+#[derive(Clone, Debug)]
+pub struct Account {
+    id: AccountId,
+    currency: Currency,
+    overdraft_limit: u64,
+    metadata: Metadata,
+    created_at_ms: u64,
+    balance: i64,
+    held: u64,
+    seq: u64,
+    last_lsn: u64,
+    open_holds: u32,
+    holds: BTreeMap<Uuid, Hold>,
+    /// Open holds by deadline, for expiry.
+    deadlines: BTreeSet<(u64, Uuid)>,
+    history: Vec<Transaction>,
+    idempotency: HashMap<IdempotencyKey, IdempotencyEntry>,
+    /// Running totals for the conservation check (invariant 3).
+    total_in: i128,
+    total_out: i128,
+}
+
+impl Account {
+    /// Creates an account from its `Opened` event.
+    pub fn open(event: &Event) -> Result<Account, ApplyError> {
+        let EventBody::Opened {
+            currency,
+            overdraft_limit,
+            metadata,
+        } = &event.body
+        else {
+            return Err(ApplyError("first event of an account is not an open"));
+        };
+        if event.seq != 0 {
+            return Err(ApplyError("open event with non-zero seq"));
+        }
+        if *overdraft_limit > AMOUNT_MAX {
+            return Err(ApplyError("overdraft limit out of range"));
+        }
+        Ok(Account {
+            id: event.account.clone(),
+            currency: currency.clone(),
+            overdraft_limit: *overdraft_limit,
+            metadata: metadata.clone(),
+            created_at_ms: event.at_ms,
+            balance: 0,
+            held: 0,
+            seq: 0,
+            last_lsn: event.lsn,
+            open_holds: 0,
+            holds: BTreeMap::new(),
+            deadlines: BTreeSet::new(),
+            history: Vec::new(),
+            idempotency: HashMap::new(),
+            total_in: 0,
+            total_out: 0,
+        })
+    }
+
+    /// Account id.
+    pub fn id(&self) -> &AccountId {
+        &self.id
+    }
+    /// Currency.
+    pub fn currency(&self) -> &Currency {
+        &self.currency
+    }
+    /// Overdraft limit.
+    pub fn overdraft_limit(&self) -> u64 {
+        self.overdraft_limit
+    }
+    /// Posted balance.
+    pub fn balance(&self) -> i64 {
+        self.balance
+    }
+    /// Sum of open holds.
+    pub fn held(&self) -> u64 {
+        self.held
+    }
+    /// balance - held. Exact: both are bounded far below i64's range.
+    pub fn available(&self) -> i64 {
+        self.balance - self.held as i64
+    }
+    /// Number of changes so far.
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+    /// LSN of the last event applied.
+    pub fn last_lsn(&self) -> u64 {
+        self.last_lsn
+    }
+    /// A hold by id.
+    pub fn hold(&self, id: &Uuid) -> Option<&Hold> {
+        self.holds.get(id)
+    }
+    /// Holds in id (= creation) order, starting after `after`.
+    pub fn holds_after(&self, after: Option<Uuid>) -> impl Iterator<Item = &Hold> {
+        use std::ops::Bound;
+        let start = match after {
+            Some(id) => Bound::Excluded(id),
+            None => Bound::Unbounded,
+        };
+        self.holds.range((start, Bound::Unbounded)).map(|(_, h)| h)
+    }
+    /// The history, oldest first (index = seq - 1).
+    pub fn history(&self) -> &[Transaction] {
+        &self.history
+    }
+    /// The remembered outcome of an idempotency key.
+    pub fn idempotency_entry(&self, key: &IdempotencyKey) -> Option<&IdempotencyEntry> {
+        self.idempotency.get(key)
+    }
+    /// Open holds whose deadline is at or before `now_ms`, earliest first.
+    pub fn due_holds(&self, now_ms: u64) -> Vec<Uuid> {
+        self.deadlines
+            .iter()
+            .take_while(|(deadline, _)| *deadline <= now_ms)
+            .map(|(_, id)| *id)
+            .collect()
+    }
+    /// Deadlines of all open holds.
+    pub fn open_deadlines(&self) -> impl Iterator<Item = (u64, Uuid)> + '_ {
+        self.deadlines.iter().copied()
+    }
+
+    /// A copy of the public fields.
+    pub fn view(&self) -> AccountView {
+        AccountView {
+            id: self.id.clone(),
+            currency: self.currency.clone(),
+            balance: self.balance,
+            held: self.held,
+            available: self.available(),
+            overdraft_limit: self.overdraft_limit,
+            open_holds: self.open_holds,
+            seq: self.seq,
+            created_at_ms: self.created_at_ms,
+            metadata: self.metadata.clone(),
+        }
+    }
+
+    /// Decides what a request does, without changing anything.
+    /// Order of checks (API.md): idempotency, validation, hold lookup, hold state, amounts.
+    pub fn decide(
+        &self,
+        key: Option<&IdempotencyKey>,
+        request: &Request,
+        fresh: Fresh,
+    ) -> Result<Decision, OpError> {
+        if let Some(entry) = key.and_then(|k| self.idempotency.get(k)) {
+            if entry.request == *request {
+                return Ok(Decision::Replay(entry.clone()));
+            }
+            return Err(OpError::IdempotencyKeyReused);
+        }
+        let body = match request {
+            Request::Credit { amount, metadata } => {
+                let amount = Amount::new(*amount)?;
+                let metadata = Metadata::new(metadata.clone())?;
+                self.check_credit(amount)?;
+                EventBody::Credit { amount, metadata }
+            }
+            Request::Debit { amount, metadata } => {
+                let amount = Amount::new(*amount)?;
+                let metadata = Metadata::new(metadata.clone())?;
+                self.check_funds(amount)?;
+                EventBody::Debit { amount, metadata }
+            }
+            Request::Hold {
+                amount,
+                expires_in_secs,
+                metadata,
+            } => self.decide_hold(*amount, *expires_in_secs, metadata, fresh)?,
+            Request::Capture {
+                hold_id,
+                amount,
+                metadata,
+            } => {
+                let requested = amount.map(Amount::new).transpose()?;
+                let metadata = Metadata::new(metadata.clone())?;
+                let hold = self.open_hold(hold_id)?;
+                let amount = match requested {
+                    Some(a) if a > hold.amount => {
+                        return Err(OpError::AmountExceedsHold {
+                            amount: a.get(),
+                            hold: hold.amount.get(),
+                        })
+                    }
+                    Some(a) => a,
+                    None => hold.amount,
+                };
+                EventBody::Capture {
+                    hold_id: *hold_id,
+                    amount,
+                    amount_given: requested.is_some(),
+                    metadata,
+                }
+            }
+            Request::Release { hold_id, metadata } => {
+                let metadata = Metadata::new(metadata.clone())?;
+                self.open_hold(hold_id)?;
+                EventBody::Release {
+                    hold_id: *hold_id,
+                    metadata,
+                }
+            }
+        };
+        Ok(Decision::Apply(body))
+    }
+
+    /// Decides whether a hold expires now: only an open hold whose deadline has passed.
+    pub fn decide_expire(&self, hold_id: &Uuid, now_ms: u64) -> Option<EventBody> {
+        let hold = self.holds.get(hold_id)?;
+        if hold.status != HoldStatus::Open || hold.expires_at_ms > now_ms {
+            return None;
+        }
+        Some(EventBody::Expire { hold_id: *hold_id })
+    }
+
+    fn decide_hold(
+        &self,
+        amount: i128,
+        expires_in_secs: Option<i128>,
+        metadata: &BTreeMap<String, String>,
+        fresh: Fresh,
+    ) -> Result<EventBody, OpError> {
+        let amount = Amount::new(amount)?;
+        let secs = match expires_in_secs {
+            None => None,
+            Some(s) if (1..=i128::from(HOLD_EXPIRES_SECS_MAX)).contains(&s) => Some(s as u32),
+            Some(_) => {
+                return Err(OpError::Validation(format!(
+                    "expires_in_secs must be an integer in 1..={HOLD_EXPIRES_SECS_MAX}"
+                )))
+            }
+        };
+        let metadata = Metadata::new(metadata.clone())?;
+        self.check_funds(amount)?;
+        let lifetime_ms = u64::from(secs.unwrap_or(HOLD_EXPIRES_SECS_DEFAULT)) * 1000;
+        let expires_at_ms = fresh
+            .now_ms
+            .checked_add(lifetime_ms)
+            .ok_or_else(|| OpError::Validation("clock out of range".to_string()))?;
+        Ok(EventBody::Hold {
+            hold_id: fresh.hold_id,
+            amount,
+            expires_at_ms,
+            expires_in_secs: secs,
+            metadata,
+        })
+    }
+
+    fn open_hold(&self, hold_id: &Uuid) -> Result<&Hold, OpError> {
+        let hold = self
+            .holds
+            .get(hold_id)
+            .ok_or(OpError::HoldNotFound(*hold_id))?;
+        if hold.status != HoldStatus::Open {
+            return Err(OpError::HoldNotOpen(hold.status));
+        }
+        Ok(hold)
+    }
+
+    fn check_credit(&self, amount: Amount) -> Result<(), OpError> {
+        match self.balance.checked_add(amount.signed()) {
+            Some(b) if b <= AMOUNT_MAX as i64 => Ok(()),
+            _ => Err(OpError::BalanceLimitExceeded {
+                balance: self.balance,
+                amount: amount.get(),
+            }),
+        }
+    }
+
+    fn check_funds(&self, amount: Amount) -> Result<(), OpError> {
+        // available + overdraft >= amount, in i128 so that no combination can overflow.
+        let room = i128::from(self.available()) + i128::from(self.overdraft_limit);
+        if i128::from(amount.get()) > room {
+            return Err(OpError::InsufficientFunds {
+                available: self.available(),
+                overdraft_limit: self.overdraft_limit,
+                amount: amount.get(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Checks, without changing anything, that `event` can follow this state. The live path
+    /// calls it before writing the event to the log, so the log never holds an event that
+    /// replay would refuse; `apply` calls it again.
+    pub fn check(&self, event: &Event) -> Result<(), ApplyError> {
+        if event.account != self.id {
+            return Err(ApplyError("event for another account"));
+        }
+        if event.seq != self.seq + 1 {
+            return Err(ApplyError("event seq does not follow the account's seq"));
+        }
+        if let Some(key) = &event.idempotency_key {
+            if self.idempotency.contains_key(key) {
+                return Err(ApplyError("idempotency key applied twice"));
+            }
+            if matches!(event.body, EventBody::Expire { .. }) {
+                return Err(ApplyError("expire event with an idempotency key"));
+            }
+        }
+        match &event.body {
+            EventBody::Opened { .. } => Err(ApplyError("account opened twice")),
+            EventBody::Credit { amount, .. } => self
+                .check_credit(*amount)
+                .map_err(|_| ApplyError("credit over the balance limit")),
+            EventBody::Debit { amount, .. } => self
+                .check_funds(*amount)
+                .map_err(|_| ApplyError("debit beyond available funds")),
+            EventBody::Hold {
+                hold_id, amount, ..
+            } => {
+                if self.holds.contains_key(hold_id) {
+                    return Err(ApplyError("hold id used twice"));
+                }
+                self.check_funds(*amount)
+                    .map_err(|_| ApplyError("hold beyond available funds"))
+            }
+            EventBody::Capture {
+                hold_id, amount, ..
+            } => {
+                let hold = self.check_open(hold_id)?;
+                if *amount > hold.amount {
+                    return Err(ApplyError("capture larger than its hold"));
+                }
+                Ok(())
+            }
+            EventBody::Release { hold_id, .. } | EventBody::Expire { hold_id } => {
+                self.check_open(hold_id).map(|_| ())
+            }
+        }
+    }
+
+    fn check_open(&self, hold_id: &Uuid) -> Result<&Hold, ApplyError> {
+        let hold = self
+            .holds
+            .get(hold_id)
+            .ok_or(ApplyError("event names an unknown hold"))?;
+        if hold.status != HoldStatus::Open {
+            return Err(ApplyError("event ends a hold that is not open"));
+        }
+        Ok(hold)
+    }
+
+    /// Applies an event. Used by the live path and by replay alike. Refuses (without
+    /// changing anything) an event that cannot follow this state, which in replay means a
+    /// corrupt log. Asserts the invariants of DESIGN.md afterwards.
+    pub fn apply(&mut self, event: &Event) -> Result<Arc<Receipt>, ApplyError> {
+        if event.lsn <= self.last_lsn {
+            return Err(ApplyError("event lsn does not follow the account's lsn"));
+        }
+        self.check(event)?;
+        let seq_before = self.seq;
+        let (tx, hold, request) = self.mutate(event);
+        self.seq = event.seq;
+        self.last_lsn = event.lsn;
+        self.history.push(tx.clone());
+        let receipt = Arc::new(Receipt {
+            transaction: tx,
+            account: self.view(),
+            hold,
+        });
+        if let (Some(key), Some(request)) = (&event.idempotency_key, request) {
+            self.idempotency.insert(
+                key.clone(),
+                IdempotencyEntry {
+                    request,
+                    receipt: receipt.clone(),
+                    lsn: event.lsn,
+                    created_at_ms: event.at_ms,
+                },
+            );
+        }
+        assert_eq!(self.seq, seq_before + 1, "invariant 4: seq moves by one");
+        self.check_invariants();
+        Ok(receipt)
+    }
+
+    /// Changes balances and holds by an event that `check` accepted.
+    fn mutate(&mut self, event: &Event) -> (Transaction, Option<Hold>, Option<Request>) {
+        let mut hold_after = None;
+        let (kind, amount, hold_id, metadata, request) = match &event.body {
+            EventBody::Opened { .. } => unreachable!("check refuses a second open"),
+            EventBody::Credit { amount, metadata } => {
+                self.balance += amount.signed();
+                self.total_in += i128::from(amount.get());
+                let request = Request::Credit {
+                    amount: i128::from(amount.get()),
+                    metadata: metadata.to_map(),
+                };
+                (
+                    TxKind::Credit,
+                    *amount,
+                    None,
+                    metadata.clone(),
+                    Some(request),
+                )
+            }
+            EventBody::Debit { amount, metadata } => {
+                self.balance -= amount.signed();
+                self.total_out += i128::from(amount.get());
+                let request = Request::Debit {
+                    amount: i128::from(amount.get()),
+                    metadata: metadata.to_map(),
+                };
+                (
+                    TxKind::Debit,
+                    *amount,
+                    None,
+                    metadata.clone(),
+                    Some(request),
+                )
+            }
+            EventBody::Hold {
+                hold_id,
+                amount,
+                expires_at_ms,
+                expires_in_secs,
+                metadata,
+            } => {
+                let hold = Hold {
+                    id: *hold_id,
+                    account_id: self.id.clone(),
+                    amount: *amount,
+                    captured: 0,
+                    status: HoldStatus::Open,
+                    created_at_ms: event.at_ms,
+                    expires_at_ms: *expires_at_ms,
+                    metadata: metadata.clone(),
+                };
+                self.held += amount.get();
+                self.open_holds += 1;
+                self.deadlines.insert((*expires_at_ms, *hold_id));
+                self.holds.insert(*hold_id, hold.clone());
+                hold_after = Some(hold);
+                let request = Request::Hold {
+                    amount: i128::from(amount.get()),
+                    expires_in_secs: expires_in_secs.map(i128::from),
+                    metadata: metadata.to_map(),
+                };
+                (
+                    TxKind::Hold,
+                    *amount,
+                    Some(*hold_id),
+                    metadata.clone(),
+                    Some(request),
+                )
+            }
+            EventBody::Capture {
+                hold_id,
+                amount,
+                amount_given,
+                metadata,
+            } => {
+                let hold = self.end_hold(hold_id, HoldStatus::Captured, amount.get());
+                self.balance -= amount.signed();
+                self.total_out += i128::from(amount.get());
+                hold_after = Some(hold);
+                let request = Request::Capture {
+                    hold_id: *hold_id,
+                    amount: amount_given.then_some(i128::from(amount.get())),
+                    metadata: metadata.to_map(),
+                };
+                (
+                    TxKind::Capture,
+                    *amount,
+                    Some(*hold_id),
+                    metadata.clone(),
+                    Some(request),
+                )
+            }
+            EventBody::Release { hold_id, metadata } => {
+                let hold = self.end_hold(hold_id, HoldStatus::Released, 0);
+                let amount = hold.amount;
+                hold_after = Some(hold);
+                let request = Request::Release {
+                    hold_id: *hold_id,
+                    metadata: metadata.to_map(),
+                };
+                (
+                    TxKind::Release,
+                    amount,
+                    Some(*hold_id),
+                    metadata.clone(),
+                    Some(request),
+                )
+            }
+            EventBody::Expire { hold_id } => {
+                let hold = self.end_hold(hold_id, HoldStatus::Expired, 0);
+                let amount = hold.amount;
+                hold_after = Some(hold);
+                (
+                    TxKind::Expire,
+                    amount,
+                    Some(*hold_id),
+                    Metadata::empty(),
+                    None,
+                )
+            }
+        };
+        let tx = Transaction {
+            id: event.tx_id,
+            account_id: self.id.clone(),
+            seq: event.seq,
+            kind,
+            amount: amount.get(),
+            hold_id,
+            transfer_id: None,
+            balance: self.balance,
+            held: self.held,
+            available: self.available(),
+            created_at_ms: event.at_ms,
+            metadata,
+        };
+        (tx, hold_after, request)
+    }
+
+    /// Ends an open hold (checked by `check`) exactly once.
+    fn end_hold(&mut self, hold_id: &Uuid, status: HoldStatus, captured: u64) -> Hold {
+        let hold = self
+            .holds
+            .get_mut(hold_id)
+            .expect("check() found this hold open under the same borrow");
+        assert_eq!(
+            hold.status,
+            HoldStatus::Open,
+            "invariant 2: a hold ends once"
+        );
+        hold.status = status;
+        hold.captured = captured;
+        let hold = hold.clone();
+        self.held -= hold.amount.get();
+        self.open_holds -= 1;
+        self.deadlines.remove(&(hold.expires_at_ms, hold.id));
+        hold
+    }
+
+    /// Invariants 1-3 of DESIGN.md. Cheap checks always; the O(holds) cross-check in debug.
+    fn check_invariants(&self) {
+        assert!(
+            i128::from(self.available()) >= -i128::from(self.overdraft_limit),
+            "invariant 1: available below -overdraft_limit"
+        );
+        assert!(
+            self.balance <= AMOUNT_MAX as i64,
+            "balance above AMOUNT_MAX"
+        );
+        assert_eq!(
+            i128::from(self.balance),
+            self.total_in - self.total_out,
+            "invariant 3: balance is not credits - debits - captures"
+        );
+        assert_eq!(
+            self.deadlines.len(),
+            self.open_holds as usize,
+            "invariant 2: deadline index out of step with open holds"
+        );
+        assert_eq!(
+            self.history.len() as u64,
+            self.seq,
+            "invariant 4: history out of step with seq"
+        );
+        debug_assert_eq!(
+            self.holds
+                .values()
+                .filter(|h| h.status == HoldStatus::Open)
+                .map(|h| h.amount.get())
+                .sum::<u64>(),
+            self.held,
+            "invariant 2: held is not the sum of open holds"
+        );
+    }
+}
+
+/// An event that cannot follow the state it is applied to. In replay this means a
+/// corrupt or foreign log; on the live path it is a bug.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ApplyError(pub &'static str);

@@ -1,0 +1,1 @@
+//! Unit tests of the account state machine: every operation and every refusal.

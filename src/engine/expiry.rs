@@ -1,0 +1,75 @@
+//! Hold expiry: an index of open holds by deadline, and a background sweeper that expires
+//! due holds durably. Actors also expire an account's due holds before each command, so a
+//! capture after the deadline finds the hold expired even between sweeps.
+
+use std::collections::BTreeSet;
+use std::sync::Weak;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use uuid::Uuid;
+
+use super::Inner;
+use crate::domain::AccountId;
+
+/// How often the sweeper looks for due holds.
+pub const EXPIRY_SWEEP_INTERVAL_MS: u64 = 200;
+
+/// Open holds by deadline.
+#[derive(Default)]
+pub(crate) struct ExpiryIndex {
+    set: Mutex<BTreeSet<(u64, AccountId, Uuid)>>,
+}
+
+impl ExpiryIndex {
+    pub(crate) fn insert(&self, deadline_ms: u64, account: &AccountId, hold: Uuid) {
+        self.set.lock().insert((deadline_ms, account.clone(), hold));
+    }
+
+    pub(crate) fn remove(&self, deadline_ms: u64, account: &AccountId, hold: Uuid) {
+        self.set
+            .lock()
+            .remove(&(deadline_ms, account.clone(), hold));
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.set.lock().len()
+    }
+
+    /// Removes and returns the entries due at `now_ms`, one per account.
+    pub(crate) fn due(&self, now_ms: u64) -> Vec<(AccountId, Uuid)> {
+        let mut set = self.set.lock();
+        let mut due = Vec::new();
+        while let Some(first) = set.first() {
+            if first.0 > now_ms {
+                break;
+            }
+            if let Some((_, account, hold)) = set.pop_first() {
+                due.push((account, hold));
+            }
+        }
+        drop(set);
+        due.sort_by(|a, b| a.0.cmp(&b.0));
+        due.dedup_by(|a, b| a.0 == b.0);
+        due
+    }
+}
+
+/// Starts the background sweeper. It holds only a weak reference, so it ends with the engine.
+pub(crate) fn spawn_sweeper(inner: Weak<Inner>) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(EXPIRY_SWEEP_INTERVAL_MS));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(inner) = inner.upgrade() else { return };
+            if inner.wal.is_failed() {
+                return;
+            }
+            if let Err(error) = inner.expire_all_due() {
+                tracing::warn!(%error, "hold expiry sweep stopped");
+                return;
+            }
+        }
+    });
+}

@@ -1,0 +1,574 @@
+//! The engine: the registry of accounts, their actors, the WAL, recovery and hold expiry.
+//!
+//! Every account lives in a [`Slot`]: its state behind a short, synchronous lock, and the
+//! sender of its actor's bounded mailbox. Commands that change an account go through its
+//! actor, one at a time, which is what makes a double spend impossible; the actor decides,
+//! writes the event to the WAL, applies it and replies at once with the LSN, and the caller
+//! waits until that LSN is durable before answering. Reads take the state lock directly and
+//! wait until everything they show is durable. Idle actors stop; the state stays here.
+
+mod actor;
+mod expiry;
+mod ids;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::{mpsc, oneshot};
+use uuid::Uuid;
+
+use crate::clock::Clock;
+use crate::domain::{
+    Account, AccountId, AccountView, Currency, Event, EventBody, Hold, HoldStatus,
+    IdempotencyEntry, IdempotencyKey, Metadata, OpError, Receipt, Request, Transaction,
+};
+use crate::wal::{self, codec, Wal, WalError, WalStart};
+
+pub use actor::ACCOUNT_MAILBOX_CAPACITY;
+
+/// How the engine is set up.
+#[derive(Clone)]
+pub struct EngineConfig {
+    /// The data directory (the WAL lives in `DIR/wal`).
+    pub data_dir: PathBuf,
+    /// Size at which the WAL starts a new segment.
+    pub segment_bytes_max: u64,
+    /// Capacity of each account's mailbox.
+    pub mailbox_capacity: usize,
+    /// How long an actor waits for work before it stops.
+    pub actor_idle: Duration,
+    /// The clock.
+    pub clock: Arc<dyn Clock>,
+}
+
+impl EngineConfig {
+    /// Defaults for a data directory, on the system clock.
+    pub fn new(data_dir: impl Into<PathBuf>) -> EngineConfig {
+        EngineConfig {
+            data_dir: data_dir.into(),
+            segment_bytes_max: wal::SEGMENT_BYTES_DEFAULT,
+            mailbox_capacity: ACCOUNT_MAILBOX_CAPACITY,
+            actor_idle: Duration::from_secs(2),
+            clock: Arc::new(crate::clock::SystemClock),
+        }
+    }
+}
+
+/// Why an engine call did not succeed.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// No account with this id.
+    #[error("account {0} not found")]
+    AccountNotFound(AccountId),
+    /// `PUT` of an existing account with other fields.
+    #[error("account exists with currency {currency} and overdraft_limit {overdraft_limit}")]
+    AccountExists {
+        /// Its currency.
+        currency: String,
+        /// Its overdraft limit.
+        overdraft_limit: u64,
+    },
+    /// The request was refused by the account's rules.
+    #[error("{0:?}")]
+    Op(OpError),
+    /// The log cannot be written; writes are stopped.
+    #[error("storage failure")]
+    StorageFailure,
+    /// The engine is shutting down.
+    #[error("shutting down")]
+    ShuttingDown,
+}
+
+impl From<WalError> for EngineError {
+    fn from(error: WalError) -> EngineError {
+        match error {
+            WalError::Closed => EngineError::ShuttingDown,
+            _ => EngineError::StorageFailure,
+        }
+    }
+}
+
+/// Errors that stop the engine from opening.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The log could not be read, or is corrupt.
+    #[error(transparent)]
+    Wal(#[from] WalError),
+}
+
+/// What recovery found.
+#[derive(Debug, Clone)]
+pub struct RecoveryReport {
+    /// Records replayed.
+    pub records: u64,
+    /// Accounts recovered.
+    pub accounts: usize,
+    /// Last LSN in the log.
+    pub last_lsn: u64,
+    /// A torn tail that was cut, if any.
+    pub tail_cut: Option<wal::TailCut>,
+    /// Holds that had expired while the server was down (expired before serving).
+    pub holds_expired: usize,
+    /// How long recovery took.
+    pub duration: Duration,
+}
+
+/// A successful change, or a replay of one.
+#[derive(Debug, Clone)]
+pub struct Executed {
+    /// The outcome.
+    pub receipt: Arc<Receipt>,
+    /// True when this answers an earlier request with the same key.
+    pub replayed: bool,
+}
+
+/// Counters for `/metrics`.
+#[derive(Debug, Clone, Copy)]
+pub struct EngineStats {
+    /// Accounts.
+    pub accounts: u64,
+    /// Actor tasks alive now.
+    pub live_actors: u64,
+    /// Holds waiting for their deadline.
+    pub open_holds: u64,
+    /// WAL records appended since start.
+    pub wal_records: u64,
+    /// WAL bytes written since start.
+    pub wal_bytes: u64,
+    /// WAL write + fsync batches since start.
+    pub wal_syncs: u64,
+    /// Time spent in fsync since start (µs).
+    pub wal_sync_micros: u64,
+    /// Highest durable LSN.
+    pub durable_lsn: u64,
+    /// Whether writes are stopped by a storage failure.
+    pub storage_failed: bool,
+}
+
+/// The engine. Cheap to clone.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    accounts: RwLock<HashMap<AccountId, Arc<Slot>>>,
+    wal: Wal,
+    clock: Arc<dyn Clock>,
+    ids: ids::IdGen,
+    expiry: expiry::ExpiryIndex,
+    config: EngineConfig,
+    live_actors: AtomicU64,
+}
+
+/// One account: state behind a short lock, and the mailbox of its actor if one runs.
+pub(crate) struct Slot {
+    id: AccountId,
+    state: Mutex<Account>,
+    mailbox: Mutex<Option<mpsc::Sender<actor::Msg>>>,
+}
+
+impl Engine {
+    /// Opens the data directory: replays the WAL (cutting a torn tail, refusing
+    /// corruption), then starts the WAL writer. Holds that expired while the server was down
+    /// are expired by [`Engine::finish_recovery`], which must run before serving.
+    pub fn open(config: EngineConfig) -> Result<(Engine, RecoveryReport), OpenError> {
+        let started = Instant::now();
+        let wal_dir = config.data_dir.join("wal");
+        let mut accounts: HashMap<AccountId, Account> = HashMap::new();
+        let outcome = wal::replay(&wal_dir, true, |event| replay_event(&mut accounts, event))?;
+        if let Some(cut) = &outcome.tail_cut {
+            tracing::warn!(
+                path = %cut.path.display(), offset = cut.offset, bytes = cut.bytes,
+                reason = %cut.reason, "cut a torn record at the tail of the WAL"
+            );
+        }
+        let wal = Wal::start(WalStart {
+            dir: wal_dir,
+            last_lsn: outcome.last_lsn,
+            last_segment: outcome.last_segment.clone(),
+            segment_bytes_max: config.segment_bytes_max,
+        })?;
+        let expiry = expiry::ExpiryIndex::default();
+        let mut slots = HashMap::with_capacity(accounts.len());
+        for (id, account) in accounts {
+            for (deadline, hold_id) in account.open_deadlines() {
+                expiry.insert(deadline, &id, hold_id);
+            }
+            slots.insert(id.clone(), Arc::new(Slot::new(id, account)));
+        }
+        let report = RecoveryReport {
+            records: outcome.records,
+            accounts: slots.len(),
+            last_lsn: outcome.last_lsn,
+            tail_cut: outcome.tail_cut,
+            holds_expired: 0,
+            duration: started.elapsed(),
+        };
+        let inner = Inner {
+            accounts: RwLock::new(slots),
+            wal,
+            ids: ids::IdGen::new(),
+            clock: config.clock.clone(),
+            expiry,
+            config,
+            live_actors: AtomicU64::new(0),
+        };
+        Ok((
+            Engine {
+                inner: Arc::new(inner),
+            },
+            report,
+        ))
+    }
+
+    /// Expires every hold whose deadline passed (also while the server was down), waits
+    /// until those expiries are durable, then starts the background expiry task. Returns how
+    /// many holds it expired.
+    pub async fn finish_recovery(&self) -> Result<usize, EngineError> {
+        let expired = self.inner.expire_all_due()?;
+        self.inner
+            .wal
+            .wait_durable(self.inner.wal.durable_lsn().max(expired.1))
+            .await?;
+        expiry::spawn_sweeper(Arc::downgrade(&self.inner));
+        Ok(expired.0)
+    }
+
+    /// Creates an account, or confirms it exists with the same currency and overdraft
+    /// limit. Returns whether it was created, and the account.
+    pub async fn open_account(
+        &self,
+        id: AccountId,
+        currency: Currency,
+        overdraft_limit: u64,
+        metadata: Metadata,
+    ) -> Result<(bool, AccountView), EngineError> {
+        if let Some(slot) = self.inner.slot(&id) {
+            return self.existing(&slot, &currency, overdraft_limit).await;
+        }
+        let (slot, lsn, created) = {
+            let mut accounts = self.inner.accounts.write();
+            if let Some(slot) = accounts.get(&id) {
+                (slot.clone(), 0, false)
+            } else {
+                let mut event = Event {
+                    lsn: 0,
+                    account: id.clone(),
+                    seq: 0,
+                    at_ms: self.inner.clock.now_ms(),
+                    tx_id: Uuid::nil(),
+                    idempotency_key: None,
+                    body: EventBody::Opened {
+                        currency: currency.clone(),
+                        overdraft_limit,
+                        metadata,
+                    },
+                };
+                event.lsn = self.inner.append(&event)?;
+                let account = Account::open(&event)
+                    .expect("an open event built from validated values is accepted");
+                let slot = Arc::new(Slot::new(id.clone(), account));
+                accounts.insert(id, slot.clone());
+                (slot, event.lsn, true)
+            }
+        };
+        if !created {
+            return self.existing(&slot, &currency, overdraft_limit).await;
+        }
+        self.inner.wal.wait_durable(lsn).await?;
+        let view = slot.state.lock().view();
+        Ok((true, view))
+    }
+
+    async fn existing(
+        &self,
+        slot: &Slot,
+        currency: &Currency,
+        overdraft_limit: u64,
+    ) -> Result<(bool, AccountView), EngineError> {
+        let view = self.inner.read(slot, |account| account.view()).await?;
+        if view.currency != *currency || view.overdraft_limit != overdraft_limit {
+            return Err(EngineError::AccountExists {
+                currency: view.currency.as_str().to_string(),
+                overdraft_limit: view.overdraft_limit,
+            });
+        }
+        Ok((false, view))
+    }
+
+    /// An account, as durable.
+    pub async fn account(&self, id: &AccountId) -> Result<AccountView, EngineError> {
+        let slot = self.inner.slot_or_404(id)?;
+        self.inner.read(&slot, |account| account.view()).await
+    }
+
+    /// Runs a client request through the account's actor and waits until its outcome is
+    /// durable. An idempotent replay waits for the original's durability.
+    pub async fn execute(
+        &self,
+        id: &AccountId,
+        key: Option<IdempotencyKey>,
+        request: Request,
+    ) -> Result<Executed, EngineError> {
+        let slot = self.inner.slot_or_404(id)?;
+        let (reply, rx) = oneshot::channel();
+        actor::send(
+            &self.inner,
+            &slot,
+            actor::Msg::Execute {
+                key,
+                request,
+                reply,
+            },
+        )
+        .await?;
+        let answer = rx.await.map_err(|_| EngineError::ShuttingDown)?;
+        self.inner.wal.wait_durable(answer.wait_lsn).await?;
+        answer.result
+    }
+
+    /// One hold of an account.
+    pub async fn hold(&self, id: &AccountId, hold_id: &Uuid) -> Result<Hold, EngineError> {
+        let slot = self.inner.slot_or_404(id)?;
+        self.inner
+            .read(&slot, |account| account.hold(hold_id).cloned())
+            .await?
+            .ok_or(EngineError::Op(OpError::HoldNotFound(*hold_id)))
+    }
+
+    /// Holds in creation order after `after`, optionally of one status; at most `limit`,
+    /// and the cursor of the next page if there may be more.
+    pub async fn holds(
+        &self,
+        id: &AccountId,
+        status: Option<HoldStatus>,
+        after: Option<Uuid>,
+        limit: usize,
+    ) -> Result<(Vec<Hold>, Option<Uuid>), EngineError> {
+        let slot = self.inner.slot_or_404(id)?;
+        self.inner
+            .read(&slot, |account| {
+                let mut page: Vec<Hold> = account
+                    .holds_after(after)
+                    .filter(|h| status.is_none_or(|s| h.status == s))
+                    .take(limit + 1)
+                    .cloned()
+                    .collect();
+                let next = if page.len() > limit {
+                    page.truncate(limit);
+                    page.last().map(|h| h.id)
+                } else {
+                    None
+                };
+                (page, next)
+            })
+            .await
+    }
+
+    /// Transactions newest first, with `seq < before_seq`; at most `limit`, and the cursor of
+    /// the next page if there is more.
+    pub async fn transactions(
+        &self,
+        id: &AccountId,
+        before_seq: Option<u64>,
+        limit: usize,
+    ) -> Result<(Vec<Transaction>, Option<u64>), EngineError> {
+        let slot = self.inner.slot_or_404(id)?;
+        self.inner
+            .read(&slot, |account| {
+                let history = account.history();
+                // history[i] has seq i + 1, so "seq < before" is the prefix of length before - 1.
+                let end = before_seq.map_or(history.len(), |b| {
+                    usize::try_from(b.saturating_sub(1))
+                        .unwrap_or(usize::MAX)
+                        .min(history.len())
+                });
+                let start = end.saturating_sub(limit);
+                let page: Vec<Transaction> = history[start..end].iter().rev().cloned().collect();
+                let next = (start > 0).then(|| page.last().map(|t| t.seq)).flatten();
+                (page, next)
+            })
+            .await
+    }
+
+    /// The remembered outcome of an idempotency key, without applying anything.
+    pub async fn idempotency_entry(
+        &self,
+        id: &AccountId,
+        key: &IdempotencyKey,
+    ) -> Result<Option<IdempotencyEntry>, EngineError> {
+        let slot = self.inner.slot_or_404(id)?;
+        let entry = slot.state.lock().idempotency_entry(key).cloned();
+        if let Some(entry) = &entry {
+            self.inner.wal.wait_durable(entry.lsn).await?;
+        }
+        Ok(entry)
+    }
+
+    /// Expires every hold whose deadline has passed now; returns how many. The background
+    /// sweeper calls this periodically; tests with a manual clock call it directly.
+    pub async fn expire_due(&self) -> Result<usize, EngineError> {
+        let (count, lsn) = self.inner.expire_all_due()?;
+        self.inner.wal.wait_durable(lsn).await?;
+        Ok(count)
+    }
+
+    /// Counters for `/metrics`.
+    pub fn stats(&self) -> EngineStats {
+        let wal = self.inner.wal.stats();
+        EngineStats {
+            accounts: self.inner.accounts.read().len() as u64,
+            live_actors: self.inner.live_actors.load(Ordering::Relaxed),
+            open_holds: self.inner.expiry.len() as u64,
+            wal_records: wal.records.load(Ordering::Relaxed),
+            wal_bytes: wal.bytes.load(Ordering::Relaxed),
+            wal_syncs: wal.syncs.load(Ordering::Relaxed),
+            wal_sync_micros: wal.sync_micros.load(Ordering::Relaxed),
+            durable_lsn: self.inner.wal.durable_lsn(),
+            storage_failed: self.inner.wal.is_failed(),
+        }
+    }
+
+    /// Whether writes are stopped by a storage failure.
+    pub fn storage_failed(&self) -> bool {
+        self.inner.wal.is_failed()
+    }
+
+    /// Flushes the WAL and stops its writer. Requests after this fail with `ShuttingDown`.
+    pub fn shutdown(&self) {
+        self.inner.wal.close();
+    }
+}
+
+/// Replay of one event into the recovering map, with the same `apply` as the live path.
+fn replay_event(accounts: &mut HashMap<AccountId, Account>, event: Event) -> Result<(), String> {
+    if let EventBody::Opened { .. } = event.body {
+        if accounts.contains_key(&event.account) {
+            return Err(format!("account {} opened twice", event.account));
+        }
+        let account = Account::open(&event).map_err(|e| e.to_string())?;
+        accounts.insert(event.account.clone(), account);
+        return Ok(());
+    }
+    let account = accounts
+        .get_mut(&event.account)
+        .ok_or_else(|| format!("event for unknown account {}", event.account))?;
+    account.apply(&event).map(|_| ()).map_err(|e| e.to_string())
+}
+
+impl Slot {
+    fn new(id: AccountId, account: Account) -> Slot {
+        Slot {
+            id,
+            state: Mutex::new(account),
+            mailbox: Mutex::new(None),
+        }
+    }
+}
+
+impl Inner {
+    fn slot(&self, id: &AccountId) -> Option<Arc<Slot>> {
+        self.accounts.read().get(id).cloned()
+    }
+
+    fn slot_or_404(&self, id: &AccountId) -> Result<Arc<Slot>, EngineError> {
+        self.slot(id)
+            .ok_or_else(|| EngineError::AccountNotFound(id.clone()))
+    }
+
+    /// Reads under the state lock, then waits until what was read is durable.
+    async fn read<T>(&self, slot: &Slot, f: impl FnOnce(&Account) -> T) -> Result<T, EngineError> {
+        let (value, lsn) = {
+            let account = slot.state.lock();
+            (f(&account), account.last_lsn())
+        };
+        self.wal.wait_durable(lsn).await?;
+        Ok(value)
+    }
+
+    /// Encodes an event and queues it in the WAL; returns its LSN.
+    fn append(&self, event: &Event) -> Result<u64, EngineError> {
+        let mut payload = Vec::with_capacity(128);
+        codec::encode_event(event, &mut payload);
+        Ok(self.wal.append(&payload)?)
+    }
+
+    /// Writes and applies one event to an account whose state lock the caller holds.
+    /// The event is checked before it is written, so the log never holds an event that
+    /// replay would refuse.
+    fn commit(
+        &self,
+        account: &mut Account,
+        key: Option<IdempotencyKey>,
+        body: EventBody,
+        now_ms: u64,
+    ) -> Result<(Arc<Receipt>, u64), EngineError> {
+        let mut event = Event {
+            lsn: 0,
+            account: account.id().clone(),
+            seq: account.seq() + 1,
+            at_ms: now_ms,
+            tx_id: self.ids.next(now_ms),
+            idempotency_key: key,
+            body,
+        };
+        if let Err(error) = account.check(&event) {
+            // decide() accepted this request under the same lock: a refusal here is a bug.
+            panic!("decided event refused by check: {error}");
+        }
+        event.lsn = self.append(&event)?;
+        let receipt = account
+            .apply(&event)
+            .expect("check() accepted this event under the same lock");
+        if let Some(hold) = &receipt.hold {
+            match hold.status {
+                HoldStatus::Open => self
+                    .expiry
+                    .insert(hold.expires_at_ms, account.id(), hold.id),
+                _ => self
+                    .expiry
+                    .remove(hold.expires_at_ms, account.id(), hold.id),
+            }
+        }
+        Ok((receipt, event.lsn))
+    }
+
+    /// Expires an account's due holds; returns how many and the last LSN written.
+    fn expire_account(
+        &self,
+        account: &mut Account,
+        now_ms: u64,
+    ) -> Result<(usize, u64), EngineError> {
+        let mut count = 0;
+        let mut lsn = 0;
+        for hold_id in account.due_holds(now_ms) {
+            if let Some(body) = account.decide_expire(&hold_id, now_ms) {
+                lsn = self.commit(account, None, body, now_ms)?.1;
+                count += 1;
+            }
+        }
+        Ok((count, lsn))
+    }
+
+    /// Expires every due hold of every account, through each account's state lock.
+    fn expire_all_due(&self) -> Result<(usize, u64), EngineError> {
+        let now_ms = self.clock.now_ms();
+        let mut count = 0;
+        let mut lsn = 0;
+        for (account_id, _) in self.expiry.due(now_ms) {
+            let Some(slot) = self.slot(&account_id) else {
+                continue;
+            };
+            let mut account = slot.state.lock();
+            let (n, last) = self.expire_account(&mut account, now_ms)?;
+            count += n;
+            lsn = lsn.max(last);
+        }
+        Ok((count, lsn))
+    }
+}

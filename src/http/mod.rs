@@ -1,0 +1,492 @@
+//! The HTTP API of `shared/API.md`: routes, parsing and answers. The only module that knows
+//! about JSON. Parsing follows the API's order of errors: 413, then 400 (path, body, query,
+//! key format), then 400 `idempotency_key_missing`; everything after that (404 account,
+//! idempotency, 422 validation, holds, funds) is decided by the engine in the same order.
+
+pub mod dto;
+pub mod error;
+mod metrics;
+
+use std::str::FromStr;
+use std::sync::{Arc, OnceLock};
+
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::Router;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::domain::{
+    AccountId, Currency, HoldStatus, IdempotencyKey, Metadata, Receipt, Request, AMOUNT_MAX,
+};
+use crate::engine::{Engine, Executed};
+use dto::*;
+pub use error::ApiError;
+pub use metrics::HttpStats;
+
+/// Request bodies are limited to 64 KiB (65,536 bytes is accepted, one more is 413).
+pub const HTTP_BODY_BYTES_MAX: usize = 64 * 1024;
+/// List endpoints return at most this many items per page.
+pub const LIST_LIMIT_MAX: usize = 1000;
+/// Page size when `limit` is not given.
+pub const LIST_LIMIT_DEFAULT: usize = 100;
+
+const OPENAPI_JSON: &str = include_str!("openapi.json");
+
+/// Shared state of the HTTP layer. The engine is set once recovery is done; until then
+/// every endpoint but `/healthz`, `/readyz` and `/metrics` answers 503 `not_ready`.
+#[derive(Clone, Default)]
+pub struct AppState {
+    inner: Arc<AppInner>,
+}
+
+#[derive(Default)]
+struct AppInner {
+    engine: OnceLock<Engine>,
+    stats: HttpStats,
+}
+
+impl AppState {
+    /// A state with no engine yet (recovering).
+    pub fn new() -> AppState {
+        AppState::default()
+    }
+
+    /// Marks recovery as done.
+    pub fn set_engine(&self, engine: Engine) {
+        let _ = self.inner.engine.set(engine);
+    }
+
+    /// The engine, once ready.
+    pub fn engine(&self) -> Option<&Engine> {
+        self.inner.engine.get()
+    }
+
+    fn ready(&self) -> Result<&Engine, ApiError> {
+        self.engine().ok_or_else(ApiError::not_ready)
+    }
+}
+
+/// The router of every endpoint.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/accounts/{id}", put(put_account).get(get_account))
+        .route("/v1/accounts/{id}/credits", post(post_credit))
+        .route("/v1/accounts/{id}/debits", post(post_debit))
+        .route("/v1/accounts/{id}/holds", post(post_hold).get(list_holds))
+        .route("/v1/accounts/{id}/holds/{hold_id}", get(get_hold))
+        .route(
+            "/v1/accounts/{id}/holds/{hold_id}/capture",
+            post(post_capture),
+        )
+        .route(
+            "/v1/accounts/{id}/holds/{hold_id}/release",
+            post(post_release),
+        )
+        .route("/v1/accounts/{id}/transactions", get(list_transactions))
+        .route(
+            "/v1/accounts/{id}/idempotency-keys/{key}",
+            get(get_idempotency_key),
+        )
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics::render))
+        .route("/openapi.json", get(openapi))
+        .fallback(|| async { ApiError::no_route() })
+        .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            metrics::count,
+        ))
+        .with_state(state)
+}
+
+type ApiResult = Result<Response, ApiError>;
+
+async fn put_account(
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+    body: Body,
+) -> ApiResult {
+    let bytes = read_body(body, HTTP_BODY_BYTES_MAX).await?;
+    let id = account_id(&path_param(path)?)?;
+    let body: AccountBody = parse_json(&bytes)?;
+    let engine = state.ready()?;
+    let currency = Currency::parse(&body.currency).map_err(|e| ApiError::validation(e.0))?;
+    let overdraft_limit = match body.overdraft_limit {
+        None => 0,
+        Some(JsonInt(v)) if (0..=i128::from(AMOUNT_MAX)).contains(&v) => v as u64,
+        Some(_) => {
+            return Err(ApiError::validation(format!(
+                "overdraft_limit must be an integer in 0..={AMOUNT_MAX}"
+            )))
+        }
+    };
+    let metadata = Metadata::new(body.metadata).map_err(|e| ApiError::validation(e.0))?;
+    let (created, view) = engine
+        .open_account(id, currency, overdraft_limit, metadata)
+        .await?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok(json(status, &AccountJson::from(&view)))
+}
+
+async fn get_account(
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+) -> ApiResult {
+    let id = account_id(&path_param(path)?)?;
+    let view = state.ready()?.account(&id).await?;
+    Ok(json(StatusCode::OK, &AccountJson::from(&view)))
+}
+
+async fn post_credit(
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult {
+    let bytes = read_body(body, HTTP_BODY_BYTES_MAX).await?;
+    let id = account_id(&path_param(path)?)?;
+    let body: MoveBody = parse_json(&bytes)?;
+    let request = Request::Credit {
+        amount: body.amount.0,
+        metadata: body.metadata,
+    };
+    execute(&state, &id, &headers, request).await
+}
+
+async fn post_debit(
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult {
+    let bytes = read_body(body, HTTP_BODY_BYTES_MAX).await?;
+    let id = account_id(&path_param(path)?)?;
+    let body: MoveBody = parse_json(&bytes)?;
+    let request = Request::Debit {
+        amount: body.amount.0,
+        metadata: body.metadata,
+    };
+    execute(&state, &id, &headers, request).await
+}
+
+async fn post_hold(
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult {
+    let bytes = read_body(body, HTTP_BODY_BYTES_MAX).await?;
+    let id = account_id(&path_param(path)?)?;
+    let body: HoldBody = parse_json(&bytes)?;
+    let request = Request::Hold {
+        amount: body.amount.0,
+        expires_in_secs: body.expires_in_secs.map(|v| v.0),
+        metadata: body.metadata,
+    };
+    execute(&state, &id, &headers, request).await
+}
+
+async fn post_capture(
+    State(state): State<AppState>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult {
+    let bytes = read_body(body, HTTP_BODY_BYTES_MAX).await?;
+    let (id, hold_id) = path_param(path)?;
+    let id = account_id(&id)?;
+    let hold_id = hold_id_param(&hold_id)?;
+    let body: CaptureBody = parse_json_or_empty(&bytes)?;
+    let request = Request::Capture {
+        hold_id,
+        amount: body.amount.map(|v| v.0),
+        metadata: body.metadata,
+    };
+    execute(&state, &id, &headers, request).await
+}
+
+async fn post_release(
+    State(state): State<AppState>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult {
+    let bytes = read_body(body, HTTP_BODY_BYTES_MAX).await?;
+    let (id, hold_id) = path_param(path)?;
+    let id = account_id(&id)?;
+    let hold_id = hold_id_param(&hold_id)?;
+    let body: ReleaseBody = parse_json_or_empty(&bytes)?;
+    let request = Request::Release {
+        hold_id,
+        metadata: body.metadata,
+    };
+    execute(&state, &id, &headers, request).await
+}
+
+/// The shared tail of every money-moving endpoint: key checks, then the engine.
+async fn execute(
+    state: &AppState,
+    id: &AccountId,
+    headers: &HeaderMap,
+    request: Request,
+) -> ApiResult {
+    let key = idempotency_key(headers)?.ok_or_else(ApiError::key_missing)?;
+    let engine = state.ready()?;
+    let kind = request.kind();
+    let Executed { receipt, replayed } = engine.execute(id, Some(key), request).await?;
+    let status = if kind.creates() {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    let mut response = json(status, &ReceiptJson::from(&*receipt));
+    if replayed {
+        response
+            .headers_mut()
+            .insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    Ok(response)
+}
+
+async fn list_holds(
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+    RawQuery(query): RawQuery,
+) -> ApiResult {
+    let id = account_id(&path_param(path)?)?;
+    let query: HoldsQuery = parse_query(query.as_deref())?;
+    let status = match query.status.as_deref() {
+        None => None,
+        Some(s) => Some(HoldStatus::parse(s).ok_or_else(|| {
+            ApiError::invalid("status must be one of open, captured, released, expired")
+        })?),
+    };
+    let limit = list_limit(query.limit.as_deref())?;
+    let after = match query.after.as_deref() {
+        None => None,
+        Some(cursor) => Some(
+            Uuid::parse_str(cursor)
+                .map_err(|_| ApiError::invalid("after is not a valid cursor"))?,
+        ),
+    };
+    let (holds, next) = state.ready()?.holds(&id, status, after, limit).await?;
+    #[derive(Serialize)]
+    struct Page<'a> {
+        holds: Vec<HoldJson<'a>>,
+        next: Option<String>,
+    }
+    let page = Page {
+        holds: holds.iter().map(HoldJson::from).collect(),
+        next: next.map(|id| id.to_string()),
+    };
+    Ok(json(StatusCode::OK, &page))
+}
+
+async fn get_hold(
+    State(state): State<AppState>,
+    path: Result<Path<(String, String)>, PathRejection>,
+) -> ApiResult {
+    let (id, hold_id) = path_param(path)?;
+    let id = account_id(&id)?;
+    let hold_id = hold_id_param(&hold_id)?;
+    let hold = state.ready()?.hold(&id, &hold_id).await?;
+    Ok(json(StatusCode::OK, &HoldJson::from(&hold)))
+}
+
+async fn list_transactions(
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+    RawQuery(query): RawQuery,
+) -> ApiResult {
+    let id = account_id(&path_param(path)?)?;
+    let query: TransactionsQuery = parse_query(query.as_deref())?;
+    let limit = list_limit(query.limit.as_deref())?;
+    let before_seq = match query.before_seq.as_deref() {
+        None => None,
+        Some(text) => Some(
+            u64::from_str(text)
+                .ok()
+                .filter(|v| *v >= 1)
+                .ok_or_else(|| ApiError::invalid("before_seq must be a positive integer"))?,
+        ),
+    };
+    let (transactions, next) = state.ready()?.transactions(&id, before_seq, limit).await?;
+    #[derive(Serialize)]
+    struct Page<'a> {
+        transactions: Vec<TransactionJson<'a>>,
+        next: Option<String>,
+    }
+    let page = Page {
+        transactions: transactions.iter().map(TransactionJson::from).collect(),
+        next: next.map(|seq| seq.to_string()),
+    };
+    Ok(json(StatusCode::OK, &page))
+}
+
+async fn get_idempotency_key(
+    State(state): State<AppState>,
+    path: Result<Path<(String, String)>, PathRejection>,
+) -> ApiResult {
+    let (id, key) = path_param(path)?;
+    let id = account_id(&id)?;
+    let key = IdempotencyKey::parse(&key).map_err(|e| ApiError::invalid(e.0))?;
+    let entry = state
+        .ready()?
+        .idempotency_entry(&id, &key)
+        .await?
+        .ok_or_else(|| ApiError {
+            status: StatusCode::NOT_FOUND,
+            code: "unknown_idempotency_key",
+            title: "Unknown idempotency key",
+            detail: format!("no request with key {} on this account", key.as_str()),
+            retry_after_secs: None,
+        })?;
+    #[derive(Serialize)]
+    struct Lookup<'a> {
+        key: &'a str,
+        status: u16,
+        response: ReceiptJson<'a>,
+        created_at: Timestamp,
+    }
+    let lookup = Lookup {
+        key: key.as_str(),
+        status: receipt_status(&entry.receipt).as_u16(),
+        response: ReceiptJson::from(&*entry.receipt),
+        created_at: Timestamp(entry.created_at_ms),
+    };
+    Ok(json(StatusCode::OK, &lookup))
+}
+
+async fn healthz() -> Response {
+    json(StatusCode::OK, &serde_json::json!({"status": "ok"}))
+}
+
+async fn readyz(State(state): State<AppState>) -> ApiResult {
+    let engine = state.ready()?;
+    if engine.storage_failed() {
+        return Err(ApiError::storage_failure());
+    }
+    Ok(json(
+        StatusCode::OK,
+        &serde_json::json!({"status": "ready"}),
+    ))
+}
+
+async fn openapi() -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        OPENAPI_JSON,
+    )
+        .into_response()
+}
+
+/// The status a receipt was first answered with (credits, debits, holds create; captures
+/// and releases change).
+fn receipt_status(receipt: &Receipt) -> StatusCode {
+    use crate::domain::TxKind;
+    match receipt.transaction.kind {
+        TxKind::Capture | TxKind::Release => StatusCode::OK,
+        _ => StatusCode::CREATED,
+    }
+}
+
+fn json<T: Serialize>(status: StatusCode, value: &T) -> Response {
+    match serde_json::to_vec(value) {
+        Ok(bytes) => (
+            status,
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            bytes,
+        )
+            .into_response(),
+        Err(error) => {
+            tracing::error!(%error, "response serialization failed");
+            StatusCode::INTERNAL_SERVER_ERROR.into_response()
+        }
+    }
+}
+
+/// Reads the whole body, refusing more than `limit` bytes with 413.
+pub(crate) async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|_| ApiError::too_large(limit))
+}
+
+fn path_param<T>(path: Result<Path<T>, PathRejection>) -> Result<T, ApiError> {
+    path.map(|Path(value)| value)
+        .map_err(|e| ApiError::invalid(format!("invalid path: {e}")))
+}
+
+fn account_id(text: &str) -> Result<AccountId, ApiError> {
+    AccountId::parse(text).map_err(|e| ApiError::invalid(e.0))
+}
+
+fn hold_id_param(text: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(text).map_err(|_| ApiError::invalid("hold id is not a valid UUID"))
+}
+
+fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(bytes).map_err(|e| ApiError::invalid(format!("invalid JSON body: {e}")))
+}
+
+/// Bodies whose fields are all optional may be empty.
+fn parse_json_or_empty<T: DeserializeOwned + Default>(bytes: &[u8]) -> Result<T, ApiError> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    parse_json(bytes)
+}
+
+fn parse_query<T: DeserializeOwned + Default>(query: Option<&str>) -> Result<T, ApiError> {
+    match query {
+        None | Some("") => Ok(T::default()),
+        Some(q) => serde_urlencoded::from_str(q)
+            .map_err(|e| ApiError::invalid(format!("invalid query: {e}"))),
+    }
+}
+
+fn list_limit(text: Option<&str>) -> Result<usize, ApiError> {
+    match text {
+        None => Ok(LIST_LIMIT_DEFAULT),
+        Some(t) => usize::from_str(t)
+            .ok()
+            .filter(|v| (1..=LIST_LIMIT_MAX).contains(v))
+            .ok_or_else(|| {
+                ApiError::invalid(format!("limit must be an integer in 1..={LIST_LIMIT_MAX}"))
+            }),
+    }
+}
+
+/// The `Idempotency-Key` header: absent is `None`; present but malformed is 400.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<IdempotencyKey>, ApiError> {
+    let mut values = headers.get_all("idempotency-key").iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(ApiError::invalid("Idempotency-Key given more than once"));
+    }
+    let text = value
+        .to_str()
+        .map_err(|_| ApiError::invalid("Idempotency-Key must be visible ASCII characters"))?;
+    IdempotencyKey::parse(text)
+        .map(Some)
+        .map_err(|e| ApiError::invalid(e.0))
+}

@@ -1,0 +1,502 @@
+//! The WAL's bytes: the record frame and the event payload, both hand-written little-endian
+//! fields (see `docs/wal-format.md`). Nothing here depends on a serde library's choices.
+//!
+//! Frame (24-byte header, then the payload):
+//!
+//! ```text
+//! offset size field
+//!      0    4 magic      = 0x5746_4643 ("CFFW" as little-endian bytes)
+//!      4    2 version    = 1 (format of frame and payload)
+//!      6    1 kind       = 1 (event)
+//!      7    1 pad        = 0
+//!      8    4 len        payload length in bytes, 1..=RECORD_PAYLOAD_BYTES_MAX
+//!     12    8 lsn        log sequence number, 1, 2, 3, ... with no gap
+//!     20    4 crc32      CRC-32 (IEEE) of header bytes 0..20 followed by the payload
+//!     24  len payload
+//! ```
+//!
+//! Event payload, version 1:
+//!
+//! ```text
+//! u8 id_len, id bytes          account id
+//! u64 seq                      the account's seq after the event (0 for opened)
+//! u64 at_ms                    unix milliseconds
+//! [16] tx_id                   UUID bytes (nil for opened)
+//! u8 has_key, [u8 len, bytes]  idempotency key, when has_key = 1
+//! u8 tag, fields               the body, by tag:
+//!   1 opened   u8 len + currency, u64 overdraft_limit, metadata
+//!   2 credit   u64 amount, metadata
+//!   3 debit    u64 amount, metadata
+//!   4 hold     [16] hold_id, u64 amount, u64 expires_at_ms, u32 expires_in_secs (0 = not given), metadata
+//!   5 capture  [16] hold_id, u64 amount, u8 amount_given, metadata
+//!   6 release  [16] hold_id, metadata
+//!   7 expire   [16] hold_id
+//! metadata = u8 count, then count x (u16 key_len, key, u16 value_len, value), UTF-8
+//! ```
+
+use std::collections::BTreeMap;
+
+use uuid::Uuid;
+
+use crate::domain::{AccountId, Amount, Currency, Event, EventBody, IdempotencyKey, Metadata};
+
+/// Frame magic, "CFFW" as little-endian bytes.
+pub const FRAME_MAGIC: u32 = 0x5746_4643;
+/// Current frame and payload version.
+pub const FRAME_VERSION: u16 = 1;
+/// Record kind of an event.
+pub const RECORD_KIND_EVENT: u8 = 1;
+/// Size of the frame header.
+pub const FRAME_HEADER_BYTES: usize = 24;
+/// Offset of the CRC field: the CRC covers the header bytes before it.
+const FRAME_CRC_OFFSET: usize = 20;
+/// The largest payload a frame may carry. The largest event (128-byte id, 255-byte key,
+/// 16 metadata entries of 40 + 500 four-byte characters) is about 35 KiB.
+pub const RECORD_PAYLOAD_BYTES_MAX: usize = 64 * 1024;
+
+const _: () = assert!(FRAME_HEADER_BYTES == 4 + 2 + 1 + 1 + 4 + 8 + 4);
+const _: () = assert!(FRAME_CRC_OFFSET + 4 == FRAME_HEADER_BYTES);
+
+const TAG_OPENED: u8 = 1;
+const TAG_CREDIT: u8 = 2;
+const TAG_DEBIT: u8 = 3;
+const TAG_HOLD: u8 = 4;
+const TAG_CAPTURE: u8 = 5;
+const TAG_RELEASE: u8 = 6;
+const TAG_EXPIRE: u8 = 7;
+
+/// Why bytes are not a valid frame or payload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// Fewer bytes than the frame needs: a torn write if at the tail.
+    #[error("incomplete record")]
+    Incomplete,
+    /// The bytes are not a frame of this format.
+    #[error("bad frame: {0}")]
+    BadFrame(&'static str),
+    /// The checksum does not match.
+    #[error("checksum mismatch")]
+    Checksum,
+    /// The checksum matches but the payload is not a valid event.
+    #[error("bad payload: {0}")]
+    BadPayload(&'static str),
+}
+
+/// One decoded frame: its LSN and payload.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Frame<'a> {
+    /// Log sequence number.
+    pub lsn: u64,
+    /// The payload bytes.
+    pub payload: &'a [u8],
+}
+
+/// Appends one frame with the given LSN and payload to `out`.
+pub fn encode_frame(lsn: u64, payload: &[u8], out: &mut Vec<u8>) {
+    assert!(!payload.is_empty(), "empty payload");
+    assert!(
+        payload.len() <= RECORD_PAYLOAD_BYTES_MAX,
+        "payload too large"
+    );
+    let start = out.len();
+    out.extend_from_slice(&FRAME_MAGIC.to_le_bytes());
+    out.extend_from_slice(&FRAME_VERSION.to_le_bytes());
+    out.push(RECORD_KIND_EVENT);
+    out.push(0);
+    // Exact: the length is at most RECORD_PAYLOAD_BYTES_MAX, asserted above.
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(&lsn.to_le_bytes());
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(&out[start..start + FRAME_CRC_OFFSET]);
+    hasher.update(payload);
+    out.extend_from_slice(&hasher.finalize().to_le_bytes());
+    out.extend_from_slice(payload);
+}
+
+/// Decodes the frame at the start of `bytes`; returns it and its total size.
+pub fn decode_frame(bytes: &[u8]) -> Result<(Frame<'_>, usize), DecodeError> {
+    if bytes.len() < FRAME_HEADER_BYTES {
+        return Err(DecodeError::Incomplete);
+    }
+    let header = &bytes[..FRAME_HEADER_BYTES];
+    if le_u32(&header[0..4]) != FRAME_MAGIC {
+        return Err(DecodeError::BadFrame("bad magic"));
+    }
+    if le_u16(&header[4..6]) != FRAME_VERSION {
+        return Err(DecodeError::BadFrame("unknown version"));
+    }
+    if header[6] != RECORD_KIND_EVENT || header[7] != 0 {
+        return Err(DecodeError::BadFrame("unknown record kind"));
+    }
+    let len = le_u32(&header[8..12]) as usize;
+    if len == 0 || len > RECORD_PAYLOAD_BYTES_MAX {
+        return Err(DecodeError::BadFrame("payload length out of range"));
+    }
+    let total = FRAME_HEADER_BYTES + len;
+    if bytes.len() < total {
+        return Err(DecodeError::Incomplete);
+    }
+    let payload = &bytes[FRAME_HEADER_BYTES..total];
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(&header[..FRAME_CRC_OFFSET]);
+    hasher.update(payload);
+    if hasher.finalize() != le_u32(&header[FRAME_CRC_OFFSET..FRAME_HEADER_BYTES]) {
+        return Err(DecodeError::Checksum);
+    }
+    let lsn = le_u64(&header[12..20]);
+    Ok((Frame { lsn, payload }, total))
+}
+
+/// Encodes an event's payload (everything but the LSN, which the frame carries).
+pub fn encode_event(event: &Event, out: &mut Vec<u8>) {
+    put_str8(out, event.account.as_str());
+    out.extend_from_slice(&event.seq.to_le_bytes());
+    out.extend_from_slice(&event.at_ms.to_le_bytes());
+    out.extend_from_slice(event.tx_id.as_bytes());
+    match &event.idempotency_key {
+        None => out.push(0),
+        Some(key) => {
+            out.push(1);
+            put_str8(out, key.as_str());
+        }
+    }
+    match &event.body {
+        EventBody::Opened {
+            currency,
+            overdraft_limit,
+            metadata,
+        } => {
+            out.push(TAG_OPENED);
+            put_str8(out, currency.as_str());
+            out.extend_from_slice(&overdraft_limit.to_le_bytes());
+            put_metadata(out, metadata);
+        }
+        EventBody::Credit { amount, metadata } => {
+            out.push(TAG_CREDIT);
+            out.extend_from_slice(&amount.get().to_le_bytes());
+            put_metadata(out, metadata);
+        }
+        EventBody::Debit { amount, metadata } => {
+            out.push(TAG_DEBIT);
+            out.extend_from_slice(&amount.get().to_le_bytes());
+            put_metadata(out, metadata);
+        }
+        EventBody::Hold {
+            hold_id,
+            amount,
+            expires_at_ms,
+            expires_in_secs,
+            metadata,
+        } => {
+            out.push(TAG_HOLD);
+            out.extend_from_slice(hold_id.as_bytes());
+            out.extend_from_slice(&amount.get().to_le_bytes());
+            out.extend_from_slice(&expires_at_ms.to_le_bytes());
+            out.extend_from_slice(&expires_in_secs.unwrap_or(0).to_le_bytes());
+            put_metadata(out, metadata);
+        }
+        EventBody::Capture {
+            hold_id,
+            amount,
+            amount_given,
+            metadata,
+        } => {
+            out.push(TAG_CAPTURE);
+            out.extend_from_slice(hold_id.as_bytes());
+            out.extend_from_slice(&amount.get().to_le_bytes());
+            out.push(u8::from(*amount_given));
+            put_metadata(out, metadata);
+        }
+        EventBody::Release { hold_id, metadata } => {
+            out.push(TAG_RELEASE);
+            out.extend_from_slice(hold_id.as_bytes());
+            put_metadata(out, metadata);
+        }
+        EventBody::Expire { hold_id } => {
+            out.push(TAG_EXPIRE);
+            out.extend_from_slice(hold_id.as_bytes());
+        }
+    }
+}
+
+/// Decodes an event payload; `lsn` comes from its frame. Every value is validated as on
+/// the request path, so a decoded event satisfies the same type invariants.
+pub fn decode_event(lsn: u64, payload: &[u8]) -> Result<Event, DecodeError> {
+    let mut r = Reader { bytes: payload };
+    let account = AccountId::parse(r.str8()?).map_err(|_| bad("account id"))?;
+    let seq = r.u64()?;
+    let at_ms = r.u64()?;
+    let tx_id = r.uuid()?;
+    let idempotency_key = match r.u8()? {
+        0 => None,
+        1 => Some(IdempotencyKey::parse(r.str8()?).map_err(|_| bad("idempotency key"))?),
+        _ => return Err(bad("key flag")),
+    };
+    let body = match r.u8()? {
+        TAG_OPENED => EventBody::Opened {
+            currency: Currency::parse(r.str8()?).map_err(|_| bad("currency"))?,
+            overdraft_limit: r.u64()?,
+            metadata: r.metadata()?,
+        },
+        TAG_CREDIT => EventBody::Credit {
+            amount: r.amount()?,
+            metadata: r.metadata()?,
+        },
+        TAG_DEBIT => EventBody::Debit {
+            amount: r.amount()?,
+            metadata: r.metadata()?,
+        },
+        TAG_HOLD => EventBody::Hold {
+            hold_id: r.uuid()?,
+            amount: r.amount()?,
+            expires_at_ms: r.u64()?,
+            expires_in_secs: match r.u32()? {
+                0 => None,
+                secs => Some(secs),
+            },
+            metadata: r.metadata()?,
+        },
+        TAG_CAPTURE => EventBody::Capture {
+            hold_id: r.uuid()?,
+            amount: r.amount()?,
+            amount_given: match r.u8()? {
+                0 => false,
+                1 => true,
+                _ => return Err(bad("amount_given flag")),
+            },
+            metadata: r.metadata()?,
+        },
+        TAG_RELEASE => EventBody::Release {
+            hold_id: r.uuid()?,
+            metadata: r.metadata()?,
+        },
+        TAG_EXPIRE => EventBody::Expire { hold_id: r.uuid()? },
+        _ => return Err(bad("unknown event tag")),
+    };
+    if !r.bytes.is_empty() {
+        return Err(bad("trailing bytes"));
+    }
+    Ok(Event {
+        lsn,
+        account,
+        seq,
+        at_ms,
+        tx_id,
+        idempotency_key,
+        body,
+    })
+}
+
+fn bad(what: &'static str) -> DecodeError {
+    DecodeError::BadPayload(what)
+}
+
+fn put_str8(out: &mut Vec<u8>, text: &str) {
+    // Callers pass ids, keys and currencies, all at most 255 bytes by their types.
+    let len = u8::try_from(text.len()).expect("short strings are at most 255 bytes by type");
+    out.push(len);
+    out.extend_from_slice(text.as_bytes());
+}
+
+fn put_str16(out: &mut Vec<u8>, text: &str) {
+    // Metadata keys and values are at most 500 characters (2,000 bytes) by type.
+    let len = u16::try_from(text.len()).expect("metadata strings are at most 2,000 bytes");
+    out.extend_from_slice(&len.to_le_bytes());
+    out.extend_from_slice(text.as_bytes());
+}
+
+fn put_metadata(out: &mut Vec<u8>, metadata: &Metadata) {
+    let count = u8::try_from(metadata.len()).expect("metadata has at most 16 keys by type");
+    out.push(count);
+    for (key, value) in metadata.iter() {
+        put_str16(out, key);
+        put_str16(out, value);
+    }
+}
+
+fn le_u16(b: &[u8]) -> u16 {
+    u16::from_le_bytes([b[0], b[1]])
+}
+
+fn le_u32(b: &[u8]) -> u32 {
+    u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+}
+
+fn le_u64(b: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[..8]);
+    u64::from_le_bytes(a)
+}
+
+/// A bounds-checked cursor over a payload.
+struct Reader<'a> {
+    bytes: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+        if self.bytes.len() < n {
+            return Err(bad("truncated payload"));
+        }
+        let (head, rest) = self.bytes.split_at(n);
+        self.bytes = rest;
+        Ok(head)
+    }
+    fn u8(&mut self) -> Result<u8, DecodeError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, DecodeError> {
+        Ok(le_u16(self.take(2)?))
+    }
+    fn u32(&mut self) -> Result<u32, DecodeError> {
+        Ok(le_u32(self.take(4)?))
+    }
+    fn u64(&mut self) -> Result<u64, DecodeError> {
+        Ok(le_u64(self.take(8)?))
+    }
+    fn uuid(&mut self) -> Result<Uuid, DecodeError> {
+        let mut a = [0u8; 16];
+        a.copy_from_slice(self.take(16)?);
+        Ok(Uuid::from_bytes(a))
+    }
+    fn amount(&mut self) -> Result<Amount, DecodeError> {
+        Amount::new(i128::from(self.u64()?)).map_err(|_| bad("amount out of range"))
+    }
+    fn str8(&mut self) -> Result<&'a str, DecodeError> {
+        let len = usize::from(self.u8()?);
+        std::str::from_utf8(self.take(len)?).map_err(|_| bad("string is not UTF-8"))
+    }
+    fn str16(&mut self) -> Result<String, DecodeError> {
+        let len = usize::from(self.u16()?);
+        let text = std::str::from_utf8(self.take(len)?).map_err(|_| bad("string is not UTF-8"))?;
+        Ok(text.to_string())
+    }
+    fn metadata(&mut self) -> Result<Metadata, DecodeError> {
+        let count = self.u8()?;
+        let mut map = BTreeMap::new();
+        for _ in 0..count {
+            let key = self.str16()?;
+            let value = self.str16()?;
+            if map.insert(key, value).is_some() {
+                return Err(bad("duplicate metadata key"));
+            }
+        }
+        Metadata::new(map).map_err(|_| bad("metadata out of limits"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample_events() -> Vec<Event> {
+        let account = AccountId::parse("player-42").expect("valid id");
+        let meta = Metadata::new(BTreeMap::from([
+            ("order".to_string(), "A-1".to_string()),
+            ("note".to_string(), "é€".to_string()),
+        ]))
+        .expect("valid metadata");
+        let hold_id = Uuid::from_u128(0x0193_0000_0000_7000_8000_0000_0000_0001);
+        let bodies = vec![
+            EventBody::Opened {
+                currency: Currency::parse("GEM").expect("valid"),
+                overdraft_limit: 50,
+                metadata: meta.clone(),
+            },
+            EventBody::Credit {
+                amount: Amount::new(1500).expect("valid"),
+                metadata: Metadata::empty(),
+            },
+            EventBody::Debit {
+                amount: Amount::new(7).expect("valid"),
+                metadata: meta.clone(),
+            },
+            EventBody::Hold {
+                hold_id,
+                amount: Amount::new(200).expect("valid"),
+                expires_at_ms: 1_800_000_000_000,
+                expires_in_secs: Some(60),
+                metadata: Metadata::empty(),
+            },
+            EventBody::Capture {
+                hold_id,
+                amount: Amount::new(150).expect("valid"),
+                amount_given: true,
+                metadata: meta,
+            },
+            EventBody::Release {
+                hold_id,
+                metadata: Metadata::empty(),
+            },
+            EventBody::Expire { hold_id },
+        ];
+        bodies
+            .into_iter()
+            .enumerate()
+            .map(|(i, body)| Event {
+                lsn: i as u64 + 1,
+                account: account.clone(),
+                seq: i as u64,
+                at_ms: 1_700_000_000_000 + i as u64,
+                tx_id: Uuid::from_u128(i as u128),
+                idempotency_key: (i % 2 == 1)
+                    .then(|| IdempotencyKey::parse(&format!("key-{i}")).expect("valid")),
+                body,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_event_round_trips_through_a_frame() {
+        for event in sample_events() {
+            let mut payload = Vec::new();
+            encode_event(&event, &mut payload);
+            let mut framed = Vec::new();
+            encode_frame(event.lsn, &payload, &mut framed);
+            let (frame, size) = decode_frame(&framed).expect("valid frame");
+            assert_eq!(size, framed.len());
+            assert_eq!(frame.lsn, event.lsn);
+            let decoded = decode_event(frame.lsn, frame.payload).expect("valid payload");
+            assert_eq!(decoded, event);
+        }
+    }
+
+    #[test]
+    fn every_truncation_is_incomplete_and_every_bit_flip_is_caught() {
+        let event = &sample_events()[3];
+        let mut payload = Vec::new();
+        encode_event(event, &mut payload);
+        let mut framed = Vec::new();
+        encode_frame(event.lsn, &payload, &mut framed);
+        for cut in 0..framed.len() {
+            let result = decode_frame(&framed[..cut]);
+            assert!(result.is_err(), "truncation at {cut} decoded");
+        }
+        for byte in 0..framed.len() {
+            for bit in 0..8 {
+                let mut flipped = framed.clone();
+                flipped[byte] ^= 1 << bit;
+                assert!(
+                    decode_frame(&flipped).is_err(),
+                    "flip of bit {bit} in byte {byte} passed"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn payload_decoder_refuses_garbage_without_panicking() {
+        let event = &sample_events()[4];
+        let mut payload = Vec::new();
+        encode_event(event, &mut payload);
+        for cut in 0..payload.len() {
+            assert!(decode_event(1, &payload[..cut]).is_err());
+        }
+        let mut trailing = payload.clone();
+        trailing.push(0);
+        assert_eq!(
+            decode_event(1, &trailing),
+            Err(DecodeError::BadPayload("trailing bytes"))
+        );
+    }
+}

@@ -1,0 +1,372 @@
+//! The write-ahead log: segmented append-only files of framed records, one writer thread with
+//! group commit, and a durable-LSN watermark that replies wait on.
+//!
+//! Appenders (account actors) encode a frame into a shared buffer and get an LSN back at
+//! once; they never wait for the disk. The writer thread takes whatever is queued, writes it
+//! with one `write_all`, makes it durable with one `fdatasync`, then advances `durable_lsn`
+//! and wakes every waiter it covers. One fsync therefore serves every record queued while
+//! the previous one ran.
+//!
+//! A failed write or sync is never retried: after a failed fsync the kernel may already
+//! have dropped the dirty pages, so a retry that "succeeds" proves nothing. The WAL marks
+//! itself failed, fails every waiter and refuses every later append; in-memory state is then
+//! ahead of the log and must not be served again. Recovery on restart decides what survived.
+
+pub mod codec;
+pub mod reader;
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use parking_lot::{Condvar, Mutex};
+use tokio::sync::oneshot;
+
+pub use reader::{replay, ReplayOutcome, TailCut};
+
+/// Default size at which the writer starts a new segment.
+pub const SEGMENT_BYTES_DEFAULT: u64 = 64 * 1024 * 1024;
+/// The writer takes at most this much queued data into one write + fsync.
+pub const WAL_BATCH_BYTES_MAX: usize = 16 * 1024 * 1024;
+
+/// WAL failures. I/O and corruption are kept apart: one is the machine, the other the data.
+#[derive(Debug, thiserror::Error)]
+pub enum WalError {
+    /// An I/O call failed.
+    #[error("wal i/o on {path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The error.
+        source: io::Error,
+    },
+    /// Bytes that are not a valid log, not at the tail.
+    #[error("corrupt WAL: {path} at offset {offset}: {reason}")]
+    Corrupt {
+        /// The segment file.
+        path: PathBuf,
+        /// Byte offset of the bad record.
+        offset: u64,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A write or sync failed earlier; the log accepts nothing more.
+    #[error("storage failure: the log could not be written or synced, writes are stopped")]
+    Failed,
+    /// The log was closed for shutdown.
+    #[error("the log is closed")]
+    Closed,
+}
+
+impl WalError {
+    pub(crate) fn io(path: &Path, source: io::Error) -> WalError {
+        WalError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+/// Counters for `/metrics`. Relaxed ordering: they are statistics, read without a
+/// happens-before relation to anything else.
+#[derive(Debug, Default)]
+pub struct WalStats {
+    /// Records appended.
+    pub records: AtomicU64,
+    /// Bytes written.
+    pub bytes: AtomicU64,
+    /// Write + fsync batches completed.
+    pub syncs: AtomicU64,
+    /// Total fsync time in microseconds.
+    pub sync_micros: AtomicU64,
+}
+
+/// Where the writer continues after recovery.
+#[derive(Debug, Clone)]
+pub struct WalStart {
+    /// The directory of segments.
+    pub dir: PathBuf,
+    /// The last durable LSN found by recovery (0 for an empty log).
+    pub last_lsn: u64,
+    /// The last segment and its valid length, to append to.
+    pub last_segment: Option<(PathBuf, u64)>,
+    /// Size at which to start a new segment.
+    pub segment_bytes_max: u64,
+}
+
+/// Handle to the log. Cheap to share behind an `Arc`.
+pub struct Wal {
+    shared: Arc<Shared>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+}
+
+struct Shared {
+    queue: Mutex<Queue>,
+    wake: Condvar,
+    durable_lsn: AtomicU64,
+    failed: AtomicBool,
+    waiters: Mutex<Vec<Waiter>>,
+    stats: WalStats,
+}
+
+/// A caller waiting for an LSN to become durable.
+type Waiter = (u64, oneshot::Sender<Result<(), WalError>>);
+
+struct Queue {
+    buf: Vec<u8>,
+    first_lsn: u64,
+    next_lsn: u64,
+    closing: bool,
+    failed: bool,
+}
+
+impl Wal {
+    /// Starts the writer thread, continuing the log where recovery left it.
+    pub fn start(start: WalStart) -> Result<Wal, WalError> {
+        fs::create_dir_all(&start.dir).map_err(|e| WalError::io(&start.dir, e))?;
+        sync_dir(&start.dir)?;
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(Queue {
+                buf: Vec::with_capacity(1 << 20),
+                first_lsn: start.last_lsn + 1,
+                next_lsn: start.last_lsn + 1,
+                closing: false,
+                failed: false,
+            }),
+            wake: Condvar::new(),
+            durable_lsn: AtomicU64::new(start.last_lsn),
+            failed: AtomicBool::new(false),
+            waiters: Mutex::new(Vec::new()),
+            stats: WalStats::default(),
+        });
+        let segment = match &start.last_segment {
+            Some((path, len)) => {
+                let file = OpenOptions::new()
+                    .append(true)
+                    .open(path)
+                    .map_err(|e| WalError::io(path, e))?;
+                Some(Segment {
+                    file,
+                    path: path.clone(),
+                    len: *len,
+                })
+            }
+            None => None,
+        };
+        let mut writer = Writer {
+            shared: shared.clone(),
+            dir: start.dir.clone(),
+            segment,
+            segment_bytes_max: start.segment_bytes_max.max(1),
+        };
+        let handle = std::thread::Builder::new()
+            .name("coffer-wal".to_string())
+            .spawn(move || writer.run())
+            .map_err(|e| WalError::io(&start.dir, e))?;
+        Ok(Wal {
+            shared,
+            writer: Mutex::new(Some(handle)),
+        })
+    }
+
+    /// Queues one record and returns its LSN. Does not wait for the disk; pair it with
+    /// [`Wal::wait_durable`] before acknowledging anything that depends on it.
+    pub fn append(&self, payload: &[u8]) -> Result<u64, WalError> {
+        let mut queue = self.shared.queue.lock();
+        if queue.failed {
+            return Err(WalError::Failed);
+        }
+        if queue.closing {
+            return Err(WalError::Closed);
+        }
+        let lsn = queue.next_lsn;
+        queue.next_lsn += 1;
+        if queue.buf.is_empty() {
+            queue.first_lsn = lsn;
+        }
+        codec::encode_frame(lsn, payload, &mut queue.buf);
+        drop(queue);
+        self.shared.stats.records.fetch_add(1, Ordering::Relaxed);
+        self.shared.wake.notify_one();
+        Ok(lsn)
+    }
+
+    /// The highest LSN known to be on stable storage.
+    pub fn durable_lsn(&self) -> u64 {
+        self.shared.durable_lsn.load(Ordering::Acquire)
+    }
+
+    /// Whether a write or sync has failed (writes are stopped for good).
+    pub fn is_failed(&self) -> bool {
+        self.shared.failed.load(Ordering::Acquire)
+    }
+
+    /// Statistics for `/metrics`.
+    pub fn stats(&self) -> &WalStats {
+        &self.shared.stats
+    }
+
+    /// Waits until `lsn` is durable. Fails if the log failed before getting there.
+    pub async fn wait_durable(&self, lsn: u64) -> Result<(), WalError> {
+        if self.durable_lsn() >= lsn {
+            return Ok(());
+        }
+        let rx = {
+            let mut waiters = self.shared.waiters.lock();
+            // Re-checked under the lock: the writer advances the watermark before it takes
+            // this lock, so a waiter added here is either covered now or woken later.
+            if self.durable_lsn() >= lsn {
+                return Ok(());
+            }
+            if self.is_failed() {
+                return Err(WalError::Failed);
+            }
+            let (tx, rx) = oneshot::channel();
+            waiters.push((lsn, tx));
+            rx
+        };
+        match rx.await {
+            Ok(result) => result,
+            Err(_) => Err(WalError::Closed),
+        }
+    }
+
+    /// Flushes what is queued, stops the writer thread and waits for it.
+    pub fn close(&self) {
+        self.shared.queue.lock().closing = true;
+        self.shared.wake.notify_one();
+        if let Some(handle) = self.writer.lock().take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+impl Drop for Wal {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+struct Segment {
+    file: File,
+    path: PathBuf,
+    len: u64,
+}
+
+struct Writer {
+    shared: Arc<Shared>,
+    dir: PathBuf,
+    segment: Option<Segment>,
+    segment_bytes_max: u64,
+}
+
+impl Writer {
+    fn run(&mut self) {
+        let mut batch: Vec<u8> = Vec::with_capacity(1 << 20);
+        loop {
+            let (first_lsn, last_lsn) = {
+                let mut queue = self.shared.queue.lock();
+                while queue.buf.is_empty() && !queue.closing {
+                    self.shared.wake.wait(&mut queue);
+                }
+                if queue.buf.is_empty() {
+                    return;
+                }
+                std::mem::swap(&mut queue.buf, &mut batch);
+                let range = (queue.first_lsn, queue.next_lsn - 1);
+                queue.first_lsn = queue.next_lsn;
+                range
+            };
+            if let Err(error) = self.write_batch(&batch, first_lsn) {
+                self.fail(error);
+                return;
+            }
+            self.shared.durable_lsn.store(last_lsn, Ordering::Release);
+            self.wake_waiters(last_lsn);
+            batch.clear();
+            if batch.capacity() > WAL_BATCH_BYTES_MAX {
+                batch = Vec::with_capacity(1 << 20);
+            }
+        }
+    }
+
+    fn write_batch(&mut self, batch: &[u8], first_lsn: u64) -> Result<(), WalError> {
+        let rotate = match &self.segment {
+            None => true,
+            Some(segment) => segment.len >= self.segment_bytes_max,
+        };
+        if rotate {
+            self.open_segment(first_lsn)?;
+        }
+        let segment = self.segment.as_mut().ok_or(WalError::Failed)?;
+        segment
+            .file
+            .write_all(batch)
+            .map_err(|e| WalError::io(&segment.path, e))?;
+        let started = std::time::Instant::now();
+        segment
+            .file
+            .sync_data()
+            .map_err(|e| WalError::io(&segment.path, e))?;
+        let stats = &self.shared.stats;
+        let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        stats.sync_micros.fetch_add(micros, Ordering::Relaxed);
+        stats.syncs.fetch_add(1, Ordering::Relaxed);
+        stats.bytes.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        segment.len += batch.len() as u64;
+        Ok(())
+    }
+
+    /// Starts a new segment named by its first LSN; the directory entry is made durable
+    /// before any record in it is acknowledged.
+    fn open_segment(&mut self, first_lsn: u64) -> Result<(), WalError> {
+        let path = self.dir.join(reader::segment_name(first_lsn));
+        let file = OpenOptions::new()
+            .create_new(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| WalError::io(&path, e))?;
+        sync_dir(&self.dir)?;
+        self.segment = Some(Segment { file, path, len: 0 });
+        Ok(())
+    }
+
+    fn wake_waiters(&self, durable: u64) {
+        let ready: Vec<_> = {
+            let mut waiters = self.shared.waiters.lock();
+            let mut ready = Vec::new();
+            let mut i = 0;
+            while i < waiters.len() {
+                if waiters[i].0 <= durable {
+                    ready.push(waiters.swap_remove(i));
+                } else {
+                    i += 1;
+                }
+            }
+            ready
+        };
+        for (_, tx) in ready {
+            let _ = tx.send(Ok(()));
+        }
+    }
+
+    fn fail(&self, error: WalError) {
+        tracing::error!(%error, "WAL write or sync failed; refusing all further writes");
+        self.shared.queue.lock().failed = true;
+        self.shared.failed.store(true, Ordering::Release);
+        let waiters = std::mem::take(&mut *self.shared.waiters.lock());
+        for (_, tx) in waiters {
+            let _ = tx.send(Err(WalError::Failed));
+        }
+    }
+}
+
+/// Makes a directory's entries (new, renamed or removed files) durable.
+pub fn sync_dir(dir: &Path) -> Result<(), WalError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| WalError::io(dir, e))
+}

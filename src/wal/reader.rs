@@ -1,0 +1,187 @@
+//! Reading the log back: list segments, check every frame, hand each event to the caller in
+//! LSN order. A bad frame with nothing valid after it in the last segment is a torn tail
+//! (a write cut short by a crash) and is cut; any other bad frame is corruption and stops
+//! recovery with the file and offset.
+
+use std::fs::{self, OpenOptions};
+use std::path::{Path, PathBuf};
+
+use super::codec::{self, DecodeError, FRAME_MAGIC};
+use super::WalError;
+use crate::domain::Event;
+
+const SEGMENT_SUFFIX: &str = ".wal";
+
+/// The file name of the segment whose first record has `first_lsn`.
+pub fn segment_name(first_lsn: u64) -> String {
+    format!("{first_lsn:020}{SEGMENT_SUFFIX}")
+}
+
+/// A segment file and the LSN its name says it starts at.
+#[derive(Debug, Clone)]
+pub struct SegmentFile {
+    /// Path of the file.
+    pub path: PathBuf,
+    /// LSN of its first record.
+    pub first_lsn: u64,
+}
+
+/// Lists the segments of a directory in LSN order. Files that are not segments are ignored.
+pub fn list_segments(dir: &Path) -> Result<Vec<SegmentFile>, WalError> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(WalError::io(dir, e)),
+    };
+    let mut segments = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| WalError::io(dir, e))?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let Some(stem) = name.strip_suffix(SEGMENT_SUFFIX) else {
+            continue;
+        };
+        if stem.len() != 20 || !stem.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(first_lsn) = stem.parse::<u64>() else {
+            continue;
+        };
+        segments.push(SegmentFile {
+            path: entry.path(),
+            first_lsn,
+        });
+    }
+    segments.sort_by_key(|s| s.first_lsn);
+    Ok(segments)
+}
+
+/// What a torn tail cut removed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TailCut {
+    /// The segment.
+    pub path: PathBuf,
+    /// Offset of the first removed byte.
+    pub offset: u64,
+    /// Bytes removed.
+    pub bytes: u64,
+    /// Why the record there was refused.
+    pub reason: String,
+}
+
+/// The result of reading the whole log.
+#[derive(Debug, Clone)]
+pub struct ReplayOutcome {
+    /// Number of records read.
+    pub records: u64,
+    /// LSN of the last valid record (0 when the log is empty).
+    pub last_lsn: u64,
+    /// The last segment and its valid length, where writing continues.
+    pub last_segment: Option<(PathBuf, u64)>,
+    /// The torn tail that was found, if any.
+    pub tail_cut: Option<TailCut>,
+}
+
+/// Reads every segment of `dir` in order and calls `on_event` for each record. When
+/// `repair` is true a torn tail is truncated on disk (and the truncation synced); otherwise it
+/// is only reported. An error from `on_event` is reported as corruption at that record.
+pub fn replay(
+    dir: &Path,
+    repair: bool,
+    mut on_event: impl FnMut(Event) -> Result<(), String>,
+) -> Result<ReplayOutcome, WalError> {
+    let segments = list_segments(dir)?;
+    let mut outcome = ReplayOutcome {
+        records: 0,
+        last_lsn: 0,
+        last_segment: None,
+        tail_cut: None,
+    };
+    let count = segments.len();
+    for (index, segment) in segments.iter().enumerate() {
+        let is_last = index + 1 == count;
+        let bytes = fs::read(&segment.path).map_err(|e| WalError::io(&segment.path, e))?;
+        let corrupt = |offset: usize, reason: String| WalError::Corrupt {
+            path: segment.path.clone(),
+            offset: offset as u64,
+            reason,
+        };
+        if outcome.last_lsn != 0 && segment.first_lsn != outcome.last_lsn + 1 {
+            return Err(corrupt(
+                0,
+                format!(
+                    "segment starts at lsn {} but the previous one ended at {}",
+                    segment.first_lsn, outcome.last_lsn
+                ),
+            ));
+        }
+        let mut expected_lsn = segment.first_lsn;
+        let mut offset = 0usize;
+        while offset < bytes.len() {
+            match codec::decode_frame(&bytes[offset..]) {
+                Ok((frame, size)) => {
+                    if frame.lsn != expected_lsn {
+                        return Err(corrupt(
+                            offset,
+                            format!("lsn {} where {} was expected", frame.lsn, expected_lsn),
+                        ));
+                    }
+                    let event = codec::decode_event(frame.lsn, frame.payload)
+                        .map_err(|e| corrupt(offset, e.to_string()))?;
+                    on_event(event).map_err(|reason| corrupt(offset, reason))?;
+                    outcome.records += 1;
+                    outcome.last_lsn = frame.lsn;
+                    expected_lsn += 1;
+                    offset += size;
+                }
+                Err(error) => {
+                    if !is_last || valid_frame_after(&bytes, offset) {
+                        return Err(corrupt(offset, error.to_string()));
+                    }
+                    let cut = TailCut {
+                        path: segment.path.clone(),
+                        offset: offset as u64,
+                        bytes: (bytes.len() - offset) as u64,
+                        reason: describe(error),
+                    };
+                    if repair {
+                        truncate(&segment.path, offset as u64)?;
+                    }
+                    outcome.tail_cut = Some(cut);
+                    break;
+                }
+            }
+        }
+        if is_last {
+            outcome.last_segment = Some((segment.path.clone(), offset as u64));
+        }
+    }
+    Ok(outcome)
+}
+
+/// Whether any complete, checksum-valid frame starts after `offset`: if one does, the bad
+/// frame at `offset` is not a torn tail but damage in the middle of the log.
+fn valid_frame_after(bytes: &[u8], offset: usize) -> bool {
+    let magic = FRAME_MAGIC.to_le_bytes();
+    let mut pos = offset + 1;
+    while pos + magic.len() <= bytes.len() {
+        if bytes[pos..pos + magic.len()] == magic && codec::decode_frame(&bytes[pos..]).is_ok() {
+            return true;
+        }
+        pos += 1;
+    }
+    false
+}
+
+fn describe(error: DecodeError) -> String {
+    error.to_string()
+}
+
+fn truncate(path: &Path, len: u64) -> Result<(), WalError> {
+    let file = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| WalError::io(path, e))?;
+    file.set_len(len).map_err(|e| WalError::io(path, e))?;
+    file.sync_all().map_err(|e| WalError::io(path, e))
+}
