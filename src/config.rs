@@ -23,6 +23,8 @@ pub struct Cli {
 pub enum Command {
     /// Serve the HTTP API.
     Serve(ServeArgs),
+    /// Load a running server over HTTP and check every balance afterwards.
+    Load(crate::load::LoadArgs),
 }
 
 /// Flags of `coffer serve`.

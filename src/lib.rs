@@ -13,6 +13,7 @@ pub mod config;
 pub mod domain;
 pub mod engine;
 pub mod http;
+pub mod load;
 pub mod server;
 pub mod wal;
 

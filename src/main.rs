@@ -1,24 +1,15 @@
-//! The `coffer` binary: parses the command line, starts the server, waits for a signal.
+//! The `coffer` binary: parses the command line, then serves or runs the load tool.
 
 use std::process::ExitCode;
 
 use clap::Parser;
-use coffer::config::{Cli, Command};
+use coffer::config::{Cli, Command, ServeArgs};
+use coffer::load::{self, LoadArgs};
 use coffer::Server;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let Command::Serve(args) = cli.command;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if args.log_format == "json" {
-        logs.json().init();
-    } else {
-        logs.init();
-    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -29,19 +20,58 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(async move {
-        let server = match Server::start(&args.listen, args.engine_config()).await {
-            Ok(server) => server,
-            Err(error) => {
-                tracing::error!(%error, "coffer cannot start");
-                return ExitCode::FAILURE;
+    match cli.command {
+        Command::Serve(args) => runtime.block_on(serve(args)),
+        Command::Load(args) => runtime.block_on(run_load(args)),
+    }
+}
+
+async fn serve(args: ServeArgs) -> ExitCode {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if args.log_format == "json" {
+        logs.json().init();
+    } else {
+        logs.init();
+    }
+    let server = match Server::start(&args.listen, args.engine_config()).await {
+        Ok(server) => server,
+        Err(error) => {
+            tracing::error!(%error, "coffer cannot start");
+            return ExitCode::FAILURE;
+        }
+    };
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    server.shutdown().await;
+    ExitCode::SUCCESS
+}
+
+async fn run_load(args: LoadArgs) -> ExitCode {
+    let json = args.json;
+    match load::run(args).await {
+        Ok(report) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).unwrap_or_default()
+                );
+            } else {
+                println!("{}", report.text());
             }
-        };
-        shutdown_signal().await;
-        tracing::info!("shutting down");
-        server.shutdown().await;
-        ExitCode::SUCCESS
-    })
+            if report.mismatched_accounts == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(3)
+            }
+        }
+        Err(error) => {
+            eprintln!("coffer load: {error}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 async fn shutdown_signal() {

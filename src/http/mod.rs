@@ -454,12 +454,19 @@ fn parse_json_or_empty<T: DeserializeOwned + Default>(bytes: &[u8]) -> Result<T,
     parse_json(bytes)
 }
 
+/// Parses a query string strictly (unknown or repeated parameters are 400). A parameter
+/// given with an empty value (`?limit=&after=`) counts as absent, so URL templates work.
 fn parse_query<T: DeserializeOwned + Default>(query: Option<&str>) -> Result<T, ApiError> {
-    match query {
-        None | Some("") => Ok(T::default()),
-        Some(q) => serde_urlencoded::from_str(q)
-            .map_err(|e| ApiError::invalid(format!("invalid query: {e}"))),
-    }
+    let Some(query) = query.filter(|q| !q.is_empty()) else {
+        return Ok(T::default());
+    };
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query)
+        .map_err(|e| ApiError::invalid(format!("invalid query: {e}")))?;
+    let kept: Vec<(String, String)> = pairs.into_iter().filter(|(_, v)| !v.is_empty()).collect();
+    let canonical = serde_urlencoded::to_string(&kept)
+        .map_err(|e| ApiError::invalid(format!("invalid query: {e}")))?;
+    serde_urlencoded::from_str(&canonical)
+        .map_err(|e| ApiError::invalid(format!("invalid query: {e}")))
 }
 
 fn list_limit(text: Option<&str>) -> Result<usize, ApiError> {
