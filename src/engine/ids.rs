@@ -13,7 +13,10 @@ pub(crate) struct IdGen {
 }
 
 impl IdGen {
-    pub(crate) fn new() -> IdGen {
+    /// A generator whose ids sort after every id made at or before `after_ms` (the newest
+    /// timestamp recovery saw), so a restart within the same millisecond, or onto a clock
+    /// that stepped back, cannot sort new holds before old ones.
+    pub(crate) fn new(after_ms: u64) -> IdGen {
         // Seeded from the wall clock's nanoseconds and the pid: ids need to be unique and
         // ordered, not secret. Kept below 2^40 so the counter never reaches the bits that the
         // UUID variant field overwrites.
@@ -22,7 +25,7 @@ impl IdGen {
             .map_or(0, |d| u64::from(d.subsec_nanos()));
         let seed = (nanos ^ (u64::from(std::process::id()) << 20)) & ((1 << 40) - 1);
         IdGen {
-            last_ms: AtomicU64::new(0),
+            last_ms: AtomicU64::new(after_ms.saturating_add(1)),
             counter: AtomicU64::new(seed),
         }
     }
@@ -46,12 +49,19 @@ mod tests {
 
     #[test]
     fn ids_are_v7_and_ordered_within_a_millisecond() {
-        let ids = IdGen::new();
+        let ids = IdGen::new(0);
         let a = ids.next(1_700_000_000_000);
         let b = ids.next(1_700_000_000_000);
         let c = ids.next(1_699_999_999_999);
         assert_eq!(a.get_version_num(), 7);
         assert!(a < b);
         assert!(b < c, "a clock step back must not reorder ids");
+    }
+
+    #[test]
+    fn ids_after_a_restart_sort_after_recovered_ones() {
+        let before = IdGen::new(0).next(1_700_000_000_000);
+        let after = IdGen::new(1_700_000_000_000).next(1_699_000_000_000);
+        assert!(before < after);
     }
 }

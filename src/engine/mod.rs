@@ -180,7 +180,11 @@ impl Engine {
         let started = Instant::now();
         let wal_dir = config.data_dir.join("wal");
         let mut accounts: HashMap<AccountId, Account> = HashMap::new();
-        let outcome = wal::replay(&wal_dir, true, |event| replay_event(&mut accounts, event))?;
+        let mut newest_ms = 0;
+        let outcome = wal::replay(&wal_dir, true, |event| {
+            newest_ms = newest_ms.max(event.at_ms);
+            replay_event(&mut accounts, event)
+        })?;
         if let Some(cut) = &outcome.tail_cut {
             tracing::warn!(
                 path = %cut.path.display(), offset = cut.offset, bytes = cut.bytes,
@@ -212,7 +216,7 @@ impl Engine {
         let inner = Inner {
             accounts: RwLock::new(slots),
             wal,
-            ids: ids::IdGen::new(),
+            ids: ids::IdGen::new(newest_ms),
             clock: config.clock.clone(),
             expiry,
             config,

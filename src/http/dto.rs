@@ -53,9 +53,27 @@ fn present_int<'de, D: Deserializer<'de>>(d: D) -> Result<Option<JsonInt>, D::Er
     JsonInt::deserialize(d).map(Some)
 }
 
-/// For optional metadata: absent is empty, an explicit `null` is refused.
+/// For optional metadata: absent is empty; an explicit `null`, a non-string value or a key
+/// given twice is refused (a silently dropped duplicate would be a typo passing).
 fn present_map<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
-    BTreeMap::deserialize(d)
+    struct MapVisitor;
+    impl<'de> Visitor<'de> for MapVisitor {
+        type Value = BTreeMap<String, String>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("an object of strings")
+        }
+        fn visit_map<A: de::MapAccess<'de>>(self, mut access: A) -> Result<Self::Value, A::Error> {
+            let mut map = BTreeMap::new();
+            while let Some((key, value)) = access.next_entry::<String, String>()? {
+                if map.contains_key(&key) {
+                    return Err(de::Error::custom(format!("duplicate metadata key {key:?}")));
+                }
+                map.insert(key, value);
+            }
+            Ok(map)
+        }
+    }
+    d.deserialize_map(MapVisitor)
 }
 
 /// `PUT /v1/accounts/{id}`

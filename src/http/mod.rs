@@ -315,8 +315,9 @@ async fn list_transactions(
     let before_seq = match query.before_seq.as_deref() {
         None => None,
         Some(text) => Some(
-            u64::from_str(text)
-                .ok()
+            Some(text)
+                .filter(|t| t.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|t| u64::from_str(t).ok())
                 .filter(|v| *v >= 1)
                 .ok_or_else(|| ApiError::invalid("before_seq must be a positive integer"))?,
         ),
@@ -442,7 +443,13 @@ fn hold_id_param(text: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(text).map_err(|_| ApiError::invalid("hold id is not a valid UUID"))
 }
 
+/// Parses a JSON object body. Only an object is a request: serde's derived structs would
+/// also take an array of the fields in order, which must not move money.
 fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
+    if first != Some(&b'{') {
+        return Err(ApiError::invalid("the body must be a JSON object"));
+    }
     serde_json::from_slice(bytes).map_err(|e| ApiError::invalid(format!("invalid JSON body: {e}")))
 }
 
@@ -472,8 +479,9 @@ fn parse_query<T: DeserializeOwned + Default>(query: Option<&str>) -> Result<T, 
 fn list_limit(text: Option<&str>) -> Result<usize, ApiError> {
     match text {
         None => Ok(LIST_LIMIT_DEFAULT),
-        Some(t) => usize::from_str(t)
-            .ok()
+        Some(t) => Some(t)
+            .filter(|t| t.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|t| usize::from_str(t).ok())
             .filter(|v| (1..=LIST_LIMIT_MAX).contains(v))
             .ok_or_else(|| {
                 ApiError::invalid(format!("limit must be an integer in 1..={LIST_LIMIT_MAX}"))

@@ -77,6 +77,9 @@ pub enum DecodeError {
     /// The checksum does not match.
     #[error("checksum mismatch")]
     Checksum,
+    /// An intact frame of a version or kind this coffer does not know (a newer writer).
+    #[error("intact record of an unsupported version or kind (written by a newer coffer?)")]
+    Unsupported,
     /// The checksum matches but the payload is not a valid event.
     #[error("bad payload: {0}")]
     BadPayload(&'static str),
@@ -122,12 +125,6 @@ pub fn decode_frame(bytes: &[u8]) -> Result<(Frame<'_>, usize), DecodeError> {
     if le_u32(&header[0..4]) != FRAME_MAGIC {
         return Err(DecodeError::BadFrame("bad magic"));
     }
-    if le_u16(&header[4..6]) != FRAME_VERSION {
-        return Err(DecodeError::BadFrame("unknown version"));
-    }
-    if header[6] != RECORD_KIND_EVENT || header[7] != 0 {
-        return Err(DecodeError::BadFrame("unknown record kind"));
-    }
     let len = le_u32(&header[8..12]) as usize;
     if len == 0 || len > RECORD_PAYLOAD_BYTES_MAX {
         return Err(DecodeError::BadFrame("payload length out of range"));
@@ -142,6 +139,11 @@ pub fn decode_frame(bytes: &[u8]) -> Result<(Frame<'_>, usize), DecodeError> {
     hasher.update(payload);
     if hasher.finalize() != le_u32(&header[FRAME_CRC_OFFSET..FRAME_HEADER_BYTES]) {
         return Err(DecodeError::Checksum);
+    }
+    // Checked after the CRC: a frame that is intact but of another version was written by
+    // another coffer on purpose, and must stop recovery rather than be cut as torn.
+    if le_u16(&header[4..6]) != FRAME_VERSION || header[6] != RECORD_KIND_EVENT || header[7] != 0 {
+        return Err(DecodeError::Unsupported);
     }
     let lsn = le_u64(&header[12..20]);
     Ok((Frame { lsn, payload }, total))

@@ -16,7 +16,8 @@ pub mod codec;
 pub mod reader;
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -31,6 +32,11 @@ pub use reader::{replay, ReplayOutcome, TailCut};
 pub const SEGMENT_BYTES_DEFAULT: u64 = 64 * 1024 * 1024;
 /// The writer takes at most this much queued data into one write + fsync.
 pub const WAL_BATCH_BYTES_MAX: usize = 16 * 1024 * 1024;
+/// Segments grow by zero-filled chunks of this size written ahead of the records. Records
+/// then overwrite allocated, initialized blocks and `fdatasync` has no file-size metadata
+/// to commit, which on ext4 roughly halves its latency. Replay reads a zero tail as the
+/// clean end of a segment.
+pub const SEGMENT_ZERO_CHUNK_BYTES: u64 = 4 * 1024 * 1024;
 
 /// WAL failures. I/O and corruption are kept apart: one is the machine, the other the data.
 #[derive(Debug, thiserror::Error)]
@@ -145,13 +151,16 @@ impl Wal {
         let segment = match &start.last_segment {
             Some((path, len)) => {
                 let file = OpenOptions::new()
-                    .append(true)
+                    .read(true)
+                    .write(true)
                     .open(path)
                     .map_err(|e| WalError::io(path, e))?;
+                let allocated = file.metadata().map_err(|e| WalError::io(path, e))?.len();
                 Some(Segment {
                     file,
                     path: path.clone(),
                     len: *len,
+                    allocated: allocated.max(*len),
                 })
             }
             None => None,
@@ -253,7 +262,10 @@ impl Drop for Wal {
 struct Segment {
     file: File,
     path: PathBuf,
+    /// End of the valid records: the next batch is written here.
     len: u64,
+    /// Size of the file; bytes between `len` and `allocated` are zeros.
+    allocated: u64,
 }
 
 struct Writer {
@@ -302,9 +314,19 @@ impl Writer {
             self.open_segment(first_lsn)?;
         }
         let segment = self.segment.as_mut().ok_or(WalError::Failed)?;
+        let batch_len = batch.len() as u64;
+        if segment.len + batch_len > segment.allocated {
+            // Zero-fill ahead in one go; the fdatasync below makes the new size durable
+            // together with the batch, and the following batches overwrite in place.
+            let target =
+                (segment.len + batch_len).max(segment.allocated) + SEGMENT_ZERO_CHUNK_BYTES;
+            write_zeros(&segment.file, segment.allocated, target)
+                .map_err(|e| WalError::io(&segment.path, e))?;
+            segment.allocated = target;
+        }
         segment
             .file
-            .write_all(batch)
+            .write_all_at(batch, segment.len)
             .map_err(|e| WalError::io(&segment.path, e))?;
         let started = std::time::Instant::now();
         segment
@@ -315,8 +337,8 @@ impl Writer {
         let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
         stats.sync_micros.fetch_add(micros, Ordering::Relaxed);
         stats.syncs.fetch_add(1, Ordering::Relaxed);
-        stats.bytes.fetch_add(batch.len() as u64, Ordering::Relaxed);
-        segment.len += batch.len() as u64;
+        stats.bytes.fetch_add(batch_len, Ordering::Relaxed);
+        segment.len += batch_len;
         Ok(())
     }
 
@@ -326,11 +348,17 @@ impl Writer {
         let path = self.dir.join(reader::segment_name(first_lsn));
         let file = OpenOptions::new()
             .create_new(true)
-            .append(true)
+            .read(true)
+            .write(true)
             .open(&path)
             .map_err(|e| WalError::io(&path, e))?;
         sync_dir(&self.dir)?;
-        self.segment = Some(Segment { file, path, len: 0 });
+        self.segment = Some(Segment {
+            file,
+            path,
+            len: 0,
+            allocated: 0,
+        });
         Ok(())
     }
 
@@ -362,6 +390,19 @@ impl Writer {
             let _ = tx.send(Err(WalError::Failed));
         }
     }
+}
+
+/// Writes zeros to `file` from `from` up to `to` (exclusive).
+fn write_zeros(file: &File, from: u64, to: u64) -> io::Result<()> {
+    static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+    let mut at = from;
+    while at < to {
+        // Exact: the step is at most the buffer's 64 KiB.
+        let step = (to - at).min(ZEROS.len() as u64) as usize;
+        file.write_all_at(&ZEROS[..step], at)?;
+        at += step as u64;
+    }
+    Ok(())
 }
 
 /// Makes a directory's entries (new, renamed or removed files) durable.

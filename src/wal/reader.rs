@@ -1,7 +1,8 @@
 //! Reading the log back: list segments, check every frame, hand each event to the caller in
-//! LSN order. A bad frame with nothing valid after it in the last segment is a torn tail
-//! (a write cut short by a crash) and is cut; any other bad frame is corruption and stops
-//! recovery with the file and offset.
+//! LSN order. Segments end in zeros that the writer allocated ahead; a zero tail is the
+//! clean end of a segment. A bad frame with something non-zero after it, but no valid frame,
+//! in the last segment is a torn tail (a write cut short by a crash) and is cut; any other
+//! bad frame is corruption and stops recovery with the file and offset.
 
 use std::fs::{self, OpenOptions};
 use std::path::{Path, PathBuf};
@@ -134,8 +135,13 @@ pub fn replay(
                     expected_lsn += 1;
                     offset += size;
                 }
+                Err(_) if bytes[offset..].iter().all(|b| *b == 0) => {
+                    // Zero-filled space the writer allocated ahead: the clean end.
+                    break;
+                }
                 Err(error) => {
-                    if !is_last || valid_frame_after(&bytes, offset) {
+                    let intact = error == DecodeError::Unsupported;
+                    if intact || !is_last || valid_frame_after(&bytes, offset) {
                         return Err(corrupt(offset, error.to_string()));
                     }
                     let cut = TailCut {

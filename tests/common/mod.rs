@@ -1,0 +1,92 @@
+//! Shared helpers for integration tests: a real coffer server on `127.0.0.1:0` over a
+//! temporary data directory, and an HTTP client for it.
+
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use coffer::engine::{Engine, EngineConfig};
+use coffer::Server;
+use tempfile::TempDir;
+
+/// A running server on a temporary data directory, with a client pointed at it.
+pub struct TestServer {
+    server: Option<Server>,
+    config: EngineConfig,
+    /// The data directory; it lives as long as the `TestServer`.
+    pub dir: TempDir,
+    /// A client without proxies and with a bounded timeout.
+    pub client: reqwest::Client,
+    /// `http://127.0.0.1:PORT`.
+    pub base: String,
+}
+
+impl TestServer {
+    /// Starts a server with the default engine configuration.
+    pub async fn start() -> TestServer {
+        TestServer::start_with(|_| {}).await
+    }
+
+    /// Starts a server after `configure` adjusted the engine configuration (e.g. its clock).
+    pub async fn start_with(configure: impl FnOnce(&mut EngineConfig)) -> TestServer {
+        let dir = tempfile::tempdir().expect("create a temp dir");
+        let mut config = EngineConfig::new(dir.path());
+        configure(&mut config);
+        let server = Server::start("127.0.0.1:0", config.clone())
+            .await
+            .expect("start the server");
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .expect("build the HTTP client");
+        let base = format!("http://{}", server.addr());
+        TestServer {
+            server: Some(server),
+            config,
+            dir,
+            client,
+            base,
+        }
+    }
+
+    /// The absolute URL of `path` (which starts with `/`).
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    /// The running server's engine.
+    pub fn engine(&self) -> &Engine {
+        self.server
+            .as_ref()
+            .and_then(Server::engine)
+            .expect("the server is running and ready")
+    }
+
+    /// Shuts the server down gracefully, then starts a new one on the same data directory
+    /// and configuration (same clock); the client then talks to the new one.
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        self.resume().await;
+    }
+
+    /// Starts a new server on the same data directory and configuration after [`stop`]
+    /// (recovery runs before it returns); the client then talks to the new one.
+    ///
+    /// [`stop`]: TestServer::stop
+    pub async fn resume(&mut self) {
+        assert!(self.server.is_none(), "resume() needs a stopped server");
+        let server = Server::start("127.0.0.1:0", self.config.clone())
+            .await
+            .expect("restart the server");
+        self.base = format!("http://{}", server.addr());
+        self.server = Some(server);
+    }
+
+    /// Shuts the server down gracefully (the data directory stays).
+    pub async fn stop(&mut self) {
+        if let Some(server) = self.server.take() {
+            server.shutdown().await;
+        }
+    }
+}
