@@ -18,6 +18,7 @@ const ROUTES: &[(&str, &[&str])] = &[
     ("/v1/accounts/{id}/holds/{hold_id}/capture", &["post"]),
     ("/v1/accounts/{id}/holds/{hold_id}/release", &["post"]),
     ("/v1/accounts/{id}/transactions", &["get"]),
+    ("/v1/batch", &["post"]),
     ("/v1/accounts/{id}/idempotency-keys/{key}", &["get"]),
     ("/healthz", &["get"]),
     ("/readyz", &["get"]),

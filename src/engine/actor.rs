@@ -27,6 +27,11 @@ pub(crate) enum Msg {
         request: Request,
         reply: oneshot::Sender<Answer>,
     },
+    /// Several requests for this account, applied in the order given, in one trip.
+    Batch {
+        items: Vec<(usize, Option<IdempotencyKey>, Request)>,
+        reply: oneshot::Sender<Vec<(usize, Answer)>>,
+    },
 }
 
 /// An actor's answer: the result, and the LSN that must be durable before the caller may
@@ -121,6 +126,13 @@ fn handle(inner: &Inner, slot: &Slot, msg: Msg) {
             let answer = execute(inner, slot, key, request);
             // The caller may have gone away (client disconnected): nothing to do then.
             let _ = reply.send(answer);
+        }
+        Msg::Batch { items, reply } => {
+            let answers = items
+                .into_iter()
+                .map(|(index, key, request)| (index, execute(inner, slot, key, request)))
+                .collect();
+            let _ = reply.send(answers);
         }
     }
 }

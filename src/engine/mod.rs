@@ -336,6 +336,74 @@ impl Engine {
         answer.result
     }
 
+    /// Runs many requests, each exactly as [`Engine::execute`] would, in one trip through
+    /// each account's actor and one wait for durability. Requests on the same account apply
+    /// in the order given; the results come back in the order given.
+    pub async fn execute_batch(
+        &self,
+        operations: Vec<(AccountId, Option<IdempotencyKey>, Request)>,
+    ) -> Vec<Result<Executed, EngineError>> {
+        let count = operations.len();
+        let mut results: Vec<Option<Result<Executed, EngineError>>> =
+            (0..count).map(|_| None).collect();
+        let mut groups: HashMap<AccountId, Vec<(usize, Option<IdempotencyKey>, Request)>> =
+            HashMap::new();
+        for (index, (account, key, request)) in operations.into_iter().enumerate() {
+            groups
+                .entry(account)
+                .or_default()
+                .push((index, key, request));
+        }
+        let mut pending = Vec::with_capacity(groups.len());
+        for (account, items) in groups {
+            let Some(slot) = self.inner.slot(&account) else {
+                for (index, _, _) in items {
+                    results[index] = Some(Err(EngineError::AccountNotFound(account.clone())));
+                }
+                continue;
+            };
+            let indexes: Vec<usize> = items.iter().map(|(i, _, _)| *i).collect();
+            let (reply, rx) = oneshot::channel();
+            match actor::send(&self.inner, &slot, actor::Msg::Batch { items, reply }).await {
+                Ok(()) => pending.push((indexes, rx)),
+                Err(_) => {
+                    for index in indexes {
+                        results[index] = Some(Err(EngineError::ShuttingDown));
+                    }
+                }
+            }
+        }
+        let mut wait_lsn = 0;
+        let mut answers = Vec::with_capacity(count);
+        for (indexes, rx) in pending {
+            match rx.await {
+                Ok(group) => {
+                    for (index, answer) in group {
+                        wait_lsn = wait_lsn.max(answer.wait_lsn);
+                        answers.push((index, answer.result));
+                    }
+                }
+                Err(_) => {
+                    for index in indexes {
+                        results[index] = Some(Err(EngineError::ShuttingDown));
+                    }
+                }
+            }
+        }
+        // One wait covers every answer: nothing is shown before all of it is durable.
+        let durable = self.inner.wal.wait_durable(wait_lsn).await;
+        for (index, result) in answers {
+            results[index] = Some(match &durable {
+                Ok(()) => result,
+                Err(error) => Err(EngineError::from(error.clone_kind())),
+            });
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or(Err(EngineError::ShuttingDown)))
+            .collect()
+    }
+
     /// One hold of an account.
     pub async fn hold(&self, id: &AccountId, hold_id: &Uuid) -> Result<Hold, EngineError> {
         let slot = self.inner.slot_or_404(id)?;

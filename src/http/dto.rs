@@ -136,6 +136,40 @@ pub struct ReleaseBody {
     pub metadata: BTreeMap<String, String>,
 }
 
+/// `POST /v1/batch`: the operations stay raw JSON here so that one malformed operation is
+/// answered on its own (400 in its result) instead of refusing the whole batch.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchBody {
+    /// The operations, 1..=1000.
+    pub operations: Vec<serde_json::Value>,
+}
+
+/// One operation of a batch.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchOpBody {
+    /// credit, debit, hold, capture or release.
+    pub op: String,
+    /// Account id.
+    pub account: String,
+    /// The operation's own idempotency key.
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
+    /// Amount (required for credit, debit, hold; optional for capture).
+    #[serde(default, deserialize_with = "present_int")]
+    pub amount: Option<JsonInt>,
+    /// Hold id (capture, release).
+    #[serde(default)]
+    pub hold_id: Option<String>,
+    /// Hold lifetime (hold).
+    #[serde(default, deserialize_with = "present_int")]
+    pub expires_in_secs: Option<JsonInt>,
+    /// Metadata.
+    #[serde(default, deserialize_with = "present_map")]
+    pub metadata: BTreeMap<String, String>,
+}
+
 /// Query of `GET .../holds`
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]

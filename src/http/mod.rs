@@ -33,6 +33,10 @@ pub use metrics::HttpStats;
 pub const HTTP_BODY_BYTES_MAX: usize = 64 * 1024;
 /// List endpoints return at most this many items per page.
 pub const LIST_LIMIT_MAX: usize = 1000;
+/// `POST /v1/batch` bodies are limited to 1 MiB.
+pub const BATCH_BODY_BYTES_MAX: usize = 1024 * 1024;
+/// A batch carries at most this many operations.
+pub const BATCH_OPERATIONS_MAX: usize = 1000;
 /// Page size when `limit` is not given.
 pub const LIST_LIMIT_DEFAULT: usize = 100;
 
@@ -93,6 +97,7 @@ pub fn router(state: AppState) -> Router {
             "/v1/accounts/{id}/idempotency-keys/{key}",
             get(get_idempotency_key),
         )
+        .route("/v1/batch", post(post_batch))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics::render))
@@ -257,6 +262,173 @@ async fn execute(
             .insert("idempotent-replayed", HeaderValue::from_static("true"));
     }
     Ok(response)
+}
+
+async fn post_batch(State(state): State<AppState>, body: Body) -> ApiResult {
+    let bytes = read_body(body, BATCH_BODY_BYTES_MAX).await?;
+    let batch: BatchBody = parse_json(&bytes)?;
+    if batch.operations.is_empty() || batch.operations.len() > BATCH_OPERATIONS_MAX {
+        return Err(ApiError::validation(format!(
+            "operations must hold 1..={BATCH_OPERATIONS_MAX} entries"
+        )));
+    }
+    let engine = state.ready()?;
+    let count = batch.operations.len();
+    let mut early: Vec<Option<ApiError>> = (0..count).map(|_| None).collect();
+    let mut valid = Vec::with_capacity(count);
+    let mut valid_index = Vec::with_capacity(count);
+    for (index, value) in batch.operations.into_iter().enumerate() {
+        match batch_operation(value) {
+            Ok(operation) => {
+                valid.push(operation);
+                valid_index.push(index);
+            }
+            Err(error) => early[index] = Some(error),
+        }
+    }
+    let mut outcomes = engine.execute_batch(valid).await.into_iter();
+    let mut out = Vec::with_capacity(count * 700 + 16);
+    out.extend_from_slice(b"{\"results\":[");
+    let mut next_valid = valid_index.into_iter().peekable();
+    for (index, early) in early.into_iter().enumerate() {
+        if index > 0 {
+            out.push(b',');
+        }
+        let result = match early {
+            Some(error) => Err(error),
+            None => {
+                debug_assert_eq!(next_valid.next(), Some(index));
+                match outcomes.next() {
+                    Some(Ok(executed)) => Ok(executed),
+                    Some(Err(error)) => Err(ApiError::from(error)),
+                    None => Err(ApiError::from(crate::engine::EngineError::ShuttingDown)),
+                }
+            }
+        };
+        write_batch_result(&mut out, result);
+    }
+    out.extend_from_slice(b"]}");
+    Ok((
+        StatusCode::OK,
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        out,
+    )
+        .into_response())
+}
+
+/// One result of a batch: `{"status", "body", "replayed"}`, exactly what the single endpoint
+/// would have answered.
+fn write_batch_result(out: &mut Vec<u8>, result: Result<Executed, ApiError>) {
+    let (status, replayed) = match &result {
+        Ok(executed) => (receipt_status(&executed.receipt), executed.replayed),
+        Err(error) => (error.status, false),
+    };
+    out.extend_from_slice(b"{\"status\":");
+    out.extend_from_slice(status.as_u16().to_string().as_bytes());
+    out.extend_from_slice(b",\"body\":");
+    let written = match &result {
+        Ok(executed) => serde_json::to_writer(&mut *out, &ReceiptJson::from(&*executed.receipt)),
+        Err(error) => serde_json::to_writer(&mut *out, &error.body()),
+    };
+    if written.is_err() {
+        out.extend_from_slice(b"null");
+    }
+    out.extend_from_slice(if replayed {
+        b",\"replayed\":true}"
+    } else {
+        b",\"replayed\":false}"
+    });
+}
+
+/// Parses one batch operation with the checks of its single endpoint, in the same order:
+/// 400 for syntax, path-like ids and key format, then 400 `idempotency_key_missing`.
+fn batch_operation(
+    value: serde_json::Value,
+) -> Result<(AccountId, Option<IdempotencyKey>, Request), ApiError> {
+    if !value.is_object() {
+        return Err(ApiError::invalid("each operation must be a JSON object"));
+    }
+    let op: BatchOpBody = serde_json::from_value(value)
+        .map_err(|e| ApiError::invalid(format!("invalid operation: {e}")))?;
+    let account = account_id(&op.account)?;
+    let not_for =
+        |field: &str| ApiError::invalid(format!("unknown field `{field}` for op {}", op.op));
+    let hold_id = |text: &Option<String>| match text {
+        Some(text) => hold_id_param(text),
+        None => Err(ApiError::invalid("missing field `hold_id`")),
+    };
+    let amount = |value: Option<JsonInt>| {
+        value
+            .map(|v| v.0)
+            .ok_or_else(|| ApiError::invalid("missing field `amount`"))
+    };
+    let request = match op.op.as_str() {
+        "credit" | "debit" => {
+            if op.hold_id.is_some() {
+                return Err(not_for("hold_id"));
+            }
+            if op.expires_in_secs.is_some() {
+                return Err(not_for("expires_in_secs"));
+            }
+            let amount = amount(op.amount)?;
+            if op.op == "credit" {
+                Request::Credit {
+                    amount,
+                    metadata: op.metadata,
+                }
+            } else {
+                Request::Debit {
+                    amount,
+                    metadata: op.metadata,
+                }
+            }
+        }
+        "hold" => {
+            if op.hold_id.is_some() {
+                return Err(not_for("hold_id"));
+            }
+            Request::Hold {
+                amount: amount(op.amount)?,
+                expires_in_secs: op.expires_in_secs.map(|v| v.0),
+                metadata: op.metadata,
+            }
+        }
+        "capture" => {
+            if op.expires_in_secs.is_some() {
+                return Err(not_for("expires_in_secs"));
+            }
+            Request::Capture {
+                hold_id: hold_id(&op.hold_id)?,
+                amount: op.amount.map(|v| v.0),
+                metadata: op.metadata,
+            }
+        }
+        "release" => {
+            if op.expires_in_secs.is_some() {
+                return Err(not_for("expires_in_secs"));
+            }
+            if op.amount.is_some() {
+                return Err(not_for("amount"));
+            }
+            Request::Release {
+                hold_id: hold_id(&op.hold_id)?,
+                metadata: op.metadata,
+            }
+        }
+        other => {
+            return Err(ApiError::invalid(format!(
+                "op {other:?} is not one of credit, debit, hold, capture, release"
+            )))
+        }
+    };
+    let key = match op.idempotency_key.as_deref() {
+        Some(text) => IdempotencyKey::parse(text).map_err(|e| ApiError::invalid(e.0))?,
+        None => return Err(ApiError::key_missing()),
+    };
+    Ok((account, Some(key), request))
 }
 
 async fn list_holds(

@@ -68,6 +68,15 @@ pub enum WalError {
 }
 
 impl WalError {
+    /// The same kind of failure, for telling several waiters (I/O details are dropped:
+    /// they were logged where they happened).
+    pub fn clone_kind(&self) -> WalError {
+        match self {
+            WalError::Closed => WalError::Closed,
+            _ => WalError::Failed,
+        }
+    }
+
     pub(crate) fn io(path: &Path, source: io::Error) -> WalError {
         WalError::Io {
             path: path.to_path_buf(),
