@@ -59,6 +59,10 @@ pub struct LoadArgs {
     /// Open loop: flows per second over all connections (default: closed loop, as fast as answers come).
     #[arg(long)]
     pub rate: Option<u64>,
+    /// Send debits in batches of this many operations per request (`POST /v1/batch`);
+    /// 1 sends single requests. Applies to the uniform and hot workloads.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
     /// Prefix of the load accounts' ids.
     #[arg(long, default_value = "load")]
     pub prefix: String,
@@ -81,7 +85,9 @@ pub struct LoadReport {
     pub accounts: u64,
     /// Seconds of load.
     pub seconds: f64,
-    /// Completed flows (one request, or two for hold flows).
+    /// Operations per request (1 without `--batch`).
+    pub batch: usize,
+    /// Completed flows (one operation, or two for hold flows).
     pub flows: u64,
     /// Flows per second.
     pub flows_per_sec: f64,
@@ -271,6 +277,7 @@ pub async fn run(args: LoadArgs) -> Result<LoadReport, LoadError> {
         workload: args.workload,
         connections: args.connections,
         accounts,
+        batch: args.batch.max(1),
         seconds,
         flows,
         flows_per_sec: flows as f64 / seconds,
@@ -294,7 +301,7 @@ impl LoadReport {
         let mut errors: Vec<_> = self.errors.iter().collect();
         errors.sort();
         format!(
-            "workload {:?}, {} connections, {} accounts, {:.1}s\n\
+            "workload {:?}, {} connections, {} accounts, batch {}, {:.1}s\n\
              flows: {} ({:.0}/s), requests {:.0}/s\n\
              latency ms: p50 {:.3}  p90 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}\n\
              errors: {:?}\n\
@@ -302,6 +309,7 @@ impl LoadReport {
             self.workload,
             self.connections,
             self.accounts,
+            self.batch,
             self.seconds,
             self.flows,
             self.flows_per_sec,
@@ -490,6 +498,27 @@ async fn worker_loop(ctx: WorkerCtx, mut conn: Conn) -> WorkerResult {
             counter += 1;
             format!("{}-{}-{}", ctx.run_id, ctx.worker, counter)
         };
+        if ctx.args.batch > 1 && kind == 0 {
+            let ops: Vec<(u64, String)> = (0..ctx.args.batch)
+                .map(|_| {
+                    let account = match ctx.args.workload {
+                        Workload::Hot => 0,
+                        _ => rng.below(ctx.accounts),
+                    };
+                    (account, key())
+                })
+                .collect();
+            let ok = debit_batch(&mut conn, &mut result, &ctx.args.prefix, &ops, intended).await;
+            result.flows += ok;
+            ctx.done.fetch_add(ok, Ordering::Relaxed);
+            if conn.sender.is_closed() {
+                match Conn::open(ctx.args.target).await {
+                    Ok(c) => conn = c,
+                    Err(_) => break,
+                }
+            }
+            continue;
+        }
         let ok = match kind {
             0 => {
                 move_money(
@@ -582,6 +611,64 @@ async fn move_money(
             false
         }
     }
+}
+
+/// Sends one batch of debits of 1; returns how many were acknowledged.
+async fn debit_batch(
+    conn: &mut Conn,
+    result: &mut WorkerResult,
+    prefix: &str,
+    ops: &[(u64, String)],
+    started: Instant,
+) -> u64 {
+    let mut body = String::with_capacity(ops.len() * 96 + 32);
+    body.push_str(r#"{"operations":["#);
+    for (i, (account, key)) in ops.iter().enumerate() {
+        if i > 0 {
+            body.push(',');
+        }
+        body.push_str(&format!(
+            r#"{{"op":"debit","account":"{prefix}-{account}","amount":1,"idempotency_key":"{key}"}}"#
+        ));
+    }
+    body.push_str("]}");
+    let outcome = conn.call(Method::POST, "/v1/batch", None, body).await;
+    record(result, started, &outcome);
+    #[derive(serde::Deserialize)]
+    struct Item {
+        status: u16,
+    }
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        results: Vec<Item>,
+    }
+    let parsed = match &outcome {
+        Ok((200, bytes)) => serde_json::from_slice::<Answer>(bytes).ok(),
+        _ => None,
+    };
+    let Some(answer) = parsed.filter(|a| a.results.len() == ops.len()) else {
+        for (account, key) in ops {
+            result.unknown.push((*account, key.clone(), -1));
+        }
+        return 0;
+    };
+    let mut ok = 0;
+    for ((account, key), item) in ops.iter().zip(answer.results) {
+        match item.status {
+            201 => {
+                *result.balance_delta.entry(*account).or_default() -= 1;
+                ok += 1;
+            }
+            status if status >= 500 => result.unknown.push((*account, key.clone(), -1)),
+            status => {
+                *result
+                    .errors
+                    .entry(format!("op_http_{status}"))
+                    .or_default() += 1;
+            }
+        }
+    }
+    ok
 }
 
 #[allow(clippy::too_many_arguments)]

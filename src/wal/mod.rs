@@ -327,8 +327,9 @@ impl Writer {
         if segment.len + batch_len > segment.allocated {
             // Zero-fill ahead in one go; the fdatasync below makes the new size durable
             // together with the batch, and the following batches overwrite in place.
-            let target =
-                (segment.len + batch_len).max(segment.allocated) + SEGMENT_ZERO_CHUNK_BYTES;
+            // At most one segment's worth ahead, so small segments stay small.
+            let ahead = SEGMENT_ZERO_CHUNK_BYTES.min(self.segment_bytes_max);
+            let target = (segment.len + batch_len).max(segment.allocated) + ahead;
             write_zeros(&segment.file, segment.allocated, target)
                 .map_err(|e| WalError::io(&segment.path, e))?;
             segment.allocated = target;
