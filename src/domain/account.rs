@@ -3,7 +3,7 @@
 //! call `apply`, so replay cannot disagree with what was acknowledged. No I/O, no clock: time
 //! and fresh ids come in as arguments.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use uuid::Uuid;
@@ -424,7 +424,7 @@ pub struct Account {
     /// Open holds by deadline, for expiry.
     deadlines: BTreeSet<(u64, Uuid)>,
     history: Vec<Transaction>,
-    idempotency: HashMap<IdempotencyKey, IdempotencyEntry>,
+    idempotency: FastMap<IdempotencyKey, IdempotencyEntry>,
     /// Running totals for the conservation check (invariant 3).
     total_in: i128,
     total_out: i128,
@@ -461,7 +461,7 @@ impl Account {
             holds: BTreeMap::new(),
             deadlines: BTreeSet::new(),
             history: Vec::new(),
-            idempotency: HashMap::new(),
+            idempotency: FastMap::default(),
             total_in: 0,
             total_out: 0,
         })

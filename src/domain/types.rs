@@ -5,6 +5,11 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 
+/// A hash map keyed by client-chosen strings (account ids, idempotency keys): aHash is
+/// several times faster than SipHash and still randomly seeded, so clients cannot aim
+/// collisions at it.
+pub type FastMap<K, V> = std::collections::HashMap<K, V, ahash::RandomState>;
+
 /// The largest amount and the largest balance: 2^53-1, so every JSON client reads it exactly.
 pub const AMOUNT_MAX: u64 = (1 << 53) - 1;
 /// Account ids are 1..=128 bytes of `[A-Za-z0-9._:-]`.

@@ -11,7 +11,6 @@ mod actor;
 mod expiry;
 mod ids;
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -23,7 +22,7 @@ use uuid::Uuid;
 
 use crate::clock::Clock;
 use crate::domain::{
-    Account, AccountId, AccountView, Currency, Event, EventBody, Hold, HoldStatus,
+    Account, AccountId, AccountView, Currency, Event, EventBody, FastMap, Hold, HoldStatus,
     IdempotencyEntry, IdempotencyKey, Metadata, OpError, Receipt, Request, Transaction,
 };
 use crate::wal::{self, codec, Wal, WalError, WalStart};
@@ -156,7 +155,7 @@ pub struct Engine {
 }
 
 pub(crate) struct Inner {
-    accounts: RwLock<HashMap<AccountId, Arc<Slot>>>,
+    accounts: RwLock<FastMap<AccountId, Arc<Slot>>>,
     wal: Wal,
     clock: Arc<dyn Clock>,
     ids: ids::IdGen,
@@ -179,7 +178,7 @@ impl Engine {
     pub fn open(config: EngineConfig) -> Result<(Engine, RecoveryReport), OpenError> {
         let started = Instant::now();
         let wal_dir = config.data_dir.join("wal");
-        let mut accounts: HashMap<AccountId, Account> = HashMap::new();
+        let mut accounts: FastMap<AccountId, Account> = FastMap::default();
         let mut newest_ms = 0;
         let outcome = wal::replay(&wal_dir, true, |event| {
             newest_ms = newest_ms.max(event.at_ms);
@@ -198,7 +197,7 @@ impl Engine {
             segment_bytes_max: config.segment_bytes_max,
         })?;
         let expiry = expiry::ExpiryIndex::default();
-        let mut slots = HashMap::with_capacity(accounts.len());
+        let mut slots = FastMap::with_capacity_and_hasher(accounts.len(), Default::default());
         for (id, account) in accounts {
             for (deadline, hold_id) in account.open_deadlines() {
                 expiry.insert(deadline, &id, hold_id);
@@ -346,8 +345,8 @@ impl Engine {
         let count = operations.len();
         let mut results: Vec<Option<Result<Executed, EngineError>>> =
             (0..count).map(|_| None).collect();
-        let mut groups: HashMap<AccountId, Vec<(usize, Option<IdempotencyKey>, Request)>> =
-            HashMap::new();
+        let mut groups: FastMap<AccountId, Vec<(usize, Option<IdempotencyKey>, Request)>> =
+            FastMap::default();
         for (index, (account, key, request)) in operations.into_iter().enumerate() {
             groups
                 .entry(account)
@@ -518,7 +517,7 @@ impl Engine {
 }
 
 /// Replay of one event into the recovering map, with the same `apply` as the live path.
-fn replay_event(accounts: &mut HashMap<AccountId, Account>, event: Event) -> Result<(), String> {
+fn replay_event(accounts: &mut FastMap<AccountId, Account>, event: Event) -> Result<(), String> {
     if let EventBody::Opened { .. } = event.body {
         if accounts.contains_key(&event.account) {
             return Err(format!("account {} opened twice", event.account));
