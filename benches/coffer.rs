@@ -1,0 +1,291 @@
+//! Benchmarks, from the pure state machine out to HTTP on loopback. Every engine and HTTP
+//! figure is fully durable (each acknowledged operation was fdatasync'ed).
+//!
+//! `cargo bench --bench coffer` runs them all; `cargo bench --bench coffer -- engine` one group.
+//! On a shared 2-core machine compare figures taken in one run, not across runs.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use coffer::domain::{
+    Account, AccountId, Currency, Decision, Event, EventBody, Fresh, IdempotencyKey, Metadata,
+    Request,
+};
+use coffer::wal::{self, codec, Wal, WalStart};
+use coffer::{Engine, EngineConfig};
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use uuid::Uuid;
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+fn opened(id: &AccountId) -> Account {
+    let event = Event {
+        lsn: 1,
+        account: id.clone(),
+        seq: 0,
+        at_ms: 0,
+        tx_id: Uuid::nil(),
+        idempotency_key: None,
+        body: EventBody::Opened {
+            currency: Currency::parse("GEM").expect("currency"),
+            overdraft_limit: 0,
+            metadata: Metadata::empty(),
+        },
+    };
+    let mut account = Account::open(&event).expect("open");
+    let credit = Event {
+        lsn: 2,
+        seq: 1,
+        body: EventBody::Credit {
+            amount: coffer::domain::Amount::new(1 << 50).expect("amount"),
+            metadata: Metadata::empty(),
+        },
+        ..event
+    };
+    account.apply(&credit).expect("credit");
+    account
+}
+
+/// decide + apply of a keyed debit: the domain's cost per operation, no I/O.
+fn domain(c: &mut Criterion) {
+    let mut group = c.benchmark_group("domain");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("decide_apply_debit", |b| {
+        let id = AccountId::parse("bench").expect("id");
+        b.iter_custom(|iters| {
+            let mut account = opened(&id);
+            let mut lsn = 2;
+            let started = Instant::now();
+            for i in 0..iters {
+                // A fresh account every 100k operations keeps history memory bounded.
+                if i % 100_000 == 0 && i > 0 {
+                    account = opened(&id);
+                    lsn = 2;
+                }
+                let key = IdempotencyKey::parse(&format!("k{i}")).expect("key");
+                let request = Request::Debit {
+                    amount: 1,
+                    metadata: BTreeMap::new(),
+                };
+                let fresh = Fresh {
+                    now_ms: 1,
+                    hold_id: Uuid::nil(),
+                };
+                let Ok(Decision::Apply(body)) = account.decide(Some(&key), &request, fresh) else {
+                    panic!("debit refused");
+                };
+                lsn += 1;
+                let event = Event {
+                    lsn,
+                    account: id.clone(),
+                    seq: account.seq() + 1,
+                    at_ms: 1,
+                    tx_id: Uuid::nil(),
+                    idempotency_key: Some(key),
+                    body,
+                };
+                account.apply(&event).expect("apply");
+            }
+            started.elapsed()
+        });
+    });
+    group.finish();
+}
+
+/// WAL append + group commit on a real file: `n` records queued, then one wait for the last.
+fn wal_group_commit(c: &mut Criterion) {
+    let mut group = c.benchmark_group("wal");
+    group.sample_size(10);
+    group.measurement_time(Duration::from_secs(5));
+    let rt = runtime();
+    let id = AccountId::parse("bench").expect("id");
+    let event = Event {
+        lsn: 0,
+        account: id,
+        seq: 7,
+        at_ms: 1_700_000_000_000,
+        tx_id: Uuid::from_u128(7),
+        idempotency_key: Some(IdempotencyKey::parse("order-12345678").expect("key")),
+        body: EventBody::Debit {
+            amount: coffer::domain::Amount::new(1).expect("amount"),
+            metadata: Metadata::empty(),
+        },
+    };
+    let mut payload = Vec::new();
+    codec::encode_event(&event, &mut payload);
+    for batch in [1u64, 16, 256, 4096] {
+        group.throughput(Throughput::Elements(batch));
+        group.bench_with_input(
+            BenchmarkId::new("append_sync", batch),
+            &batch,
+            |b, &batch| {
+                let dir = tempfile::tempdir().expect("tempdir");
+                let log = Wal::start(WalStart {
+                    dir: dir.path().join("wal"),
+                    last_lsn: 0,
+                    last_segment: None,
+                    segment_bytes_max: wal::SEGMENT_BYTES_DEFAULT,
+                })
+                .expect("wal");
+                b.iter(|| {
+                    let mut last = 0;
+                    for _ in 0..batch {
+                        last = log.append(&payload).expect("append");
+                    }
+                    rt.block_on(log.wait_durable(last)).expect("durable");
+                });
+                let syncs = log.stats().syncs.load(Ordering::Relaxed);
+                let records = log.stats().records.load(Ordering::Relaxed);
+                eprintln!("  batch {batch}: {records} records in {syncs} fsyncs");
+            },
+        );
+    }
+    group.finish();
+}
+
+/// The engine in process, fully durable: `tasks` concurrent clients debit accounts chosen
+/// uniformly among 100,000, or all one hot account.
+fn engine(c: &mut Criterion) {
+    let mut group = c.benchmark_group("engine");
+    group.sample_size(10);
+    group.measurement_time(Duration::from_secs(8));
+    group.throughput(Throughput::Elements(1));
+    let rt = runtime();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let accounts: u64 = 100_000;
+    let engine = rt.block_on(async {
+        let (engine, _) = Engine::open(EngineConfig::new(dir.path())).expect("open");
+        engine.finish_recovery().await.expect("recover");
+        let mut batch = Vec::new();
+        for i in 0..accounts {
+            let id = AccountId::parse(&format!("a{i}")).expect("id");
+            engine
+                .open_account(
+                    id.clone(),
+                    Currency::parse("GEM").expect("c"),
+                    0,
+                    Metadata::empty(),
+                )
+                .await
+                .expect("open account");
+            batch.push((
+                id,
+                Some(IdempotencyKey::parse("seed").expect("key")),
+                Request::Credit {
+                    amount: 1 << 50,
+                    metadata: BTreeMap::new(),
+                },
+            ));
+            if batch.len() == 1000 {
+                engine.execute_batch(std::mem::take(&mut batch)).await;
+            }
+        }
+        engine
+    });
+    let counter = Arc::new(AtomicU64::new(0));
+    for (name, hot) in [("uniform_100k", false), ("hot", true)] {
+        for tasks in [64u64, 512] {
+            group.bench_function(BenchmarkId::new(name, tasks), |b| {
+                b.iter_custom(|iters| {
+                    let engine = engine.clone();
+                    let counter = counter.clone();
+                    rt.block_on(async move {
+                        let started = Instant::now();
+                        let per_task = iters.div_ceil(tasks);
+                        let mut handles = Vec::new();
+                        for t in 0..tasks {
+                            let engine = engine.clone();
+                            let counter = counter.clone();
+                            handles.push(tokio::spawn(async move {
+                                for i in 0..per_task {
+                                    let n = counter.fetch_add(1, Ordering::Relaxed);
+                                    let account = if hot { 0 } else { (n * 7919 + t) % accounts };
+                                    let id = AccountId::parse(&format!("a{account}")).expect("id");
+                                    let key =
+                                        IdempotencyKey::parse(&format!("b{n}-{i}")).expect("k");
+                                    let request = Request::Debit {
+                                        amount: 1,
+                                        metadata: BTreeMap::new(),
+                                    };
+                                    engine
+                                        .execute(&id, Some(key), request)
+                                        .await
+                                        .expect("debit");
+                                }
+                            }));
+                        }
+                        for h in handles {
+                            h.await.expect("task");
+                        }
+                        started.elapsed()
+                    })
+                });
+            });
+        }
+    }
+    group.bench_function("batch_1000_uniform", |b| {
+        group_batch(b, &rt, &engine, &counter, accounts);
+    });
+    group.finish();
+}
+
+fn group_batch(
+    b: &mut criterion::Bencher,
+    rt: &tokio::runtime::Runtime,
+    engine: &Engine,
+    counter: &Arc<AtomicU64>,
+    accounts: u64,
+) {
+    b.iter_custom(|iters| {
+        let engine = engine.clone();
+        let counter = counter.clone();
+        rt.block_on(async move {
+            // 16 concurrent batches of 1,000 operations each, `iters` operations in all.
+            let batches = iters.div_ceil(1000);
+            let started = Instant::now();
+            let mut handles = Vec::new();
+            for worker in 0..16u64 {
+                let engine = engine.clone();
+                let counter = counter.clone();
+                handles.push(tokio::spawn(async move {
+                    let mut b = worker;
+                    while b < batches {
+                        let ops = (0..1000u64)
+                            .map(|_| {
+                                let n = counter.fetch_add(1, Ordering::Relaxed);
+                                let id = AccountId::parse(&format!("a{}", (n * 7919) % accounts))
+                                    .expect("id");
+                                let key = IdempotencyKey::parse(&format!("c{n}")).expect("key");
+                                let request = Request::Debit {
+                                    amount: 1,
+                                    metadata: BTreeMap::new(),
+                                };
+                                (id, Some(key), request)
+                            })
+                            .collect();
+                        for result in engine.execute_batch(ops).await {
+                            result.expect("debit");
+                        }
+                        b += 16;
+                    }
+                }));
+            }
+            for h in handles {
+                h.await.expect("task");
+            }
+            started.elapsed() * u32::try_from(iters.max(1)).unwrap_or(u32::MAX)
+                / u32::try_from((batches * 1000).max(1)).unwrap_or(u32::MAX)
+        })
+    });
+}
+
+criterion_group!(benches, domain, wal_group_commit, engine);
+criterion_main!(benches);
