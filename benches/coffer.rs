@@ -142,9 +142,6 @@ fn wal_group_commit(c: &mut Criterion) {
                     }
                     rt.block_on(log.wait_durable(last)).expect("durable");
                 });
-                let syncs = log.stats().syncs.load(Ordering::Relaxed);
-                let records = log.stats().records.load(Ordering::Relaxed);
-                eprintln!("  batch {batch}: {records} records in {syncs} fsyncs");
             },
         );
     }
