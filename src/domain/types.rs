@@ -76,7 +76,7 @@ impl fmt::Display for AccountId {
 
 /// A currency code: 1..=16 bytes of `[A-Z0-9_]`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct Currency(Box<str>);
+pub struct Currency(Arc<str>);
 
 impl Currency {
     /// Parses a currency code.
@@ -188,7 +188,7 @@ impl Metadata {
 
 /// An idempotency key: 1..=255 visible ASCII characters.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct IdempotencyKey(Box<str>);
+pub struct IdempotencyKey(Arc<str>);
 
 impl IdempotencyKey {
     /// Parses a key; the error says why it is refused.

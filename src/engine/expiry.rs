@@ -36,22 +36,15 @@ impl ExpiryIndex {
         self.set.lock().len()
     }
 
-    /// Removes and returns the entries due at `now_ms`, one per account.
-    pub(crate) fn due(&self, now_ms: u64) -> Vec<(AccountId, Uuid)> {
-        let mut set = self.set.lock();
-        let mut due = Vec::new();
-        while let Some(first) = set.first() {
-            if first.0 > now_ms {
-                break;
-            }
-            if let Some((_, account, hold)) = set.pop_first() {
-                due.push((account, hold));
-            }
-        }
-        drop(set);
-        due.sort_by(|a, b| a.0.cmp(&b.0));
-        due.dedup_by(|a, b| a.0 == b.0);
-        due
+    /// The entries due at `now_ms`, earliest first. They stay in the index until the hold
+    /// ends (or is found already ended), so two concurrent sweeps both see them and both
+    /// serialize on the account's lock: neither can return before the expiry is applied.
+    pub(crate) fn due(&self, now_ms: u64) -> Vec<(u64, AccountId, Uuid)> {
+        let set = self.set.lock();
+        set.iter()
+            .take_while(|(deadline, _, _)| *deadline <= now_ms)
+            .cloned()
+            .collect()
     }
 }
 

@@ -631,14 +631,24 @@ impl Inner {
         let now_ms = self.clock.now_ms();
         let mut count = 0;
         let mut lsn = 0;
-        for (account_id, _) in self.expiry.due(now_ms) {
-            let Some(slot) = self.slot(&account_id) else {
+        let due = self.expiry.due(now_ms);
+        let mut done: std::collections::HashSet<&AccountId, ahash::RandomState> =
+            Default::default();
+        for (_, account_id, _) in &due {
+            if !done.insert(account_id) {
+                continue;
+            }
+            let Some(slot) = self.slot(account_id) else {
                 continue;
             };
             let mut account = slot.state.lock();
             let (n, last) = self.expire_account(&mut account, now_ms)?;
             count += n;
             lsn = lsn.max(last);
+        }
+        // Entries whose hold had already ended (or whose account is gone) are stale: drop them.
+        for (deadline, account_id, hold_id) in &due {
+            self.expiry.remove(*deadline, account_id, *hold_id);
         }
         Ok((count, lsn))
     }
