@@ -730,11 +730,19 @@ impl Account {
                     .map_err(|_| ApplyError("hold beyond available funds"))
             }
             EventBody::Capture {
-                hold_id, amount, ..
+                hold_id,
+                amount,
+                amount_given,
+                ..
             } => {
                 let hold = self.check_open(hold_id)?;
                 if *amount > hold.amount {
                     return Err(ApplyError("capture larger than its hold"));
+                }
+                if !amount_given && *amount != hold.amount {
+                    return Err(ApplyError(
+                        "capture without an amount must take the whole hold",
+                    ));
                 }
                 Ok(())
             }

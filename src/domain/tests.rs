@@ -1528,3 +1528,29 @@ fn check_is_pure_and_agrees_with_apply() {
     // amount_given = false means the request named no amount.
     assert_eq!(entry.request, capture(hold_id, None));
 }
+
+#[test]
+fn apply_refuses_a_capture_without_amount_that_takes_less_than_the_hold() {
+    // Goal: an event claiming a whole-hold capture (no amount given) but taking less is
+    // refused, so a damaged log cannot store a partial receipt under a full-capture request.
+    let mut account = open(0);
+    exec(&mut account, None, credit(100));
+    let hold_id = place_hold(&mut account, 40);
+    let before = account.view();
+    let event = Event {
+        lsn: account.last_lsn() + 1,
+        account: account.id().clone(),
+        seq: account.seq() + 1,
+        at_ms: 10,
+        tx_id: Uuid::from_u128(999),
+        idempotency_key: None,
+        body: EventBody::Capture {
+            hold_id,
+            amount: Amount::new(10).expect("amount"),
+            amount_given: false,
+            metadata: Metadata::empty(),
+        },
+    };
+    assert!(account.apply(&event).is_err());
+    assert_eq!(account.view(), before);
+}
