@@ -1208,13 +1208,23 @@ async fn empty_query_values_count_as_absent() {
     for (with_empty, without) in [
         ("/v1/accounts/q/holds?limit=&after=", "/v1/accounts/q/holds"),
         ("/v1/accounts/q/holds?status=", "/v1/accounts/q/holds"),
-        ("/v1/accounts/q/transactions?limit=", "/v1/accounts/q/transactions"),
-        ("/v1/accounts/q/transactions?before_seq=", "/v1/accounts/q/transactions"),
+        (
+            "/v1/accounts/q/transactions?limit=",
+            "/v1/accounts/q/transactions",
+        ),
+        (
+            "/v1/accounts/q/transactions?before_seq=",
+            "/v1/accounts/q/transactions",
+        ),
     ] {
         let a = get(&ts, with_empty).await;
         let b = get(&ts, without).await;
         assert_eq!(a.status, 200, "GET {with_empty}: {}", a.text());
-        assert_eq!(a.text(), b.text(), "GET {with_empty} differs from GET {without}");
+        assert_eq!(
+            a.text(),
+            b.text(),
+            "GET {with_empty} differs from GET {without}"
+        );
     }
     let r = get(&ts, "/v1/accounts/q/transactions?limit=+5").await;
     assert_eq!(r.status, 400, "{}", r.text());
