@@ -284,5 +284,100 @@ fn group_batch(
     });
 }
 
-criterion_group!(benches, domain, wal_group_commit, engine);
+/// HTTP end to end on loopback: a real server in process, `connections` keep-alive
+/// hyper connections each sending debits of 1 (uniform over 10,000 accounts), fully durable.
+fn http(c: &mut Criterion) {
+    use http_body_util::{BodyExt, Full};
+    use hyper::body::Bytes;
+    let mut group = c.benchmark_group("http");
+    group.sample_size(10);
+    group.measurement_time(Duration::from_secs(8));
+    group.throughput(Throughput::Elements(1));
+    let rt = runtime();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let accounts: u64 = 10_000;
+    let server = rt.block_on(async {
+        let server = coffer::Server::start("127.0.0.1:0", EngineConfig::new(dir.path()))
+            .await
+            .expect("server");
+        let engine = server.engine().expect("ready").clone();
+        let mut batch = Vec::new();
+        for i in 0..accounts {
+            let id = AccountId::parse(&format!("h{i}")).expect("id");
+            engine
+                .open_account(
+                    id.clone(),
+                    Currency::parse("GEM").expect("c"),
+                    0,
+                    Metadata::empty(),
+                )
+                .await
+                .expect("open account");
+            batch.push((
+                id,
+                Some(IdempotencyKey::parse("seed").expect("key")),
+                Request::Credit {
+                    amount: 1 << 50,
+                    metadata: BTreeMap::new(),
+                },
+            ));
+            if batch.len() == 1000 {
+                engine.execute_batch(std::mem::take(&mut batch)).await;
+            }
+        }
+        server
+    });
+    let addr = server.addr();
+    let counter = Arc::new(AtomicU64::new(0));
+    for connections in [16u64, 64] {
+        group.bench_function(BenchmarkId::new("debit_uniform", connections), |b| {
+            b.iter_custom(|iters| {
+                let counter = counter.clone();
+                rt.block_on(async move {
+                    let per_conn = iters.div_ceil(connections);
+                    let started = Instant::now();
+                    let mut handles = Vec::new();
+                    for _ in 0..connections {
+                        let counter = counter.clone();
+                        handles.push(tokio::spawn(async move {
+                            let stream =
+                                tokio::net::TcpStream::connect(addr).await.expect("connect");
+                            stream.set_nodelay(true).expect("nodelay");
+                            let (mut sender, conn) = hyper::client::conn::http1::handshake(
+                                hyper_util::rt::TokioIo::new(stream),
+                            )
+                            .await
+                            .expect("handshake");
+                            tokio::spawn(conn);
+                            for _ in 0..per_conn {
+                                let n = counter.fetch_add(1, Ordering::Relaxed);
+                                let request = hyper::Request::post(format!(
+                                    "/v1/accounts/h{}/debits",
+                                    (n * 7919) % accounts
+                                ))
+                                .header("host", "bench")
+                                .header("idempotency-key", format!("e{n}"))
+                                .body(Full::new(Bytes::from_static(br#"{"amount":1}"#)))
+                                .expect("request");
+                                sender.ready().await.expect("ready");
+                                let response = sender.send_request(request).await.expect("send");
+                                assert_eq!(response.status(), 201);
+                                response.into_body().collect().await.expect("body");
+                            }
+                        }));
+                    }
+                    for h in handles {
+                        h.await.expect("task");
+                    }
+                    started.elapsed() * u32::try_from(iters.max(1)).unwrap_or(u32::MAX)
+                        / u32::try_from((per_conn * connections).max(1)).unwrap_or(u32::MAX)
+                })
+            });
+        });
+    }
+    group.finish();
+    rt.block_on(server.shutdown());
+}
+
+criterion_group!(benches, domain, wal_group_commit, engine, http);
 criterion_main!(benches);
