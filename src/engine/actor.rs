@@ -25,7 +25,7 @@ pub(crate) enum Msg {
     Execute {
         key: Option<IdempotencyKey>,
         request: Request,
-        reply: oneshot::Sender<Answer>,
+        reply: oneshot::Sender<Result<Executed, EngineError>>,
     },
     /// Several requests for this account, applied in the order given, in one trip.
     Batch {
@@ -124,8 +124,19 @@ fn handle(inner: &Inner, slot: &Slot, msg: Msg) {
             reply,
         } => {
             let answer = execute(inner, slot, key, request);
-            // The caller may have gone away (client disconnected): nothing to do then.
-            let _ = reply.send(answer);
+            // The reply leaves only once everything it shows is durable; the WAL writer sends
+            // it right after the covering fsync. The caller may have gone away (client
+            // disconnected): nothing to do then.
+            inner.wal.when_durable(
+                answer.wait_lsn,
+                Box::new(move |durable| {
+                    let result = match durable {
+                        Ok(()) => answer.result,
+                        Err(error) => Err(EngineError::from(error)),
+                    };
+                    let _ = reply.send(result);
+                }),
+            );
         }
         Msg::Batch { items, reply } => {
             let answers = items

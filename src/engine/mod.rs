@@ -330,9 +330,7 @@ impl Engine {
             },
         )
         .await?;
-        let answer = rx.await.map_err(|_| EngineError::ShuttingDown)?;
-        self.inner.wal.wait_durable(answer.wait_lsn).await?;
-        answer.result
+        rx.await.map_err(|_| EngineError::ShuttingDown)?
     }
 
     /// Runs many requests, each exactly as [`Engine::execute`] would, in one trip through

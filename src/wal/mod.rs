@@ -127,8 +127,12 @@ struct Shared {
     stats: WalStats,
 }
 
-/// A caller waiting for an LSN to become durable.
-type Waiter = (u64, oneshot::Sender<Result<(), WalError>>);
+/// Work to run once an LSN is durable (with `Ok`), or once the log has failed (with the
+/// error). It runs on the writer thread, so it must be short: typically a channel send.
+pub type OnDurable = Box<dyn FnOnce(Result<(), WalError>) + Send>;
+
+/// A callback waiting for an LSN to become durable.
+type Waiter = (u64, OnDurable);
 
 struct Queue {
     buf: Vec<u8>,
@@ -227,29 +231,40 @@ impl Wal {
         &self.shared.stats
     }
 
+    /// Runs `then` once `lsn` is durable: at once if it already is, otherwise on the writer
+    /// thread right after the fsync that covers it. If the log fails first, `then` gets the
+    /// error. Handing the reply itself to the writer saves a wake-up per request.
+    pub fn when_durable(&self, lsn: u64, then: OnDurable) {
+        if self.durable_lsn() >= lsn {
+            return then(Ok(()));
+        }
+        let mut waiters = self.shared.waiters.lock();
+        // Re-checked under the lock: the writer advances the watermark before it takes
+        // this lock, so a waiter added here is either covered now or called later.
+        if self.durable_lsn() >= lsn {
+            drop(waiters);
+            return then(Ok(()));
+        }
+        if self.is_failed() {
+            drop(waiters);
+            return then(Err(WalError::Failed));
+        }
+        waiters.push((lsn, then));
+    }
+
     /// Waits until `lsn` is durable. Fails if the log failed before getting there.
     pub async fn wait_durable(&self, lsn: u64) -> Result<(), WalError> {
         if self.durable_lsn() >= lsn {
             return Ok(());
         }
-        let rx = {
-            let mut waiters = self.shared.waiters.lock();
-            // Re-checked under the lock: the writer advances the watermark before it takes
-            // this lock, so a waiter added here is either covered now or woken later.
-            if self.durable_lsn() >= lsn {
-                return Ok(());
-            }
-            if self.is_failed() {
-                return Err(WalError::Failed);
-            }
-            let (tx, rx) = oneshot::channel();
-            waiters.push((lsn, tx));
-            rx
-        };
-        match rx.await {
-            Ok(result) => result,
-            Err(_) => Err(WalError::Closed),
-        }
+        let (tx, rx) = oneshot::channel();
+        self.when_durable(
+            lsn,
+            Box::new(move |result| {
+                let _ = tx.send(result);
+            }),
+        );
+        rx.await.unwrap_or(Err(WalError::Closed))
     }
 
     /// Flushes what is queued, stops the writer thread and waits for it.
@@ -386,8 +401,8 @@ impl Writer {
             }
             ready
         };
-        for (_, tx) in ready {
-            let _ = tx.send(Ok(()));
+        for (_, then) in ready {
+            then(Ok(()));
         }
     }
 
@@ -396,8 +411,8 @@ impl Writer {
         self.shared.queue.lock().failed = true;
         self.shared.failed.store(true, Ordering::Release);
         let waiters = std::mem::take(&mut *self.shared.waiters.lock());
-        for (_, tx) in waiters {
-            let _ = tx.send(Err(WalError::Failed));
+        for (_, then) in waiters {
+            then(Err(WalError::Failed));
         }
     }
 }
