@@ -3,9 +3,11 @@
 //! and replies with the LSN the caller must wait for. It never waits for the disk itself, so
 //! one hot account is not limited to one fsync per command (pipelining + group commit).
 //!
-//! An actor that has had nothing to do for `actor_idle` stops and drops its mailbox; the
-//! account's state stays in its slot and the next command starts a new actor. A sender
-//! that races with the stop gets its message back and starts the new actor itself.
+//! Actors that had nothing to do for about `actor_idle` are retired by the idle sweeper: it
+//! takes the mailbox's sender out of the slot, and the actor ends once the last in-flight
+//! sender is gone and its queue is empty. The account's state stays in its slot and the next
+//! command starts a new actor. (A timeout around every receive would arm and cancel a timer
+//! per message; an epoch stamp per message costs one relaxed store.)
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -78,42 +80,38 @@ fn mailbox(inner: &Arc<Inner>, slot: &Arc<Slot>) -> mpsc::Sender<Msg> {
     }
     let (tx, rx) = mpsc::channel(inner.config.mailbox_capacity.max(1));
     *mailbox = Some(tx.clone());
+    drop(mailbox);
+    slot.touch(inner);
     inner.live_actors.fetch_add(1, Ordering::Relaxed);
+    inner.running.lock().push(slot.clone());
     tokio::spawn(run(inner.clone(), slot.clone(), rx));
     tx
 }
 
 async fn run(inner: Arc<Inner>, slot: Arc<Slot>, mut rx: mpsc::Receiver<Msg>) {
-    let idle = inner.config.actor_idle;
-    loop {
-        match tokio::time::timeout(idle, rx.recv()).await {
-            Ok(Some(msg)) => {
-                handle(&inner, &slot, msg);
-                // Drain what queued up meanwhile without arming a timer per message.
-                while let Ok(msg) = rx.try_recv() {
-                    handle(&inner, &slot, msg);
-                }
-            }
-            Ok(None) => break,
-            Err(_) => {
-                {
-                    let mut mailbox = slot.mailbox.lock();
-                    if !rx.is_empty() {
-                        continue;
-                    }
-                    *mailbox = None;
-                }
-                // Closing still lets us drain what was sent before the close; senders after
-                // it get their message back and start a new actor.
-                rx.close();
-                while let Ok(msg) = rx.try_recv() {
-                    handle(&inner, &slot, msg);
-                }
-                break;
-            }
+    while let Some(msg) = rx.recv().await {
+        slot.touch(&inner);
+        handle(&inner, &slot, msg);
+        while let Ok(msg) = rx.try_recv() {
+            handle(&inner, &slot, msg);
         }
     }
     inner.live_actors.fetch_sub(1, Ordering::Relaxed);
+}
+
+/// Retires actors idle for at least one sweep period: called by the idle sweeper once per
+/// period, after it advanced the epoch.
+pub(crate) fn retire_idle(inner: &Inner) {
+    let epoch = inner.epoch.load(Ordering::Relaxed);
+    inner.running.lock().retain(|slot| {
+        if slot.last_epoch.load(Ordering::Relaxed) + 2 > epoch {
+            return true;
+        }
+        // Dropping our sender ends the actor once in-flight senders are done and its queue
+        // is empty; a command after this starts a new actor.
+        slot.mailbox.lock().take();
+        false
+    });
 }
 
 fn handle(inner: &Inner, slot: &Slot, msg: Msg) {

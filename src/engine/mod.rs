@@ -162,6 +162,10 @@ pub(crate) struct Inner {
     expiry: expiry::ExpiryIndex,
     config: EngineConfig,
     live_actors: AtomicU64,
+    /// Ticks of the idle sweeper; actors stamp their slot with it when they work.
+    epoch: AtomicU64,
+    /// Slots whose actor may be running, for the idle sweeper.
+    running: Mutex<Vec<Arc<Slot>>>,
 }
 
 /// One account: state behind a short lock, and the mailbox of its actor if one runs.
@@ -169,6 +173,8 @@ pub(crate) struct Slot {
     id: AccountId,
     state: Mutex<Account>,
     mailbox: Mutex<Option<mpsc::Sender<actor::Msg>>>,
+    /// The idle sweeper's epoch when the actor last worked.
+    last_epoch: AtomicU64,
 }
 
 impl Engine {
@@ -220,6 +226,8 @@ impl Engine {
             expiry,
             config,
             live_actors: AtomicU64::new(0),
+            epoch: AtomicU64::new(0),
+            running: Mutex::new(Vec::new()),
         };
         Ok((
             Engine {
@@ -239,6 +247,7 @@ impl Engine {
             .wait_durable(self.inner.wal.durable_lsn().max(expired.1))
             .await?;
         expiry::spawn_sweeper(Arc::downgrade(&self.inner));
+        spawn_idle_sweeper(Arc::downgrade(&self.inner));
         Ok(expired.0)
     }
 
@@ -514,6 +523,26 @@ impl Engine {
     }
 }
 
+/// Starts the task that retires idle actors, ticking every half `actor_idle`. It holds only
+/// a weak reference, so it ends with the engine.
+fn spawn_idle_sweeper(inner: std::sync::Weak<Inner>) {
+    let period = match inner.upgrade() {
+        Some(inner) => (inner.config.actor_idle / 2).max(Duration::from_millis(10)),
+        None => return,
+    };
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let Some(inner) = inner.upgrade() else { return };
+            inner.epoch.fetch_add(1, Ordering::Relaxed);
+            actor::retire_idle(&inner);
+        }
+    });
+}
+
 /// Replay of one event into the recovering map, with the same `apply` as the live path.
 fn replay_event(accounts: &mut FastMap<AccountId, Account>, event: Event) -> Result<(), String> {
     if let EventBody::Opened { .. } = event.body {
@@ -536,6 +565,16 @@ impl Slot {
             id,
             state: Mutex::new(account),
             mailbox: Mutex::new(None),
+            last_epoch: AtomicU64::new(0),
+        }
+    }
+
+    /// Marks the slot's actor as active now. Relaxed: a stale read only delays retirement
+    /// by one sweep.
+    fn touch(&self, inner: &Inner) {
+        let epoch = inner.epoch.load(Ordering::Relaxed);
+        if self.last_epoch.load(Ordering::Relaxed) != epoch {
+            self.last_epoch.store(epoch, Ordering::Relaxed);
         }
     }
 }
