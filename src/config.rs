@@ -45,6 +45,10 @@ pub struct ServeArgs {
     /// Capacity of each account's mailbox (commands queued before senders wait).
     #[arg(long, env = "COFFER_MAILBOX_CAPACITY", default_value_t = ACCOUNT_MAILBOX_CAPACITY)]
     pub mailbox_capacity: usize,
+    /// Tokio worker threads serving HTTP and running actors (default: one per core). The WAL
+    /// writer has its own thread besides these.
+    #[arg(long, env = "COFFER_WORKERS")]
+    pub workers: Option<usize>,
     /// Log format: text or json.
     #[arg(long, env = "COFFER_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
