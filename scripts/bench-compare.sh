@@ -25,7 +25,7 @@ trap 'stop_coffer; BASE=$OUT RES=$OUT/pgres "$SHARED/run_pg.sh" stop >/dev/null 
 start_coffer() {
   "$BIN" serve --data-dir "$DATA" --listen 127.0.0.1:$PORT 2>>"$OUT/coffer.log" &
   SPID=$!
-  for _ in $(seq 100); do curl -sf http://127.0.0.1:$PORT/readyz >/dev/null && return; sleep 0.1; done
+  for _ in $(seq 1200); do curl -sf http://127.0.0.1:$PORT/readyz >/dev/null && return; sleep 0.1; done
   echo "coffer did not become ready"; exit 1
 }
 [ -f "$OUT/coffer.csv" ] || echo "rep,workload,connections,batch,flows_per_sec,requests_per_sec,p50_ms,p90_ms,p99_ms,p999_ms,max_ms,errors,mismatched" > "$OUT/coffer.csv"

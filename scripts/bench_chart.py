@@ -31,10 +31,10 @@ for (w, c, b), rs in sorted(coffer.items()):
     ops, p99 = med(rs, "flows_per_sec"), med(rs, "p99_ms")
     pr = pg.get((PG_OF.get(w, ""), c), []) if b == 1 else []
     ptps, pp99 = med(pr, "tps"), med(pr, "lat_p99_ms")
-    ratio = ops / ptps if pr else float("nan")
     req = med(rs, "requests_per_sec")
-    print(f"| {w} | {c} | {b} | {ops:,.0f} | {p99:.2f} | {ptps:,.0f} | {pp99:.1f} | {ratio:.1f}x | "
-          f"{req / ceiling:.0%} | {len(rs)} |")
+    pg_cells = f"{ptps:,.0f} | {pp99:.1f} | {ops / ptps:.1f}x" if pr else "- | - | -"
+    axum_cell = f"{req / ceiling:.0%}" if b == 1 and ceiling == ceiling else "-"
+    print(f"| {w} | {c} | {b} | {ops:,.0f} | {p99:.2f} | {pg_cells} | {axum_cell} | {len(rs)} |")
     if b == 1:
         points[w].append((c, ops, p99, ptps, pp99))
 
@@ -59,7 +59,8 @@ def panel(x0, title, idx_coffer, idx_pg, log=True):
     s.append(f'<text x="{x0 + PAD + pw / 2 - 30}" y="{H - PAD + 32}" font-size="11">connections</text>')
     for k in range(0, 5):
         v = math.exp(math.log(lo) + k * (math.log(hi) - math.log(lo)) / 4)
-        s.append(f'<text x="{x0 + 2}" y="{ys(v) + 4}" font-size="10">{v:,.3g}</text>')
+        label = f"{v:,.0f}" if v >= 10 else f"{v:.2g}"
+        s.append(f'<text x="{x0 + 2}" y="{ys(v) + 4}" font-size="10">{label}</text>')
     for w, ps in points.items():
         ps = sorted(ps)
         for idx, dash in ((idx_coffer, ""), (idx_pg, ' stroke-dasharray="5,4"')):
