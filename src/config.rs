@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::engine::{EngineConfig, ACCOUNT_MAILBOX_CAPACITY};
+use crate::engine::{EngineConfig, ACTOR_MAILBOX_CAPACITY};
 
 /// coffer: a durable, in-memory account engine for wallet and game backends.
 #[derive(Debug, Parser)]
@@ -42,9 +42,13 @@ pub struct ServeArgs {
     /// Size in bytes at which the WAL starts a new segment file.
     #[arg(long, env = "COFFER_WAL_SEGMENT_BYTES", default_value_t = crate::wal::SEGMENT_BYTES_DEFAULT)]
     pub wal_segment_bytes: u64,
-    /// Capacity of each account's mailbox (commands queued before senders wait).
-    #[arg(long, env = "COFFER_MAILBOX_CAPACITY", default_value_t = ACCOUNT_MAILBOX_CAPACITY)]
+    /// Capacity of each actor's mailbox (commands queued before senders wait).
+    #[arg(long, env = "COFFER_MAILBOX_CAPACITY", default_value_t = ACTOR_MAILBOX_CAPACITY)]
     pub mailbox_capacity: usize,
+    /// Number of account actors, each owning the accounts whose id hashes to it
+    /// (default: one per core).
+    #[arg(long, env = "COFFER_ACTORS")]
+    pub actors: Option<usize>,
     /// Tokio worker threads serving HTTP and running actors (default: one per core). The WAL
     /// writer has its own thread besides these.
     #[arg(long, env = "COFFER_WORKERS")]
@@ -60,6 +64,9 @@ impl ServeArgs {
         let mut config = EngineConfig::new(self.data_dir.clone());
         config.segment_bytes_max = self.wal_segment_bytes.max(4096);
         config.mailbox_capacity = self.mailbox_capacity.max(1);
+        if let Some(actors) = self.actors {
+            config.actors = actors.max(1);
+        }
         config.clock = Arc::new(crate::clock::SystemClock);
         config
     }

@@ -1,24 +1,32 @@
-//! Engine-level behaviour that needs no HTTP: idle actors are retired (memory grows with
-//! data, not with tasks) and come back on the next command with nothing lost.
+//! Engine-level behaviour that needs no HTTP: a fixed set of actors serves any number of
+//! accounts (tasks do not grow with accounts), and concurrent single commands and batches on
+//! overlapping accounts are each applied exactly once.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
 
 use coffer::domain::{AccountId, Currency, IdempotencyKey, Metadata, Request};
 use coffer::{Engine, EngineConfig};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn idle_actors_retire_and_restart_on_the_next_command() {
-    // Goal: after a burst on 50 accounts, every actor stops once idle (live_actors = 0), and
-    // the next command on any account starts a new one and sees the state left behind.
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut config = EngineConfig::new(dir.path());
-    config.actor_idle = Duration::from_millis(40);
+fn debit(amount: i128) -> Request {
+    Request::Debit {
+        amount,
+        metadata: BTreeMap::new(),
+    }
+}
+
+fn key(text: &str) -> Option<IdempotencyKey> {
+    Some(IdempotencyKey::parse(text).expect("key"))
+}
+
+async fn engine_with_accounts(dir: &std::path::Path, accounts: usize) -> (Engine, Vec<AccountId>) {
+    let mut config = EngineConfig::new(dir);
+    config.actors = 3;
     let (engine, _) = Engine::open(config).expect("open");
     engine.finish_recovery().await.expect("recover");
-    let ids: Vec<AccountId> = (0..50)
+    let ids: Vec<AccountId> = (0..accounts)
         .map(|i| AccountId::parse(&format!("acct-{i}")).expect("id"))
         .collect();
+    let mut seed = Vec::new();
     for id in &ids {
         engine
             .open_account(
@@ -30,35 +38,94 @@ async fn idle_actors_retire_and_restart_on_the_next_command() {
             .await
             .expect("open account");
         let credit = Request::Credit {
-            amount: 10,
+            amount: 1000,
             metadata: BTreeMap::new(),
         };
-        engine
-            .execute(id, Some(IdempotencyKey::parse("k1").expect("key")), credit)
-            .await
-            .expect("credit");
+        seed.push((id.clone(), key("seed"), credit));
     }
-    assert!(engine.stats().live_actors > 0);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while engine.stats().live_actors > 0 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    for result in engine.execute_batch(seed).await {
+        result.expect("seed credit");
     }
-    assert_eq!(
-        engine.stats().live_actors,
-        0,
-        "idle actors were not retired"
-    );
+    (engine, ids)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fixed_set_of_actors_serves_any_number_of_accounts() {
+    // Goal: commands on 300 accounts run on the configured 3 actors; no task per account.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (engine, ids) = engine_with_accounts(dir.path(), 300).await;
     for id in &ids {
-        let debit = Request::Debit {
-            amount: 4,
-            metadata: BTreeMap::new(),
-        };
-        let done = engine
-            .execute(id, Some(IdempotencyKey::parse("k2").expect("key")), debit)
+        engine
+            .execute(id, key("d1"), debit(1))
             .await
-            .expect("debit after restart of the actor");
-        assert_eq!(done.receipt.account.balance, 6);
-        assert_eq!(done.receipt.account.seq, 2);
+            .expect("debit");
     }
+    assert_eq!(engine.stats().live_actors, 3);
+    assert_eq!(engine.stats().queued_commands, 0);
+    engine.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_singles_and_batches_apply_each_operation_once() {
+    // Goal: 8 tasks sending single debits and 4 tasks sending batches, all over the same 20
+    // accounts, with every key sent twice: each account ends at exactly 1000 minus the
+    // distinct debits, with seq matching, and every second send is a replay.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (engine, ids) = engine_with_accounts(dir.path(), 20).await;
+    let mut tasks = Vec::new();
+    for t in 0..8 {
+        let engine = engine.clone();
+        let ids = ids.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut replays = 0;
+            for i in 0..50 {
+                let id = &ids[(i * 7 + t) % ids.len()];
+                let k = format!("s{t}-{i}");
+                let first = engine.execute(id, key(&k), debit(1)).await.expect("debit");
+                let again = engine.execute(id, key(&k), debit(1)).await.expect("retry");
+                assert!(!first.replayed);
+                assert!(again.replayed);
+                assert_eq!(first.receipt, again.receipt);
+                replays += 1;
+            }
+            replays
+        }));
+    }
+    for t in 0..4 {
+        let engine = engine.clone();
+        let ids = ids.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut replays = 0;
+            for round in 0..5 {
+                let ops: Vec<_> = (0..40)
+                    .map(|i| {
+                        let id = ids[(i + round) % ids.len()].clone();
+                        (id, key(&format!("b{t}-{round}-{}", i % 20)), debit(1))
+                    })
+                    .collect();
+                for result in engine.execute_batch(ops).await {
+                    if result.expect("batch debit").replayed {
+                        replays += 1;
+                    }
+                }
+            }
+            replays
+        }));
+    }
+    let mut replays = 0;
+    for task in tasks {
+        replays += task.await.expect("task");
+    }
+    // Singles: 8 x 50 distinct debits, each retried once. Batches: 4 x 5 rounds x 20
+    // distinct keys, each sent twice in its batch.
+    assert_eq!(replays, 8 * 50 + 4 * 5 * 20);
+    let mut total = 0;
+    for id in &ids {
+        let view = engine.account(id).await.expect("account");
+        let debits = 1000 - view.balance;
+        assert_eq!(view.seq as i64, 1 + debits, "seq counts every event once");
+        total += debits;
+    }
+    assert_eq!(total, 8 * 50 + 4 * 5 * 20);
     engine.shutdown();
 }

@@ -1,11 +1,10 @@
 //! The engine: the registry of accounts, their actors, the WAL, recovery and hold expiry.
 //!
-//! Every account lives in a [`Slot`]: its state behind a short, synchronous lock, and the
-//! sender of its actor's bounded mailbox. Commands that change an account go through its
-//! actor, one at a time, which is what makes a double spend impossible; the actor decides,
-//! writes the event to the WAL, applies it and replies at once with the LSN, and the caller
-//! waits until that LSN is durable before answering. Reads take the state lock directly and
-//! wait until everything they show is durable. Idle actors stop; the state stays here.
+//! Every account lives in a [`Slot`]: its state behind a short, synchronous lock. Commands
+//! that change an account go through the one actor that owns it (see `actor.rs`), one at a
+//! time, which is what makes a double spend impossible; the actor decides, writes the event
+//! to the WAL, applies it, and the WAL writer sends the reply once the event is durable.
+//! Reads take the state lock directly and wait until everything they show is durable.
 
 mod actor;
 mod expiry;
@@ -17,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, RwLock};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use crate::clock::Clock;
@@ -27,7 +26,7 @@ use crate::domain::{
 };
 use crate::wal::{self, codec, Wal, WalError, WalStart};
 
-pub use actor::ACCOUNT_MAILBOX_CAPACITY;
+pub use actor::ACTOR_MAILBOX_CAPACITY;
 
 /// How the engine is set up.
 #[derive(Clone)]
@@ -36,10 +35,10 @@ pub struct EngineConfig {
     pub data_dir: PathBuf,
     /// Size at which the WAL starts a new segment.
     pub segment_bytes_max: u64,
-    /// Capacity of each account's mailbox.
+    /// Capacity of each actor's mailbox.
     pub mailbox_capacity: usize,
-    /// How long an actor waits for work before it stops.
-    pub actor_idle: Duration,
+    /// Number of account actors (each owns the accounts whose id hashes to it).
+    pub actors: usize,
     /// The clock.
     pub clock: Arc<dyn Clock>,
 }
@@ -50,8 +49,8 @@ impl EngineConfig {
         EngineConfig {
             data_dir: data_dir.into(),
             segment_bytes_max: wal::SEGMENT_BYTES_DEFAULT,
-            mailbox_capacity: ACCOUNT_MAILBOX_CAPACITY,
-            actor_idle: Duration::from_secs(2),
+            mailbox_capacity: ACTOR_MAILBOX_CAPACITY,
+            actors: std::thread::available_parallelism().map_or(2, |n| n.get()),
             clock: Arc::new(crate::clock::SystemClock),
         }
     }
@@ -130,8 +129,10 @@ pub struct Executed {
 pub struct EngineStats {
     /// Accounts.
     pub accounts: u64,
-    /// Actor tasks alive now.
+    /// Actor tasks alive now (a fixed number, each owning a shard of the accounts).
     pub live_actors: u64,
+    /// Commands waiting in actor mailboxes now.
+    pub queued_commands: u64,
     /// Holds waiting for their deadline.
     pub open_holds: u64,
     /// WAL records appended since start.
@@ -162,19 +163,14 @@ pub(crate) struct Inner {
     expiry: expiry::ExpiryIndex,
     config: EngineConfig,
     live_actors: AtomicU64,
-    /// Ticks of the idle sweeper; actors stamp their slot with it when they work.
-    epoch: AtomicU64,
-    /// Slots whose actor may be running, for the idle sweeper.
-    running: Mutex<Vec<Arc<Slot>>>,
+    /// The account actors, started on first use (they need the runtime).
+    actors: std::sync::OnceLock<actor::Actors>,
 }
 
-/// One account: state behind a short lock, and the mailbox of its actor if one runs.
+/// One account: its state behind a short lock.
 pub(crate) struct Slot {
     id: AccountId,
     state: Mutex<Account>,
-    mailbox: Mutex<Option<mpsc::Sender<actor::Msg>>>,
-    /// The idle sweeper's epoch when the actor last worked.
-    last_epoch: AtomicU64,
 }
 
 impl Engine {
@@ -226,8 +222,7 @@ impl Engine {
             expiry,
             config,
             live_actors: AtomicU64::new(0),
-            epoch: AtomicU64::new(0),
-            running: Mutex::new(Vec::new()),
+            actors: std::sync::OnceLock::new(),
         };
         Ok((
             Engine {
@@ -247,7 +242,7 @@ impl Engine {
             .wait_durable(self.inner.wal.durable_lsn().max(expired.1))
             .await?;
         expiry::spawn_sweeper(Arc::downgrade(&self.inner));
-        spawn_idle_sweeper(Arc::downgrade(&self.inner));
+        self.inner.actors();
         Ok(expired.0)
     }
 
@@ -328,17 +323,15 @@ impl Engine {
         request: Request,
     ) -> Result<Executed, EngineError> {
         let slot = self.inner.slot_or_404(id)?;
+        let actors = self.inner.actors();
         let (reply, rx) = oneshot::channel();
-        actor::send(
-            &self.inner,
-            &slot,
-            actor::Msg::Execute {
-                key,
-                request,
-                reply,
-            },
-        )
-        .await?;
+        let msg = actor::Msg::Execute {
+            slot,
+            key,
+            request,
+            reply,
+        };
+        actors.send(actors.owner(id), msg).await?;
         rx.await.map_err(|_| EngineError::ShuttingDown)?
     }
 
@@ -352,25 +345,22 @@ impl Engine {
         let count = operations.len();
         let mut results: Vec<Option<Result<Executed, EngineError>>> =
             (0..count).map(|_| None).collect();
-        let mut groups: FastMap<AccountId, Vec<(usize, Option<IdempotencyKey>, Request)>> =
-            FastMap::default();
+        let actors = self.inner.actors();
+        let mut groups: Vec<Vec<actor::Item>> = (0..actors.count()).map(|_| Vec::new()).collect();
         for (index, (account, key, request)) in operations.into_iter().enumerate() {
-            groups
-                .entry(account)
-                .or_default()
-                .push((index, key, request));
+            match self.inner.slot(&account) {
+                Some(slot) => groups[actors.owner(&account)].push((index, slot, key, request)),
+                None => results[index] = Some(Err(EngineError::AccountNotFound(account))),
+            }
         }
         let mut pending = Vec::with_capacity(groups.len());
-        for (account, items) in groups {
-            let Some(slot) = self.inner.slot(&account) else {
-                for (index, _, _) in items {
-                    results[index] = Some(Err(EngineError::AccountNotFound(account.clone())));
-                }
+        for (owner, items) in groups.into_iter().enumerate() {
+            if items.is_empty() {
                 continue;
-            };
-            let indexes: Vec<usize> = items.iter().map(|(i, _, _)| *i).collect();
+            }
+            let indexes: Vec<usize> = items.iter().map(|(i, _, _, _)| *i).collect();
             let (reply, rx) = oneshot::channel();
-            match actor::send(&self.inner, &slot, actor::Msg::Batch { items, reply }).await {
+            match actors.send(owner, actor::Msg::Batch { items, reply }).await {
                 Ok(()) => pending.push((indexes, rx)),
                 Err(_) => {
                     for index in indexes {
@@ -502,6 +492,7 @@ impl Engine {
         EngineStats {
             accounts: self.inner.accounts.read().len() as u64,
             live_actors: self.inner.live_actors.load(Ordering::Relaxed),
+            queued_commands: self.inner.actors.get().map_or(0, |a| a.queued() as u64),
             open_holds: self.inner.expiry.len() as u64,
             wal_records: wal.records.load(Ordering::Relaxed),
             wal_bytes: wal.bytes.load(Ordering::Relaxed),
@@ -521,26 +512,6 @@ impl Engine {
     pub fn shutdown(&self) {
         self.inner.wal.close();
     }
-}
-
-/// Starts the task that retires idle actors, ticking every half `actor_idle`. It holds only
-/// a weak reference, so it ends with the engine.
-fn spawn_idle_sweeper(inner: std::sync::Weak<Inner>) {
-    let period = match inner.upgrade() {
-        Some(inner) => (inner.config.actor_idle / 2).max(Duration::from_millis(10)),
-        None => return,
-    };
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(period);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        tick.tick().await;
-        loop {
-            tick.tick().await;
-            let Some(inner) = inner.upgrade() else { return };
-            inner.epoch.fetch_add(1, Ordering::Relaxed);
-            actor::retire_idle(&inner);
-        }
-    });
 }
 
 /// Replay of one event into the recovering map, with the same `apply` as the live path.
@@ -564,22 +535,22 @@ impl Slot {
         Slot {
             id,
             state: Mutex::new(account),
-            mailbox: Mutex::new(None),
-            last_epoch: AtomicU64::new(0),
-        }
-    }
-
-    /// Marks the slot's actor as active now. Relaxed: a stale read only delays retirement
-    /// by one sweep.
-    fn touch(&self, inner: &Inner) {
-        let epoch = inner.epoch.load(Ordering::Relaxed);
-        if self.last_epoch.load(Ordering::Relaxed) != epoch {
-            self.last_epoch.store(epoch, Ordering::Relaxed);
         }
     }
 }
 
 impl Inner {
+    /// The account actors, started on first use.
+    fn actors(self: &Arc<Inner>) -> &actor::Actors {
+        self.actors.get_or_init(|| {
+            actor::Actors::start(
+                Arc::downgrade(self),
+                self.config.actors,
+                self.config.mailbox_capacity,
+            )
+        })
+    }
+
     fn slot(&self, id: &AccountId) -> Option<Arc<Slot>> {
         self.accounts.read().get(id).cloned()
     }

@@ -56,8 +56,14 @@ pub(crate) async fn render(State(state): State<AppState>) -> Response {
         gauge(
             &mut out,
             "coffer_live_actors",
-            "Account actors running.",
+            "Account actors running (each owns a shard of the accounts).",
             s.live_actors,
+        );
+        gauge(
+            &mut out,
+            "coffer_mailbox_depth",
+            "Commands waiting in actor mailboxes.",
+            s.queued_commands,
         );
         gauge(
             &mut out,
