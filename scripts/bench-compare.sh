@@ -6,7 +6,7 @@
 #        ACCOUNTS (100000) SHARED (../shared/anchors/postgres) OUT (target/bench-compare)
 # Needs Debian's postgresql, postgresql-contrib and wrk (installed when missing).
 # Writes $OUT/coffer.csv, $OUT/pgres/pg_results.csv, $OUT/httpres/http_results.csv,
-# $OUT/summary.md and $OUT/chart.svg (scripts/bench_chart.py).
+# $OUT/wrk.csv (coffer under wrk), $OUT/summary.md and $OUT/chart.svg (scripts/bench_chart.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -51,6 +51,14 @@ for rep in $(seq 1 "$REPS"); do
     for w in uniform hot hold-capture; do coffer_run "$rep" "$w" "$c" 1; done
   done
   coffer_run "$rep" uniform 16 1000
+  # The same server under wrk, the client the axum ceiling is measured with.
+  [ -f "$OUT/wrk.csv" ] || echo "rep,target,req_per_sec,p99" > "$OUT/wrk.csv"
+  for target in uniform hot; do
+    hot_env=""; [ $target = hot ] && hot_env="HOT=1"
+    r=$(env $hot_env ACCOUNTS="$ACCOUNTS" \
+        wrk -t2 -c64 -d"${DURATION}s" -s "$ROOT/scripts/wrk-debit.lua" --latency http://127.0.0.1:$PORT)
+    echo "$rep,coffer_$target,$(echo "$r" | awk '/Requests\/sec/{print $2}'),$(echo "$r" | awk '$1=="99%"{print $2}')" | tee -a "$OUT/wrk.csv"
+  done
   stop_coffer
   BASE=$OUT RES=$OUT/pgres REPS=1 DURATION=$DURATION CLIENTS="$CONNS" "$SHARED/run_pg.sh" bench | grep -E "^(a_uniform|b_hot|c_hold)" || true
   BASE=$OUT REPS=1 DURATION=$DURATION CONNS=64 "$SHARED/run_http.sh" >/dev/null 2>&1 || echo "axum ceiling run failed"
