@@ -54,6 +54,33 @@ fn opened(id: &AccountId) -> Account {
     account
 }
 
+/// Opens `count` accounts named `{prefix}{i}`, each credited with 2^50.
+async fn seed_accounts(engine: &Engine, prefix: &str, count: u64) {
+    let mut batch = Vec::new();
+    for i in 0..count {
+        let id = AccountId::parse(&format!("{prefix}{i}")).expect("id");
+        let currency = Currency::parse("GEM").expect("currency");
+        engine
+            .open_account(id.clone(), currency, 0, Metadata::empty())
+            .await
+            .expect("open account");
+        let credit = Request::Credit {
+            amount: 1 << 50,
+            metadata: BTreeMap::new(),
+        };
+        batch.push((
+            id,
+            Some(IdempotencyKey::parse("seed").expect("key")),
+            credit,
+        ));
+        if batch.len() == 1000 || i + 1 == count {
+            for result in engine.execute_batch(std::mem::take(&mut batch)).await {
+                result.expect("seed credit");
+            }
+        }
+    }
+}
+
 /// decide + apply of a keyed debit: the domain's cost per operation, no I/O.
 fn domain(c: &mut Criterion) {
     let mut group = c.benchmark_group("domain");
@@ -161,30 +188,7 @@ fn engine(c: &mut Criterion) {
     let engine = rt.block_on(async {
         let (engine, _) = Engine::open(EngineConfig::new(dir.path())).expect("open");
         engine.finish_recovery().await.expect("recover");
-        let mut batch = Vec::new();
-        for i in 0..accounts {
-            let id = AccountId::parse(&format!("a{i}")).expect("id");
-            engine
-                .open_account(
-                    id.clone(),
-                    Currency::parse("GEM").expect("c"),
-                    0,
-                    Metadata::empty(),
-                )
-                .await
-                .expect("open account");
-            batch.push((
-                id,
-                Some(IdempotencyKey::parse("seed").expect("key")),
-                Request::Credit {
-                    amount: 1 << 50,
-                    metadata: BTreeMap::new(),
-                },
-            ));
-            if batch.len() == 1000 {
-                engine.execute_batch(std::mem::take(&mut batch)).await;
-            }
-        }
+        seed_accounts(&engine, "a", accounts).await;
         engine
     });
     let counter = Arc::new(AtomicU64::new(0));
@@ -301,30 +305,7 @@ fn http(c: &mut Criterion) {
             .await
             .expect("server");
         let engine = server.engine().expect("ready").clone();
-        let mut batch = Vec::new();
-        for i in 0..accounts {
-            let id = AccountId::parse(&format!("h{i}")).expect("id");
-            engine
-                .open_account(
-                    id.clone(),
-                    Currency::parse("GEM").expect("c"),
-                    0,
-                    Metadata::empty(),
-                )
-                .await
-                .expect("open account");
-            batch.push((
-                id,
-                Some(IdempotencyKey::parse("seed").expect("key")),
-                Request::Credit {
-                    amount: 1 << 50,
-                    metadata: BTreeMap::new(),
-                },
-            ));
-            if batch.len() == 1000 {
-                engine.execute_batch(std::mem::take(&mut batch)).await;
-            }
-        }
+        seed_accounts(&engine, "h", accounts).await;
         server
     });
     let addr = server.addr();
