@@ -170,28 +170,6 @@ pub struct Receipt {
     pub hold: Option<Hold>,
 }
 
-/// The kinds of client request that change an account.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum OpKind {
-    /// Add money.
-    Credit,
-    /// Remove money.
-    Debit,
-    /// Reserve money.
-    Hold,
-    /// Capture a hold.
-    Capture,
-    /// Release a hold.
-    Release,
-}
-
-impl OpKind {
-    /// Whether a success creates a resource (HTTP 201) rather than changing one (200).
-    pub fn creates(self) -> bool {
-        matches!(self, OpKind::Credit | OpKind::Debit | OpKind::Hold)
-    }
-}
-
 /// A client request as parsed, before validation. Equality of two requests is what
 /// "same request" means for idempotency; numbers are wide so out-of-range values survive
 /// parsing and are refused by validation with a clear message.
@@ -236,19 +214,6 @@ pub enum Request {
         /// Metadata as given.
         metadata: BTreeMap<String, String>,
     },
-}
-
-impl Request {
-    /// The kind of the request.
-    pub fn kind(&self) -> OpKind {
-        match self {
-            Request::Credit { .. } => OpKind::Credit,
-            Request::Debit { .. } => OpKind::Debit,
-            Request::Hold { .. } => OpKind::Hold,
-            Request::Capture { .. } => OpKind::Capture,
-            Request::Release { .. } => OpKind::Release,
-        }
-    }
 }
 
 /// An event: the outcome of a decision, as written to the WAL and applied.
@@ -767,10 +732,23 @@ impl Account {
     /// changing anything) an event that cannot follow this state, which in replay means a
     /// corrupt log. Asserts the invariants of DESIGN.md afterwards.
     pub fn apply(&mut self, event: &Event) -> Result<Arc<Receipt>, ApplyError> {
+        self.check(event)?;
+        self.apply_checked(event)
+    }
+
+    /// `apply` for an event that `check` accepted against this very state (the live path
+    /// checks before writing the event to the log, under the account's lock, and does not
+    /// pay for the same checks twice). Still refuses an LSN that does not advance, and still
+    /// asserts every invariant afterwards.
+    pub fn apply_checked(&mut self, event: &Event) -> Result<Arc<Receipt>, ApplyError> {
         if event.lsn <= self.last_lsn {
             return Err(ApplyError("event lsn does not follow the account's lsn"));
         }
-        self.check(event)?;
+        debug_assert_eq!(
+            self.check(event),
+            Ok(()),
+            "apply_checked on an unchecked event"
+        );
         let seq_before = self.seq;
         let (tx, hold, request) = self.mutate(event);
         self.seq = event.seq;

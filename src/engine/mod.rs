@@ -602,7 +602,7 @@ impl Inner {
         }
         event.lsn = self.append(&event)?;
         let receipt = account
-            .apply(&event)
+            .apply_checked(&event)
             .expect("check() accepted this event under the same lock");
         if let Some(hold) = &receipt.hold {
             match hold.status {

@@ -248,13 +248,8 @@ async fn execute(
 ) -> ApiResult {
     let key = idempotency_key(headers)?.ok_or_else(ApiError::key_missing)?;
     let engine = state.ready()?;
-    let kind = request.kind();
     let Executed { receipt, replayed } = engine.execute(id, Some(key), request).await?;
-    let status = if kind.creates() {
-        StatusCode::CREATED
-    } else {
-        StatusCode::OK
-    };
+    let status = receipt_status(&receipt);
     let mut response = json(status, &ReceiptJson::from(&*receipt));
     if replayed {
         response
@@ -567,8 +562,8 @@ async fn openapi() -> Response {
         .into_response()
 }
 
-/// The status a receipt was first answered with (credits, debits, holds create; captures
-/// and releases change).
+/// The status of a successful change, first answer and replays alike, single or batched:
+/// credits, debits and holds create (201); captures and releases change (200).
 fn receipt_status(receipt: &Receipt) -> StatusCode {
     use crate::domain::TxKind;
     match receipt.transaction.kind {
