@@ -156,6 +156,8 @@ fn wal_group_commit(c: &mut Criterion) {
             |b, &batch| {
                 let dir = tempfile::tempdir().expect("tempdir");
                 let log = Wal::start(WalStart {
+                    storage: std::sync::Arc::new(coffer::storage::FileStorage),
+                    mode: wal::WriterMode::Thread,
                     dir: dir.path().join("wal"),
                     last_lsn: 0,
                     last_segment: None,

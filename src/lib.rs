@@ -15,6 +15,8 @@ pub mod engine;
 pub mod http;
 pub mod load;
 pub mod server;
+pub mod sim;
+pub mod storage;
 pub mod wal;
 
 pub use engine::{Engine, EngineConfig};

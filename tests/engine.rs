@@ -129,3 +129,60 @@ async fn concurrent_singles_and_batches_apply_each_operation_once() {
     assert_eq!(total, 8 * 50 + 4 * 5 * 20);
     engine.shutdown();
 }
+
+/// Found by the simulation (seed 74): the answer to opening an account showed the account
+/// as it was once the open was durable, including a credit sent after the open that was
+/// not durable yet. The answer must show the account as created.
+#[test]
+fn opening_an_account_answers_with_the_account_as_created_not_a_later_undurable_state() {
+    use coffer::storage::sim::SimStorage;
+    use coffer::wal::WriterMode;
+    use std::sync::Arc;
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let mut config = EngineConfig::new("/data");
+    config.storage = Arc::new(SimStorage::new());
+    config.wal_writer = WriterMode::Manual;
+    config.expiry_sweep = None;
+    let _context = rt.enter();
+    let (engine, _) = Engine::open(config).expect("open");
+    let recovering = rt.spawn({
+        let engine = engine.clone();
+        async move { engine.finish_recovery().await }
+    });
+    rt.block_on(recovering).expect("join").expect("recover");
+    let id = AccountId::parse("fresh").expect("id");
+    let opening = rt.spawn({
+        let (engine, id) = (engine.clone(), id.clone());
+        async move {
+            engine
+                .open_account(id, Currency::parse("GEM").expect("c"), 0, Metadata::empty())
+                .await
+        }
+    });
+    rt.block_on(tokio::task::yield_now());
+    let crediting = rt.spawn({
+        let (engine, id) = (engine.clone(), id.clone());
+        async move {
+            let credit = Request::Credit {
+                amount: 100,
+                metadata: BTreeMap::new(),
+            };
+            engine.execute(&id, key("c1"), credit).await
+        }
+    });
+    for _ in 0..8 {
+        rt.block_on(tokio::task::yield_now());
+    }
+    // The open and the credit are both applied in memory, neither is durable yet.
+    assert!(!opening.is_finished() && !crediting.is_finished());
+    engine.commit_wal().expect("commit");
+    let (created, view) = rt.block_on(opening).expect("join").expect("open account");
+    assert!(created);
+    assert_eq!((view.balance, view.seq), (0, 0), "the account as created");
+    let credited = rt.block_on(crediting).expect("join").expect("credit");
+    assert_eq!(credited.receipt.account.balance, 100);
+}

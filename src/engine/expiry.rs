@@ -12,8 +12,8 @@ use uuid::Uuid;
 use super::Inner;
 use crate::domain::AccountId;
 
-/// How often the sweeper looks for due holds.
-pub const EXPIRY_SWEEP_INTERVAL_MS: u64 = 200;
+/// How often the sweeper looks for due holds, by default.
+pub const SWEEP_INTERVAL: Duration = Duration::from_millis(200);
 
 /// Open holds by deadline.
 #[derive(Default)]
@@ -49,9 +49,9 @@ impl ExpiryIndex {
 }
 
 /// Starts the background sweeper. It holds only a weak reference, so it ends with the engine.
-pub(crate) fn spawn_sweeper(inner: Weak<Inner>) {
+pub(crate) fn spawn_sweeper(inner: Weak<Inner>, every: Duration) {
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_millis(EXPIRY_SWEEP_INTERVAL_MS));
+        let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;

@@ -16,14 +16,18 @@ impl IdGen {
     /// A generator whose ids sort after every id made at or before `after_ms` (the newest
     /// timestamp recovery saw), so a restart within the same millisecond, or onto a clock
     /// that stepped back, cannot sort new holds before old ones.
-    pub(crate) fn new(after_ms: u64) -> IdGen {
+    /// `seed` fixes the counter's start (for deterministic simulation); `None` takes it from
+    /// the wall clock.
+    pub(crate) fn new(after_ms: u64, seed: Option<u64>) -> IdGen {
         // Seeded from the wall clock's nanoseconds and the pid: ids need to be unique and
         // ordered, not secret. Kept below 2^40 so the counter never reaches the bits that the
         // UUID variant field overwrites.
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| u64::from(d.subsec_nanos()));
-        let seed = (nanos ^ (u64::from(std::process::id()) << 20)) & ((1 << 40) - 1);
+        let seed = seed.unwrap_or_else(|| {
+            let nanos = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| u64::from(d.subsec_nanos()));
+            nanos ^ (u64::from(std::process::id()) << 20)
+        }) & ((1 << 40) - 1);
         IdGen {
             last_ms: AtomicU64::new(after_ms.saturating_add(1)),
             counter: AtomicU64::new(seed),
@@ -49,7 +53,7 @@ mod tests {
 
     #[test]
     fn ids_are_v7_and_ordered_within_a_millisecond() {
-        let ids = IdGen::new(0);
+        let ids = IdGen::new(0, None);
         let a = ids.next(1_700_000_000_000);
         let b = ids.next(1_700_000_000_000);
         let c = ids.next(1_699_999_999_999);
@@ -60,8 +64,8 @@ mod tests {
 
     #[test]
     fn ids_after_a_restart_sort_after_recovered_ones() {
-        let before = IdGen::new(0).next(1_700_000_000_000);
-        let after = IdGen::new(1_700_000_000_000).next(1_699_000_000_000);
+        let before = IdGen::new(0, None).next(1_700_000_000_000);
+        let after = IdGen::new(1_700_000_000_000, None).next(1_699_000_000_000);
         assert!(before < after);
     }
 }

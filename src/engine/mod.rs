@@ -24,7 +24,8 @@ use crate::domain::{
     Account, AccountId, AccountView, Currency, Event, EventBody, FastMap, Hold, HoldStatus,
     IdempotencyEntry, IdempotencyKey, Metadata, OpError, Receipt, Request, Transaction,
 };
-use crate::wal::{self, codec, Wal, WalError, WalStart};
+use crate::storage::{FileStorage, Storage};
+use crate::wal::{self, codec, Wal, WalError, WalStart, WriterMode};
 
 pub use actor::ACTOR_MAILBOX_CAPACITY;
 
@@ -41,6 +42,17 @@ pub struct EngineConfig {
     pub actors: usize,
     /// The clock.
     pub clock: Arc<dyn Clock>,
+    /// The storage the data directory lives on.
+    pub storage: Arc<dyn Storage>,
+    /// Who runs the WAL's group commits: its thread, or (for deterministic simulation) the
+    /// caller of [`Engine::commit_wal`].
+    pub wal_writer: WriterMode,
+    /// How often the background sweep expires due holds; `None` for no sweep (tests and
+    /// the simulation call [`Engine::expire_due`] themselves).
+    pub expiry_sweep: Option<Duration>,
+    /// Seed of the id generator's counter; `None` seeds it from the wall clock. The
+    /// simulation fixes it so a run reproduces exactly.
+    pub id_seed: Option<u64>,
 }
 
 impl EngineConfig {
@@ -52,6 +64,10 @@ impl EngineConfig {
             mailbox_capacity: ACTOR_MAILBOX_CAPACITY,
             actors: std::thread::available_parallelism().map_or(2, |n| n.get()),
             clock: Arc::new(crate::clock::SystemClock),
+            storage: Arc::new(FileStorage),
+            wal_writer: WriterMode::Thread,
+            expiry_sweep: Some(expiry::SWEEP_INTERVAL),
+            id_seed: None,
         }
     }
 }
@@ -182,7 +198,7 @@ impl Engine {
         let wal_dir = config.data_dir.join("wal");
         let mut accounts: FastMap<AccountId, Account> = FastMap::default();
         let mut newest_ms = 0;
-        let outcome = wal::replay(&wal_dir, true, |event| {
+        let outcome = wal::replay_from(&*config.storage, &wal_dir, true, |event| {
             newest_ms = newest_ms.max(event.at_ms);
             replay_event(&mut accounts, event)
         })?;
@@ -193,6 +209,8 @@ impl Engine {
             );
         }
         let wal = Wal::start(WalStart {
+            storage: config.storage.clone(),
+            mode: config.wal_writer,
             dir: wal_dir,
             last_lsn: outcome.last_lsn,
             last_segment: outcome.last_segment.clone(),
@@ -217,7 +235,7 @@ impl Engine {
         let inner = Inner {
             accounts: RwLock::new(slots),
             wal,
-            ids: ids::IdGen::new(newest_ms),
+            ids: ids::IdGen::new(newest_ms, config.id_seed),
             clock: config.clock.clone(),
             expiry,
             config,
@@ -241,7 +259,9 @@ impl Engine {
             .wal
             .wait_durable(self.inner.wal.durable_lsn().max(expired.1))
             .await?;
-        expiry::spawn_sweeper(Arc::downgrade(&self.inner));
+        if let Some(every) = self.inner.config.expiry_sweep {
+            expiry::spawn_sweeper(Arc::downgrade(&self.inner), every);
+        }
         self.inner.actors();
         Ok(expired.0)
     }
@@ -258,10 +278,10 @@ impl Engine {
         if let Some(slot) = self.inner.slot(&id) {
             return self.existing(&slot, &currency, overdraft_limit).await;
         }
-        let (slot, lsn, created) = {
+        let created = {
             let mut accounts = self.inner.accounts.write();
             if let Some(slot) = accounts.get(&id) {
-                (slot.clone(), 0, false)
+                Err(slot.clone())
             } else {
                 let mut event = Event {
                     lsn: 0,
@@ -279,16 +299,18 @@ impl Engine {
                 event.lsn = self.inner.append(&event)?;
                 let account = Account::open(&event)
                     .expect("an open event built from validated values is accepted");
-                let slot = Arc::new(Slot::new(id.clone(), account));
-                accounts.insert(id, slot.clone());
-                (slot, event.lsn, true)
+                // The account as created: by the time the open is durable, requests that
+                // came after it may have changed the account without being durable yet.
+                let view = account.view();
+                accounts.insert(id.clone(), Arc::new(Slot::new(id, account)));
+                Ok((event.lsn, view))
             }
         };
-        if !created {
-            return self.existing(&slot, &currency, overdraft_limit).await;
-        }
+        let (lsn, view) = match created {
+            Ok(created) => created,
+            Err(slot) => return self.existing(&slot, &currency, overdraft_limit).await,
+        };
         self.inner.wal.wait_durable(lsn).await?;
-        let view = slot.state.lock().view();
         Ok((true, view))
     }
 
@@ -503,6 +525,17 @@ impl Engine {
         }
     }
 
+    /// With [`WriterMode::Manual`]: writes and syncs everything queued as one group commit
+    /// and answers the requests it covers. Returns whether anything was queued.
+    pub fn commit_wal(&self) -> Result<bool, EngineError> {
+        Ok(self.inner.wal.commit()?)
+    }
+
+    /// Bytes queued for the WAL and not yet written.
+    pub fn wal_queued_bytes(&self) -> usize {
+        self.inner.wal.queued_bytes()
+    }
+
     /// Whether writes are stopped by a storage failure.
     pub fn storage_failed(&self) -> bool {
         self.inner.wal.is_failed()
@@ -515,7 +548,10 @@ impl Engine {
 }
 
 /// Replay of one event into the recovering map, with the same `apply` as the live path.
-fn replay_event(accounts: &mut FastMap<AccountId, Account>, event: Event) -> Result<(), String> {
+pub(crate) fn replay_event(
+    accounts: &mut FastMap<AccountId, Account>,
+    event: Event,
+) -> Result<(), String> {
     if let EventBody::Opened { .. } = event.body {
         if accounts.contains_key(&event.account) {
             return Err(format!("account {} opened twice", event.account));

@@ -15,9 +15,7 @@
 pub mod codec;
 pub mod reader;
 
-use std::fs::{self, File, OpenOptions};
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -26,7 +24,9 @@ use std::thread::JoinHandle;
 use parking_lot::{Condvar, Mutex};
 use tokio::sync::oneshot;
 
-pub use reader::{replay, ReplayOutcome, TailCut};
+pub use reader::{replay, replay_from, ReplayOutcome, TailCut};
+
+use crate::storage::{Storage, StorageFile};
 
 /// Default size at which the writer starts a new segment.
 pub const SEGMENT_BYTES_DEFAULT: u64 = 64 * 1024 * 1024;
@@ -99,9 +99,24 @@ pub struct WalStats {
     pub sync_micros: AtomicU64,
 }
 
+/// Who runs the group commits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WriterMode {
+    /// A writer thread commits whatever is queued, as soon as it is queued.
+    #[default]
+    Thread,
+    /// Nothing is written until the owner calls [`Wal::commit`]: for deterministic
+    /// simulation, where the test decides when each group commit happens.
+    Manual,
+}
+
 /// Where the writer continues after recovery.
 #[derive(Debug, Clone)]
 pub struct WalStart {
+    /// The storage the segments live on.
+    pub storage: Arc<dyn Storage>,
+    /// Who runs the group commits.
+    pub mode: WriterMode,
     /// The directory of segments.
     pub dir: PathBuf,
     /// The last durable LSN found by recovery (0 for an empty log).
@@ -116,6 +131,8 @@ pub struct WalStart {
 pub struct Wal {
     shared: Arc<Shared>,
     writer: Mutex<Option<JoinHandle<()>>>,
+    /// The writer itself in [`WriterMode::Manual`].
+    manual: Mutex<Option<Writer>>,
 }
 
 struct Shared {
@@ -145,8 +162,11 @@ struct Queue {
 impl Wal {
     /// Starts the writer thread, continuing the log where recovery left it.
     pub fn start(start: WalStart) -> Result<Wal, WalError> {
-        fs::create_dir_all(&start.dir).map_err(|e| WalError::io(&start.dir, e))?;
-        sync_dir(&start.dir)?;
+        let storage = start.storage.clone();
+        storage
+            .create_dir_all(&start.dir)
+            .map_err(|e| WalError::io(&start.dir, e))?;
+        sync_dir(&*storage, &start.dir)?;
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue {
                 buf: Vec::with_capacity(1 << 20),
@@ -163,12 +183,8 @@ impl Wal {
         });
         let segment = match &start.last_segment {
             Some((path, len)) => {
-                let file = OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .open(path)
-                    .map_err(|e| WalError::io(path, e))?;
-                let allocated = file.metadata().map_err(|e| WalError::io(path, e))?.len();
+                let file = storage.open(path).map_err(|e| WalError::io(path, e))?;
+                let allocated = file.size().map_err(|e| WalError::io(path, e))?;
                 Some(Segment {
                     file,
                     path: path.clone(),
@@ -180,10 +196,19 @@ impl Wal {
         };
         let mut writer = Writer {
             shared: shared.clone(),
+            storage,
             dir: start.dir.clone(),
             segment,
             segment_bytes_max: start.segment_bytes_max.max(1),
+            batch: Vec::with_capacity(1 << 20),
         };
+        if start.mode == WriterMode::Manual {
+            return Ok(Wal {
+                shared,
+                writer: Mutex::new(None),
+                manual: Mutex::new(Some(writer)),
+            });
+        }
         let handle = std::thread::Builder::new()
             .name("coffer-wal".to_string())
             .spawn(move || writer.run())
@@ -191,7 +216,32 @@ impl Wal {
         Ok(Wal {
             shared,
             writer: Mutex::new(Some(handle)),
+            manual: Mutex::new(None),
         })
+    }
+
+    /// In [`WriterMode::Manual`]: writes and syncs everything queued now, as one group
+    /// commit, and runs the callbacks it covers. Returns whether there was anything to
+    /// write. In thread mode it does nothing (the thread commits).
+    pub fn commit(&self) -> Result<bool, WalError> {
+        let mut manual = self.manual.lock();
+        let Some(writer) = manual.as_mut() else {
+            return Ok(false);
+        };
+        match writer.step(false) {
+            Step::Idle => Ok(false),
+            Step::Wrote => Ok(true),
+            Step::Closed => Err(WalError::Closed),
+            Step::Failed => {
+                *manual = None;
+                Err(WalError::Failed)
+            }
+        }
+    }
+
+    /// Records queued and not yet written.
+    pub fn queued_bytes(&self) -> usize {
+        self.shared.queue.lock().buf.len()
     }
 
     /// Queues one record and returns its LSN. Does not wait for the disk; pair it with
@@ -274,6 +324,9 @@ impl Wal {
         if let Some(handle) = self.writer.lock().take() {
             let _ = handle.join();
         }
+        if let Some(mut writer) = self.manual.lock().take() {
+            while let Step::Wrote = writer.step(false) {}
+        }
     }
 }
 
@@ -284,7 +337,7 @@ impl Drop for Wal {
 }
 
 struct Segment {
-    file: File,
+    file: Box<dyn StorageFile>,
     path: PathBuf,
     /// End of the valid records: the next batch is written here.
     len: u64,
@@ -294,39 +347,64 @@ struct Segment {
 
 struct Writer {
     shared: Arc<Shared>,
+    storage: Arc<dyn Storage>,
     dir: PathBuf,
     segment: Option<Segment>,
     segment_bytes_max: u64,
+    /// The batch being written (swapped with the queue's buffer).
+    batch: Vec<u8>,
+}
+
+/// What one turn of the writer did.
+enum Step {
+    /// Nothing was queued.
+    Idle,
+    /// One batch was written and synced.
+    Wrote,
+    /// The log is closing and everything queued is written.
+    Closed,
+    /// A write or sync failed; the log is failed.
+    Failed,
 }
 
 impl Writer {
     fn run(&mut self) {
-        let mut batch: Vec<u8> = Vec::with_capacity(1 << 20);
-        loop {
-            let (first_lsn, last_lsn) = {
-                let mut queue = self.shared.queue.lock();
-                while queue.buf.is_empty() && !queue.closing {
-                    self.shared.wake.wait(&mut queue);
-                }
-                if queue.buf.is_empty() {
-                    return;
-                }
-                std::mem::swap(&mut queue.buf, &mut batch);
-                let range = (queue.first_lsn, queue.next_lsn - 1);
-                queue.first_lsn = queue.next_lsn;
-                range
-            };
-            if let Err(error) = self.write_batch(&batch, first_lsn) {
-                self.fail(error);
-                return;
+        while let Step::Wrote = self.step(true) {}
+    }
+
+    /// Takes what is queued (waiting for something if `block`), writes it with one write
+    /// and one sync, advances the durable LSN and runs the callbacks it covers.
+    fn step(&mut self, block: bool) -> Step {
+        let (first_lsn, last_lsn) = {
+            let mut queue = self.shared.queue.lock();
+            while block && queue.buf.is_empty() && !queue.closing {
+                self.shared.wake.wait(&mut queue);
             }
-            self.shared.durable_lsn.store(last_lsn, Ordering::Release);
-            self.wake_waiters(last_lsn);
-            batch.clear();
-            if batch.capacity() > WAL_BATCH_BYTES_MAX {
-                batch = Vec::with_capacity(1 << 20);
+            if queue.buf.is_empty() {
+                return if queue.closing {
+                    Step::Closed
+                } else {
+                    Step::Idle
+                };
             }
+            std::mem::swap(&mut queue.buf, &mut self.batch);
+            let range = (queue.first_lsn, queue.next_lsn - 1);
+            queue.first_lsn = queue.next_lsn;
+            range
+        };
+        let batch = std::mem::take(&mut self.batch);
+        if let Err(error) = self.write_batch(&batch, first_lsn) {
+            self.fail(error);
+            return Step::Failed;
         }
+        self.shared.durable_lsn.store(last_lsn, Ordering::Release);
+        self.wake_waiters(last_lsn);
+        self.batch = batch;
+        self.batch.clear();
+        if self.batch.capacity() > WAL_BATCH_BYTES_MAX {
+            self.batch = Vec::with_capacity(1 << 20);
+        }
+        Step::Wrote
     }
 
     fn write_batch(&mut self, batch: &[u8], first_lsn: u64) -> Result<(), WalError> {
@@ -345,18 +423,18 @@ impl Writer {
             // At most one segment's worth ahead, so small segments stay small.
             let ahead = SEGMENT_ZERO_CHUNK_BYTES.min(self.segment_bytes_max);
             let target = (segment.len + batch_len).max(segment.allocated) + ahead;
-            write_zeros(&segment.file, segment.allocated, target)
+            write_zeros(&mut *segment.file, segment.allocated, target)
                 .map_err(|e| WalError::io(&segment.path, e))?;
             segment.allocated = target;
         }
         segment
             .file
-            .write_all_at(batch, segment.len)
+            .write_at(segment.len, batch)
             .map_err(|e| WalError::io(&segment.path, e))?;
         let started = std::time::Instant::now();
         segment
             .file
-            .sync_data()
+            .sync()
             .map_err(|e| WalError::io(&segment.path, e))?;
         let stats = &self.shared.stats;
         let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
@@ -371,13 +449,11 @@ impl Writer {
     /// before any record in it is acknowledged.
     fn open_segment(&mut self, first_lsn: u64) -> Result<(), WalError> {
         let path = self.dir.join(reader::segment_name(first_lsn));
-        let file = OpenOptions::new()
-            .create_new(true)
-            .read(true)
-            .write(true)
-            .open(&path)
+        let file = self
+            .storage
+            .create(&path)
             .map_err(|e| WalError::io(&path, e))?;
-        sync_dir(&self.dir)?;
+        sync_dir(&*self.storage, &self.dir)?;
         self.segment = Some(Segment {
             file,
             path,
@@ -418,21 +494,19 @@ impl Writer {
 }
 
 /// Writes zeros to `file` from `from` up to `to` (exclusive).
-fn write_zeros(file: &File, from: u64, to: u64) -> io::Result<()> {
+fn write_zeros(file: &mut dyn StorageFile, from: u64, to: u64) -> io::Result<()> {
     static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
     let mut at = from;
     while at < to {
         // Exact: the step is at most the buffer's 64 KiB.
         let step = (to - at).min(ZEROS.len() as u64) as usize;
-        file.write_all_at(&ZEROS[..step], at)?;
+        file.write_at(at, &ZEROS[..step])?;
         at += step as u64;
     }
     Ok(())
 }
 
 /// Makes a directory's entries (new, renamed or removed files) durable.
-pub fn sync_dir(dir: &Path) -> Result<(), WalError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| WalError::io(dir, e))
+pub fn sync_dir(storage: &dyn Storage, dir: &Path) -> Result<(), WalError> {
+    storage.sync_dir(dir).map_err(|e| WalError::io(dir, e))
 }

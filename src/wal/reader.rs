@@ -4,12 +4,12 @@
 //! in the last segment is a torn tail (a write cut short by a crash) and is cut; any other
 //! bad frame is corruption and stops recovery with the file and offset.
 
-use std::fs::{self, OpenOptions};
 use std::path::{Path, PathBuf};
 
 use super::codec::{self, DecodeError, FRAME_MAGIC};
 use super::WalError;
 use crate::domain::Event;
+use crate::storage::{FileStorage, Storage};
 
 const SEGMENT_SUFFIX: &str = ".wal";
 
@@ -28,17 +28,10 @@ pub struct SegmentFile {
 }
 
 /// Lists the segments of a directory in LSN order. Files that are not segments are ignored.
-pub fn list_segments(dir: &Path) -> Result<Vec<SegmentFile>, WalError> {
-    let entries = match fs::read_dir(dir) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(WalError::io(dir, e)),
-    };
+pub fn list_segments(storage: &dyn Storage, dir: &Path) -> Result<Vec<SegmentFile>, WalError> {
+    let names = storage.list(dir).map_err(|e| WalError::io(dir, e))?;
     let mut segments = Vec::new();
-    for entry in entries {
-        let entry = entry.map_err(|e| WalError::io(dir, e))?;
-        let name = entry.file_name();
-        let Some(name) = name.to_str() else { continue };
+    for name in names {
         let Some(stem) = name.strip_suffix(SEGMENT_SUFFIX) else {
             continue;
         };
@@ -49,7 +42,7 @@ pub fn list_segments(dir: &Path) -> Result<Vec<SegmentFile>, WalError> {
             continue;
         };
         segments.push(SegmentFile {
-            path: entry.path(),
+            path: dir.join(&name),
             first_lsn,
         });
     }
@@ -83,15 +76,29 @@ pub struct ReplayOutcome {
     pub tail_cut: Option<TailCut>,
 }
 
+/// [`replay_from`] on the real file system.
+pub fn replay(
+    dir: &Path,
+    repair: bool,
+    on_event: impl FnMut(Event) -> Result<(), String>,
+) -> Result<ReplayOutcome, WalError> {
+    replay_from(&FileStorage, dir, repair, on_event)
+}
+
 /// Reads every segment of `dir` in order and calls `on_event` for each record. When
 /// `repair` is true a torn tail is truncated on disk (and the truncation synced); otherwise it
 /// is only reported. An error from `on_event` is reported as corruption at that record.
-pub fn replay(
+///
+/// Before it cuts anything, it reads the segment a second time: a tail that reads
+/// differently twice is a failing read, not a torn write, and is reported as an I/O error
+/// rather than cut (cutting would drop acknowledged records).
+pub fn replay_from(
+    storage: &dyn Storage,
     dir: &Path,
     repair: bool,
     mut on_event: impl FnMut(Event) -> Result<(), String>,
 ) -> Result<ReplayOutcome, WalError> {
-    let segments = list_segments(dir)?;
+    let segments = list_segments(storage, dir)?;
     let mut outcome = ReplayOutcome {
         records: 0,
         last_lsn: 0,
@@ -101,7 +108,9 @@ pub fn replay(
     let count = segments.len();
     for (index, segment) in segments.iter().enumerate() {
         let is_last = index + 1 == count;
-        let bytes = fs::read(&segment.path).map_err(|e| WalError::io(&segment.path, e))?;
+        let bytes = storage
+            .read(&segment.path)
+            .map_err(|e| WalError::io(&segment.path, e))?;
         let corrupt = |offset: usize, reason: String| WalError::Corrupt {
             path: segment.path.clone(),
             offset: offset as u64,
@@ -144,6 +153,15 @@ pub fn replay(
                     if intact || !is_last || valid_frame_after(&bytes, offset) {
                         return Err(corrupt(offset, error.to_string()));
                     }
+                    let again = storage
+                        .read(&segment.path)
+                        .map_err(|e| WalError::io(&segment.path, e))?;
+                    if again != bytes {
+                        return Err(WalError::io(
+                            &segment.path,
+                            std::io::Error::other("the segment read differently twice"),
+                        ));
+                    }
                     let cut = TailCut {
                         path: segment.path.clone(),
                         offset: offset as u64,
@@ -151,7 +169,7 @@ pub fn replay(
                         reason: describe(error),
                     };
                     if repair {
-                        truncate(&segment.path, offset as u64)?;
+                        truncate(storage, &segment.path, offset as u64)?;
                     }
                     outcome.tail_cut = Some(cut);
                     break;
@@ -183,13 +201,10 @@ fn describe(error: DecodeError) -> String {
     error.to_string()
 }
 
-fn truncate(path: &Path, len: u64) -> Result<(), WalError> {
-    let file = OpenOptions::new()
-        .write(true)
-        .open(path)
-        .map_err(|e| WalError::io(path, e))?;
+fn truncate(storage: &dyn Storage, path: &Path, len: u64) -> Result<(), WalError> {
+    let mut file = storage.open(path).map_err(|e| WalError::io(path, e))?;
     file.set_len(len).map_err(|e| WalError::io(path, e))?;
-    file.sync_all().map_err(|e| WalError::io(path, e))
+    file.sync().map_err(|e| WalError::io(path, e))
 }
 
 #[cfg(test)]
@@ -220,13 +235,13 @@ mod tests {
         );
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join(segment_name(1));
-        fs::write(&path, frame_of_version(1, 2)).expect("write");
+        std::fs::write(&path, frame_of_version(1, 2)).expect("write");
         let result = replay(dir.path(), true, |_| Ok(()));
         assert!(
             matches!(result, Err(WalError::Corrupt { offset: 0, .. })),
             "got {result:?}"
         );
-        let len = fs::metadata(&path).expect("metadata").len();
+        let len = std::fs::metadata(&path).expect("metadata").len();
         assert_eq!(
             len as usize,
             frame_of_version(1, 2).len(),
