@@ -13,10 +13,11 @@ use std::sync::Arc;
 use coffer::clock::ManualClock;
 use coffer::domain::{
     Account, AccountId, AccountView, Currency, Decision, Event, EventBody, Fresh, Hold, HoldStatus,
-    IdempotencyEntry, IdempotencyKey, Metadata, OpError, Receipt, Request, Transaction, TxKind,
-    AMOUNT_MAX, HOLD_EXPIRES_SECS_DEFAULT, HOLD_EXPIRES_SECS_MAX,
+    IdempotencyEntry, IdempotencyKey, Metadata, Receipt, Request, Transaction, TxKind, AMOUNT_MAX,
+    HOLD_EXPIRES_SECS_DEFAULT, HOLD_EXPIRES_SECS_MAX,
 };
 use coffer::engine::EngineError;
+use coffer::sim::model::{self, normalize, Expect, Model};
 use coffer::wal::codec::{encode_event, encode_frame};
 use coffer::wal::reader::segment_name;
 use coffer::{Engine, EngineConfig};
@@ -279,286 +280,6 @@ fn downtime_strategy() -> impl Strategy<Value = u64> {
 
 fn overdrafts_strategy(accounts: usize) -> impl Strategy<Value = Vec<u64>> {
     prop::collection::vec(prop_oneof![3 => Just(0u64), 1 => 1u64..=100], accounts)
-}
-
-// ---------------------------------------------------------------------------------------
-// The reference model: plain integers
-// ---------------------------------------------------------------------------------------
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct ModelHold {
-    amount: u64,
-    captured: u64,
-    status: HoldStatus,
-    expires_at_ms: u64,
-}
-
-#[derive(Clone, Debug, Default)]
-struct Model {
-    overdraft: u64,
-    balance: i128,
-    credits: i128,
-    debits: i128,
-    captures: i128,
-    holds: BTreeMap<Uuid, ModelHold>,
-    /// Hold ids in creation order, to pick from.
-    hold_order: Vec<Uuid>,
-    /// Successful requests by idempotency key.
-    keys: HashMap<String, Request>,
-    seq: u64,
-}
-
-/// What the model says a request does.
-#[derive(Debug)]
-enum Expect {
-    Replay,
-    Refuse(OpError),
-    Apply,
-}
-
-fn valid_amount(amount: i128) -> Option<u64> {
-    (1..=i128::from(AMOUNT_MAX))
-        .contains(&amount)
-        .then_some(amount as u64)
-}
-
-fn valid_metadata(metadata: &BTreeMap<String, String>) -> bool {
-    metadata.len() <= 16
-        && metadata.iter().all(|(k, v)| {
-            let key_chars = k.chars().count();
-            (1..=40).contains(&key_chars) && v.chars().count() <= 500
-        })
-}
-
-fn invalid() -> OpError {
-    OpError::Validation(String::new())
-}
-
-/// Validation messages are free text; compare only the kind of a validation refusal.
-fn normalize(error: OpError) -> OpError {
-    match error {
-        OpError::Validation(_) => invalid(),
-        other => other,
-    }
-}
-
-impl Model {
-    fn new(overdraft: u64) -> Model {
-        Model {
-            overdraft,
-            ..Model::default()
-        }
-    }
-
-    fn held(&self) -> u64 {
-        self.holds
-            .values()
-            .filter(|h| h.status == HoldStatus::Open)
-            .map(|h| h.amount)
-            .sum()
-    }
-
-    fn open_count(&self) -> usize {
-        self.holds
-            .values()
-            .filter(|h| h.status == HoldStatus::Open)
-            .count()
-    }
-
-    fn available(&self) -> i128 {
-        self.balance - i128::from(self.held())
-    }
-
-    fn evaluate(&self, key: Option<&str>, request: &Request) -> Expect {
-        if let Some(previous) = key.and_then(|k| self.keys.get(k)) {
-            return if previous == request {
-                Expect::Replay
-            } else {
-                Expect::Refuse(OpError::IdempotencyKeyReused)
-            };
-        }
-        match self.evaluate_fresh(request) {
-            Ok(()) => Expect::Apply,
-            Err(error) => Expect::Refuse(error),
-        }
-    }
-
-    /// API.md's order: validation, hold lookup, hold state, amount vs hold, then money.
-    fn evaluate_fresh(&self, request: &Request) -> Result<(), OpError> {
-        match request {
-            Request::Credit { amount, metadata } => {
-                let amount = valid_amount(*amount).ok_or_else(invalid)?;
-                if !valid_metadata(metadata) {
-                    return Err(invalid());
-                }
-                if self.balance + i128::from(amount) > i128::from(AMOUNT_MAX) {
-                    return Err(OpError::BalanceLimitExceeded {
-                        balance: self.balance as i64,
-                        amount,
-                    });
-                }
-                Ok(())
-            }
-            Request::Debit { amount, metadata } => {
-                let amount = valid_amount(*amount).ok_or_else(invalid)?;
-                if !valid_metadata(metadata) {
-                    return Err(invalid());
-                }
-                self.funds(amount)
-            }
-            Request::Hold {
-                amount,
-                expires_in_secs,
-                metadata,
-            } => {
-                let amount = valid_amount(*amount).ok_or_else(invalid)?;
-                if let Some(secs) = expires_in_secs {
-                    if !(1..=i128::from(HOLD_EXPIRES_SECS_MAX)).contains(secs) {
-                        return Err(invalid());
-                    }
-                }
-                if !valid_metadata(metadata) {
-                    return Err(invalid());
-                }
-                self.funds(amount)
-            }
-            Request::Capture {
-                hold_id,
-                amount,
-                metadata,
-            } => {
-                let amount = match amount {
-                    Some(a) => Some(valid_amount(*a).ok_or_else(invalid)?),
-                    None => None,
-                };
-                if !valid_metadata(metadata) {
-                    return Err(invalid());
-                }
-                let hold = self.open_hold(hold_id)?;
-                match amount {
-                    Some(a) if a > hold.amount => Err(OpError::AmountExceedsHold {
-                        amount: a,
-                        hold: hold.amount,
-                    }),
-                    _ => Ok(()),
-                }
-            }
-            Request::Release { hold_id, metadata } => {
-                if !valid_metadata(metadata) {
-                    return Err(invalid());
-                }
-                self.open_hold(hold_id).map(|_| ())
-            }
-        }
-    }
-
-    fn open_hold(&self, hold_id: &Uuid) -> Result<&ModelHold, OpError> {
-        let hold = self
-            .holds
-            .get(hold_id)
-            .ok_or(OpError::HoldNotFound(*hold_id))?;
-        if hold.status != HoldStatus::Open {
-            return Err(OpError::HoldNotOpen(hold.status));
-        }
-        Ok(hold)
-    }
-
-    fn funds(&self, amount: u64) -> Result<(), OpError> {
-        if i128::from(amount) > self.available() + i128::from(self.overdraft) {
-            return Err(OpError::InsufficientFunds {
-                available: self.available() as i64,
-                overdraft_limit: self.overdraft,
-                amount,
-            });
-        }
-        Ok(())
-    }
-
-    /// Applies an accepted request; returns the kind and amount its transaction must show.
-    fn commit(
-        &mut self,
-        key: Option<&str>,
-        request: &Request,
-        new_hold: Option<Uuid>,
-        now_ms: u64,
-    ) -> (TxKind, u64) {
-        let amount_of = |a: i128| u64::try_from(a).expect("an accepted amount is positive");
-        let result = match request {
-            Request::Credit { amount, .. } => {
-                let a = amount_of(*amount);
-                self.balance += i128::from(a);
-                self.credits += i128::from(a);
-                (TxKind::Credit, a)
-            }
-            Request::Debit { amount, .. } => {
-                let a = amount_of(*amount);
-                self.balance -= i128::from(a);
-                self.debits += i128::from(a);
-                (TxKind::Debit, a)
-            }
-            Request::Hold {
-                amount,
-                expires_in_secs,
-                ..
-            } => {
-                let a = amount_of(*amount);
-                let secs = expires_in_secs.map_or(u64::from(HOLD_EXPIRES_SECS_DEFAULT), amount_of);
-                let id = new_hold.expect("an accepted hold has an id");
-                self.holds.insert(
-                    id,
-                    ModelHold {
-                        amount: a,
-                        captured: 0,
-                        status: HoldStatus::Open,
-                        expires_at_ms: now_ms + secs * 1000,
-                    },
-                );
-                self.hold_order.push(id);
-                (TxKind::Hold, a)
-            }
-            Request::Capture {
-                hold_id, amount, ..
-            } => {
-                let hold = self.holds.get_mut(hold_id).expect("an accepted capture");
-                let c = amount.map_or(hold.amount, amount_of);
-                hold.status = HoldStatus::Captured;
-                hold.captured = c;
-                self.balance -= i128::from(c);
-                self.captures += i128::from(c);
-                (TxKind::Capture, c)
-            }
-            Request::Release { hold_id, .. } => {
-                let hold = self.holds.get_mut(hold_id).expect("an accepted release");
-                hold.status = HoldStatus::Released;
-                (TxKind::Release, hold.amount)
-            }
-        };
-        self.seq += 1;
-        if let Some(k) = key {
-            self.keys.insert(k.to_string(), request.clone());
-        }
-        result
-    }
-
-    /// Open holds due at `now_ms`, by (deadline, id): the order the state machine uses.
-    fn due(&self, now_ms: u64) -> Vec<Uuid> {
-        let mut due: Vec<(u64, Uuid)> = self
-            .holds
-            .iter()
-            .filter(|(_, h)| h.status == HoldStatus::Open && h.expires_at_ms <= now_ms)
-            .map(|(id, h)| (h.expires_at_ms, *id))
-            .collect();
-        due.sort();
-        due.into_iter().map(|(_, id)| id).collect()
-    }
-
-    /// Expires one hold; returns the amount released.
-    fn expire(&mut self, hold_id: &Uuid) -> u64 {
-        let hold = self.holds.get_mut(hold_id).expect("a due hold");
-        hold.status = HoldStatus::Expired;
-        self.seq += 1;
-        hold.amount
-    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -826,88 +547,25 @@ fn fail(what: impl std::fmt::Display) -> TestCaseError {
     TestCaseError::fail(what.to_string())
 }
 
-/// The account's public numbers against the model, and invariants 1-4 on them.
+// The reference model and its checks live in `coffer::sim::model` (the simulation uses
+// them too); these adapt their errors to proptest's.
+
 fn check_view(view: &AccountView, model: &Model) -> Result<(), TestCaseError> {
-    prop_assert_eq!(i128::from(view.balance), model.balance);
-    prop_assert_eq!(view.held, model.held());
-    prop_assert_eq!(
-        i128::from(view.available),
-        i128::from(view.balance) - i128::from(view.held)
-    );
-    prop_assert!(
-        i128::from(view.available) >= -i128::from(view.overdraft_limit),
-        "invariant 1: available {} below -{}",
-        view.available,
-        view.overdraft_limit
-    );
-    prop_assert!(view.balance <= AMOUNT_MAX as i64);
-    prop_assert_eq!(view.overdraft_limit, model.overdraft);
-    prop_assert_eq!(view.open_holds as usize, model.open_count());
-    prop_assert_eq!(view.seq, model.seq);
-    prop_assert_eq!(model.balance, model.credits - model.debits - model.captures);
-    Ok(())
+    model::check_view(view, model).map_err(fail)
 }
 
-/// Every hold against the model; held equals the sum of the open holds.
 fn check_holds<'a>(
     holds: impl Iterator<Item = &'a Hold>,
     held: u64,
     model: &Model,
 ) -> Result<(), TestCaseError> {
-    let got: BTreeMap<Uuid, ModelHold> = holds
-        .map(|h| {
-            (
-                h.id,
-                ModelHold {
-                    amount: h.amount.get(),
-                    captured: h.captured,
-                    status: h.status,
-                    expires_at_ms: h.expires_at_ms,
-                },
-            )
-        })
-        .collect();
-    prop_assert_eq!(&got, &model.holds);
-    let open_sum: u64 = got
-        .values()
-        .filter(|h| h.status == HoldStatus::Open)
-        .map(|h| h.amount)
-        .sum();
-    prop_assert_eq!(open_sum, held, "invariant 2: held is the sum of open holds");
-    Ok(())
+    model::check_holds(holds, held, model).map_err(fail)
 }
 
-/// History oldest first: seq 1, 2, 3, ...; money is conserved along it.
 fn check_history(history: &[Transaction], view: &AccountView) -> Result<(), TestCaseError> {
-    prop_assert_eq!(history.len() as u64, view.seq);
-    let mut balance: i128 = 0;
-    for (i, tx) in history.iter().enumerate() {
-        prop_assert_eq!(tx.seq, i as u64 + 1);
-        prop_assert_eq!(&tx.account_id, &view.id);
-        match tx.kind {
-            TxKind::Credit | TxKind::TransferIn => balance += i128::from(tx.amount),
-            TxKind::Debit | TxKind::Capture | TxKind::TransferOut => {
-                balance -= i128::from(tx.amount)
-            }
-            TxKind::Hold | TxKind::Release | TxKind::Expire => {}
-        }
-        prop_assert_eq!(
-            i128::from(tx.balance),
-            balance,
-            "invariant 3 at seq {}",
-            tx.seq
-        );
-        prop_assert_eq!(
-            i128::from(tx.available),
-            i128::from(tx.balance) - i128::from(tx.held)
-        );
-        prop_assert!(i128::from(tx.available) >= -i128::from(view.overdraft_limit));
-    }
-    prop_assert_eq!(balance, i128::from(view.balance));
-    Ok(())
+    model::check_history(history, view).map_err(fail)
 }
 
-/// A fresh receipt against the model just after the commit.
 fn check_receipt(
     receipt: &Receipt,
     model: &Model,
@@ -915,31 +573,7 @@ fn check_receipt(
     amount: u64,
     hold_id: Option<Uuid>,
 ) -> Result<(), TestCaseError> {
-    let tx = &receipt.transaction;
-    prop_assert_eq!(tx.kind, kind);
-    prop_assert_eq!(tx.amount, amount);
-    prop_assert_eq!(tx.seq, model.seq);
-    prop_assert_eq!(i128::from(tx.balance), model.balance);
-    prop_assert_eq!(tx.held, model.held());
-    prop_assert_eq!(tx.hold_id, hold_id);
-    prop_assert_eq!(receipt.account.seq, model.seq);
-    prop_assert_eq!(receipt.account.balance, tx.balance);
-    prop_assert_eq!(receipt.account.held, tx.held);
-    match (hold_id, &receipt.hold) {
-        (Some(id), Some(hold)) => {
-            let want = model
-                .holds
-                .get(&id)
-                .ok_or_else(|| fail("hold not in model"))?;
-            prop_assert_eq!(hold.id, id);
-            prop_assert_eq!(hold.status, want.status);
-            prop_assert_eq!(hold.captured, want.captured);
-            prop_assert_eq!(hold.amount.get(), want.amount);
-        }
-        (None, None) => {}
-        (want, got) => prop_assert!(false, "receipt hold {:?}, expected {:?}", got, want),
-    }
-    Ok(())
+    model::check_receipt(receipt, model, kind, amount, hold_id).map_err(fail)
 }
 
 /// An idempotency entry as comparable values.
