@@ -25,6 +25,27 @@ pub enum Command {
     Serve(ServeArgs),
     /// Load a running server over HTTP and check every balance afterwards.
     Load(crate::load::LoadArgs),
+    /// Offline tools for the write-ahead log (the server need not run; nothing is written).
+    #[command(subcommand)]
+    Wal(WalCommand),
+}
+
+/// `coffer wal ...`
+#[derive(Debug, Subcommand)]
+pub enum WalCommand {
+    /// Check every record's checksum and replay the log with every invariant asserted;
+    /// print accounts, records and the LSN range. Exits non-zero on any damage.
+    Verify(DataDirArg),
+    /// Print every record as one JSON object per line, in LSN order (for audits).
+    Dump(DataDirArg),
+}
+
+/// The data directory of an offline command.
+#[derive(Debug, Clone, Args)]
+pub struct DataDirArg {
+    /// The server's data directory (the one given to `coffer serve --data-dir`).
+    #[arg(long, env = "COFFER_DATA_DIR", default_value = "./coffer-data")]
+    pub data_dir: PathBuf,
 }
 
 /// Flags of `coffer serve`.

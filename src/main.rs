@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use coffer::config::{Cli, Command, ServeArgs};
+use coffer::config::{Cli, Command, ServeArgs, WalCommand};
 use coffer::load::{self, LoadArgs};
 use coffer::Server;
 use tracing_subscriber::EnvFilter;
@@ -15,6 +15,9 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Wal(command) = &cli.command {
+        return wal_tool(command);
+    }
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if let Command::Serve(ServeArgs {
         workers: Some(workers),
@@ -33,6 +36,58 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Serve(args) => runtime.block_on(serve(args)),
         Command::Load(args) => runtime.block_on(run_load(args)),
+        Command::Wal(command) => wal_tool(&command),
+    }
+}
+
+/// `coffer wal verify` and `coffer wal dump`.
+fn wal_tool(command: &WalCommand) -> ExitCode {
+    match command {
+        WalCommand::Verify(args) => match coffer::audit::verify(&args.data_dir) {
+            Ok(found) => {
+                println!(
+                    "ok: {} records in {} segments, lsn {}..={}, {} accounts, {} open holds, total balance {}",
+                    found.records,
+                    found.segments,
+                    found.first_lsn,
+                    found.last_lsn,
+                    found.accounts,
+                    found.open_holds,
+                    found.total_balance
+                );
+                if let Some(cut) = found.tail_cut {
+                    println!(
+                        "note: torn tail in {} at offset {} ({} bytes: {}); it was never acknowledged and the server cuts it at its next start",
+                        cut.path.display(),
+                        cut.offset,
+                        cut.bytes,
+                        cut.reason
+                    );
+                }
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("coffer wal verify: {error}");
+                ExitCode::FAILURE
+            }
+        },
+        WalCommand::Dump(args) => {
+            let stdout = std::io::stdout();
+            let mut out = std::io::BufWriter::new(stdout.lock());
+            let result = coffer::audit::dump(&args.data_dir, &mut out);
+            let flushed = std::io::Write::flush(&mut out);
+            match (result, flushed) {
+                (Ok(_), Ok(())) => ExitCode::SUCCESS,
+                (Err(error), _) => {
+                    eprintln!("coffer wal dump: {error}");
+                    ExitCode::FAILURE
+                }
+                (_, Err(error)) => {
+                    eprintln!("coffer wal dump: cannot write: {error}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
     }
 }
 
