@@ -8,7 +8,7 @@ use std::path::Path;
 
 use serde_json::{json, Map, Value};
 
-use crate::domain::{Account, AccountId, Event, EventBody, FastMap, Metadata};
+use crate::domain::{Account, AccountId, Event, EventBody, FastMap, Metadata, Retention};
 use crate::http::dto::Timestamp;
 use crate::storage::FileStorage;
 use crate::wal::{self, reader, TailCut, WalError};
@@ -46,7 +46,7 @@ pub fn verify(data_dir: &Path) -> Result<Verified, WalError> {
         if first_lsn == 0 {
             first_lsn = event.lsn;
         }
-        crate::engine::replay_event(&mut accounts, event)
+        crate::engine::replay_event(&mut accounts, event, Retention::UNLIMITED)
     })?;
     Ok(Verified {
         segments,

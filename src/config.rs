@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::domain::Retention;
 use crate::engine::{EngineConfig, ACTOR_MAILBOX_CAPACITY};
 
 /// coffer: a durable, in-memory account engine for wallet and game backends.
@@ -57,9 +58,14 @@ pub struct ServeArgs {
     /// Address to listen on.
     #[arg(long, env = "COFFER_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: String,
-    /// How long idempotency keys are remembered at least (e.g. 24h, 90m).
+    /// How long idempotency keys, and holds that ended, are remembered at least (e.g. 24h,
+    /// 90m); they are forgotten at the account's first change after that.
     #[arg(long, env = "COFFER_IDEMPOTENCY_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
     pub idempotency_ttl: Duration,
+    /// Transactions of each account kept in memory for `GET .../transactions` (the newest;
+    /// older ones stay in the WAL, see `coffer wal dump`).
+    #[arg(long, env = "COFFER_HISTORY_LIMIT", default_value_t = crate::engine::RETENTION_DEFAULT.history, value_parser = clap::value_parser!(usize))]
+    pub history_limit: usize,
     /// Size in bytes at which the WAL starts a new segment file.
     #[arg(long, env = "COFFER_WAL_SEGMENT_BYTES", default_value_t = crate::wal::SEGMENT_BYTES_DEFAULT)]
     pub wal_segment_bytes: u64,
@@ -89,6 +95,10 @@ impl ServeArgs {
             config.actors = actors.max(1);
         }
         config.clock = Arc::new(crate::clock::SystemClock);
+        config.retention = Retention {
+            history: self.history_limit.max(1),
+            ttl_ms: u64::try_from(self.idempotency_ttl.as_millis()).unwrap_or(u64::MAX),
+        };
         config
     }
 }

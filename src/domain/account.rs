@@ -3,7 +3,7 @@
 //! call `apply`, so replay cannot disagree with what was acknowledged. No I/O, no clock: time
 //! and fresh ids come in as arguments.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 
 use uuid::Uuid;
@@ -372,6 +372,26 @@ pub struct Fresh {
     pub hold_id: Uuid,
 }
 
+/// How much an account remembers besides its balances and open holds. Pruning happens
+/// while an event is applied and depends only on the events and these numbers, so a replay
+/// with the same retention rebuilds exactly the same memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Retention {
+    /// Newest transactions kept in memory (older ones stay in the WAL).
+    pub history: usize,
+    /// Idempotency keys, and holds that ended, are kept at least this long (ms) after they
+    /// were stored or ended; they are dropped at the account's first event after that.
+    pub ttl_ms: u64,
+}
+
+impl Retention {
+    /// Remember everything (tests, offline tools).
+    pub const UNLIMITED: Retention = Retention {
+        history: usize::MAX,
+        ttl_ms: u64::MAX,
+    };
+}
+
 /// An account and everything it remembers. Fields with invariants are private.
 #[derive(Clone, Debug)]
 pub struct Account {
@@ -388,8 +408,16 @@ pub struct Account {
     holds: BTreeMap<Uuid, Hold>,
     /// Open holds by deadline, for expiry.
     deadlines: BTreeSet<(u64, Uuid)>,
+    /// The newest transactions (up to 1.5x the retention, trimmed in steps), oldest first.
     history: Vec<Transaction>,
+    /// Transactions trimmed from the front of `history`: it starts at seq `dropped + 1`.
+    history_dropped: u64,
     idempotency: FastMap<IdempotencyKey, IdempotencyEntry>,
+    /// Keys in the order they were stored, with the time: pruned oldest first.
+    key_order: VecDeque<(u64, IdempotencyKey)>,
+    /// Holds that ended, in the order they ended, with the time.
+    ended_holds: VecDeque<(u64, Uuid)>,
+    retention: Retention,
     /// Running totals for the conservation check (invariant 3).
     total_in: i128,
     total_out: i128,
@@ -426,7 +454,11 @@ impl Account {
             holds: BTreeMap::new(),
             deadlines: BTreeSet::new(),
             history: Vec::new(),
+            history_dropped: 0,
             idempotency: FastMap::default(),
+            key_order: VecDeque::new(),
+            ended_holds: VecDeque::new(),
+            retention: Retention::UNLIMITED,
             total_in: 0,
             total_out: 0,
         })
@@ -477,9 +509,20 @@ impl Account {
         };
         self.holds.range((start, Bound::Unbounded)).map(|(_, h)| h)
     }
-    /// The history, oldest first (index = seq - 1).
+    /// The newest transactions kept (at most the retention's `history`), oldest first, with
+    /// consecutive seqs ending at `seq()`.
     pub fn history(&self) -> &[Transaction] {
-        &self.history
+        let keep = self.history.len().min(self.retention.history);
+        &self.history[self.history.len() - keep..]
+    }
+    /// What the account remembers besides its state.
+    pub fn retention(&self) -> Retention {
+        self.retention
+    }
+    /// Sets what the account remembers; takes effect from its next event. The engine sets
+    /// it right after the account is opened, live and in replay alike.
+    pub fn set_retention(&mut self, retention: Retention) {
+        self.retention = retention;
     }
     /// The remembered outcome of an idempotency key.
     pub fn idempotency_entry(&self, key: &IdempotencyKey) -> Option<&IdempotencyEntry> {
@@ -754,6 +797,9 @@ impl Account {
         self.seq = event.seq;
         self.last_lsn = event.lsn;
         self.history.push(tx.clone());
+        if let Some(hold) = hold.as_ref().filter(|h| h.status != HoldStatus::Open) {
+            self.ended_holds.push_back((event.at_ms, hold.id));
+        }
         let receipt = Arc::new(Receipt {
             transaction: tx,
             account: self.view(),
@@ -769,10 +815,41 @@ impl Account {
                     created_at_ms: event.at_ms,
                 },
             );
+            self.key_order.push_back((event.at_ms, key.clone()));
         }
+        self.prune(event.at_ms);
         assert_eq!(self.seq, seq_before + 1, "invariant 4: seq moves by one");
         self.check_invariants();
         Ok(receipt)
+    }
+
+    /// Forgets what the retention no longer covers at `now_ms`: the oldest transactions
+    /// beyond the history limit (in steps of half the limit, so trimming is amortized), and
+    /// keys and ended holds older than the TTL.
+    fn prune(&mut self, now_ms: u64) {
+        let limit = self.retention.history;
+        if self.history.len() > limit.saturating_add(limit / 2) {
+            let excess = self.history.len() - limit;
+            self.history.drain(..excess);
+            self.history_dropped += excess as u64;
+        }
+        let ttl = self.retention.ttl_ms;
+        while let Some((at, _)) = self.key_order.front() {
+            if at.saturating_add(ttl) > now_ms {
+                break;
+            }
+            if let Some((_, key)) = self.key_order.pop_front() {
+                self.idempotency.remove(&key);
+            }
+        }
+        while let Some((at, _)) = self.ended_holds.front() {
+            if at.saturating_add(ttl) > now_ms {
+                break;
+            }
+            if let Some((_, id)) = self.ended_holds.pop_front() {
+                self.holds.remove(&id);
+            }
+        }
     }
 
     /// Changes balances and holds by an event that `check` accepted.
@@ -955,7 +1032,7 @@ impl Account {
             "invariant 2: deadline index out of step with open holds"
         );
         assert_eq!(
-            self.history.len() as u64,
+            self.history_dropped + self.history.len() as u64,
             self.seq,
             "invariant 4: history out of step with seq"
         );

@@ -1554,3 +1554,161 @@ fn apply_refuses_a_capture_without_amount_that_takes_less_than_the_hold() {
     assert!(account.apply(&event).is_err());
     assert_eq!(account.view(), before);
 }
+
+// ---------------------------------------------------------------------------------------
+// Retention: bounded history, keys and ended holds
+// ---------------------------------------------------------------------------------------
+
+const HOUR_MS: u64 = 60 * 60 * 1000;
+
+#[test]
+fn history_keeps_the_newest_transactions_up_to_the_limit() {
+    // Goal: memory per account is bounded by the limit, the kept window ends at seq, and
+    // invariant 4 still holds over what is dropped.
+    let mut account = open(0);
+    account.set_retention(Retention {
+        history: 10,
+        ttl_ms: u64::MAX,
+    });
+    for i in 0..100 {
+        exec(&mut account, None, credit(i + 1));
+        let history = account.history();
+        assert!(history.len() <= 10);
+        assert_eq!(history.last().map(|t| t.seq), Some(account.seq()));
+        for pair in history.windows(2) {
+            assert_eq!(pair[1].seq, pair[0].seq + 1);
+        }
+    }
+    let seqs: Vec<u64> = account.history().iter().map(|t| t.seq).collect();
+    assert_eq!(seqs, (91..=100).collect::<Vec<u64>>());
+    assert_eq!(account.balance(), (1..=100).sum::<i64>());
+}
+
+#[test]
+fn keys_are_remembered_for_the_ttl_and_forgotten_at_the_first_change_after_it() {
+    let mut account = open(0);
+    account.set_retention(Retention {
+        history: 1000,
+        ttl_ms: 24 * HOUR_MS,
+    });
+    exec_at(&mut account, Some("k1"), credit(50), T0, hold_uuid(1));
+    // Still there just before the TTL, even after another change.
+    exec_at(
+        &mut account,
+        None,
+        credit(1),
+        T0 + 24 * HOUR_MS - 1,
+        hold_uuid(2),
+    );
+    assert!(account.idempotency_entry(&key("k1")).is_some());
+    let _ = replay(&account, "k1", &credit(50));
+    // The first change at or after the TTL forgets it; the same key is then a new request.
+    exec_at(
+        &mut account,
+        None,
+        credit(1),
+        T0 + 24 * HOUR_MS,
+        hold_uuid(3),
+    );
+    assert!(account.idempotency_entry(&key("k1")).is_none());
+    let again = exec_at(
+        &mut account,
+        Some("k1"),
+        credit(50),
+        T0 + 25 * HOUR_MS,
+        hold_uuid(4),
+    );
+    assert_eq!(again.account.balance, 102);
+}
+
+#[test]
+fn ended_holds_are_forgotten_after_the_ttl_open_ones_never() {
+    let mut account = open(0);
+    account.set_retention(Retention {
+        history: 1000,
+        ttl_ms: HOUR_MS,
+    });
+    exec_at(&mut account, None, credit(100), T0, hold_uuid(1));
+    let ended = exec_at(&mut account, None, hold(10, Some(86_400)), T0, hold_uuid(2));
+    let ended = ended.hold.as_ref().expect("hold").id;
+    let open_hold = exec_at(&mut account, None, hold(20, Some(86_400)), T0, hold_uuid(3));
+    let open_hold = open_hold.hold.as_ref().expect("hold").id;
+    exec_at(&mut account, None, release(ended), T0 + 1, hold_uuid(4));
+    assert_eq!(
+        account.hold(&ended).map(|h| h.status),
+        Some(HoldStatus::Released)
+    );
+    exec_at(
+        &mut account,
+        None,
+        credit(1),
+        T0 + 1 + HOUR_MS,
+        hold_uuid(5),
+    );
+    assert!(
+        account.hold(&ended).is_none(),
+        "ended an hour ago: forgotten"
+    );
+    assert_eq!(
+        account.hold(&open_hold).map(|h| h.status),
+        Some(HoldStatus::Open)
+    );
+    assert_eq!(account.held(), 20);
+    // A late capture of the forgotten hold is refused as unknown, never applied.
+    assert_eq!(
+        refuse(&account, None, &capture(ended, None)),
+        OpError::HoldNotFound(ended)
+    );
+}
+
+#[test]
+fn replay_with_the_same_retention_rebuilds_the_same_memory() {
+    // Goal: pruning depends only on the events and the retention, so a replay forgets
+    // exactly what the live account forgot.
+    let retention = Retention {
+        history: 4,
+        ttl_ms: HOUR_MS,
+    };
+    let mut live = open(0);
+    live.set_retention(retention);
+    let mut events = Vec::new();
+    for i in 0..30u64 {
+        let at = T0 + i * HOUR_MS / 4;
+        let k = format!("k{i}");
+        let request = if i % 3 == 2 { debit(1) } else { credit(2) };
+        let decision = live
+            .decide(
+                Some(&key(&k)),
+                &request,
+                Fresh {
+                    now_ms: at,
+                    hold_id: hold_uuid(u128::from(i)),
+                },
+            )
+            .expect("accepted");
+        let Decision::Apply(body) = decision else {
+            panic!("expected an event");
+        };
+        let event = next_event(&live, Some(&k), body, at);
+        live.apply(&event).expect("apply");
+        events.push(event);
+    }
+    let mut replayed = Account::open(&open_event(0)).expect("open");
+    replayed.set_retention(retention);
+    for event in &events {
+        replayed.apply(event).expect("replay");
+    }
+    assert_eq!(replayed.view(), live.view());
+    assert_eq!(replayed.history(), live.history());
+    for i in 0..30 {
+        let k = key(&format!("k{i}"));
+        assert_eq!(
+            replayed.idempotency_entry(&k).map(|e| e.lsn),
+            live.idempotency_entry(&k).map(|e| e.lsn),
+            "key k{i}"
+        );
+    }
+    // The last hour of keys is kept, older ones are gone.
+    assert!(live.idempotency_entry(&key("k29")).is_some());
+    assert!(live.idempotency_entry(&key("k0")).is_none());
+}

@@ -22,12 +22,19 @@ use uuid::Uuid;
 use crate::clock::Clock;
 use crate::domain::{
     Account, AccountId, AccountView, Currency, Event, EventBody, FastMap, Hold, HoldStatus,
-    IdempotencyEntry, IdempotencyKey, Metadata, OpError, Receipt, Request, Transaction,
+    IdempotencyEntry, IdempotencyKey, Metadata, OpError, Receipt, Request, Retention, Transaction,
 };
 use crate::storage::{FileStorage, Storage};
 use crate::wal::{self, codec, Wal, WalError, WalStart, WriterMode};
 
 pub use actor::ACTOR_MAILBOX_CAPACITY;
+
+/// Default retention: the last 1000 transactions of each account in memory, idempotency
+/// keys and ended holds for 24 hours (API.md's minimum).
+pub const RETENTION_DEFAULT: Retention = Retention {
+    history: 1000,
+    ttl_ms: 24 * 60 * 60 * 1000,
+};
 
 /// How the engine is set up.
 #[derive(Clone)]
@@ -50,6 +57,9 @@ pub struct EngineConfig {
     /// How often the background sweep expires due holds; `None` for no sweep (tests and
     /// the simulation call [`Engine::expire_due`] themselves).
     pub expiry_sweep: Option<Duration>,
+    /// What each account remembers besides its state: history length and the TTL of
+    /// idempotency keys and ended holds.
+    pub retention: Retention,
     /// Seed of the id generator's counter; `None` seeds it from the wall clock. The
     /// simulation fixes it so a run reproduces exactly.
     pub id_seed: Option<u64>,
@@ -67,6 +77,7 @@ impl EngineConfig {
             storage: Arc::new(FileStorage),
             wal_writer: WriterMode::Thread,
             expiry_sweep: Some(expiry::SWEEP_INTERVAL),
+            retention: RETENTION_DEFAULT,
             id_seed: None,
         }
     }
@@ -200,7 +211,7 @@ impl Engine {
         let mut newest_ms = 0;
         let outcome = wal::replay_from(&*config.storage, &wal_dir, true, |event| {
             newest_ms = newest_ms.max(event.at_ms);
-            replay_event(&mut accounts, event)
+            replay_event(&mut accounts, event, config.retention)
         })?;
         if let Some(cut) = &outcome.tail_cut {
             tracing::warn!(
@@ -297,8 +308,9 @@ impl Engine {
                     },
                 };
                 event.lsn = self.inner.append(&event)?;
-                let account = Account::open(&event)
+                let mut account = Account::open(&event)
                     .expect("an open event built from validated values is accepted");
+                account.set_retention(self.inner.config.retention);
                 // The account as created: by the time the open is durable, requests that
                 // came after it may have changed the account without being durable yet.
                 let view = account.view();
@@ -471,10 +483,12 @@ impl Engine {
         let slot = self.inner.slot_or_404(id)?;
         self.inner
             .read(&slot, |account| {
+                // The newest transactions, with consecutive seqs from `first`: "seq < before"
+                // is the prefix of length before - first.
                 let history = account.history();
-                // history[i] has seq i + 1, so "seq < before" is the prefix of length before - 1.
+                let first = history.first().map_or(1, |t| t.seq);
                 let end = before_seq.map_or(history.len(), |b| {
-                    usize::try_from(b.saturating_sub(1))
+                    usize::try_from(b.saturating_sub(first))
                         .unwrap_or(usize::MAX)
                         .min(history.len())
                 });
@@ -551,12 +565,14 @@ impl Engine {
 pub(crate) fn replay_event(
     accounts: &mut FastMap<AccountId, Account>,
     event: Event,
+    retention: Retention,
 ) -> Result<(), String> {
     if let EventBody::Opened { .. } = event.body {
         if accounts.contains_key(&event.account) {
             return Err(format!("account {} opened twice", event.account));
         }
-        let account = Account::open(&event).map_err(|e| e.to_string())?;
+        let mut account = Account::open(&event).map_err(|e| e.to_string())?;
+        account.set_retention(retention);
         accounts.insert(event.account.clone(), account);
         return Ok(());
     }

@@ -40,7 +40,7 @@ use uuid::Uuid;
 use crate::clock::{Clock, ManualClock};
 use crate::domain::{
     Account, AccountId, AccountView, Currency, FastMap, IdempotencyKey, Metadata, Receipt, Request,
-    AMOUNT_MAX, HOLD_EXPIRES_SECS_MAX,
+    Retention, AMOUNT_MAX, HOLD_EXPIRES_SECS_MAX,
 };
 use crate::engine::{EngineError, Executed};
 use crate::storage::sim::{Fault, SimStorage};
@@ -224,6 +224,12 @@ const T_START: u64 = 1_767_225_600_000;
 const DATA_DIR: &str = "/sim/data";
 /// The account names clients use; some are never opened (requests to them get 404).
 const NAMES: [&str; 5] = ["a0", "a1", "a2", "a3", "a4"];
+/// A short history, so that runs page past what is kept; keys and ended holds forever, so
+/// that the model knows what is remembered.
+const SIM_RETENTION: Retention = Retention {
+    history: 16,
+    ttl_ms: u64::MAX,
+};
 /// Requests in flight at most at once.
 const INFLIGHT_MAX: usize = 6;
 /// Group commits a drain may take before the run is declared stuck.
@@ -376,6 +382,7 @@ impl Sim<'_> {
         config.wal_writer = WriterMode::Manual;
         config.expiry_sweep = None;
         config.id_seed = Some(self.lives << 24);
+        config.retention = SIM_RETENTION;
         let flip = self.below(8) == 0;
         if flip {
             let bit = self.below(1 << 20);
@@ -1118,7 +1125,7 @@ fn replay_disk(disk: &SimStorage) -> Result<FastMap<AccountId, Account>, String>
     let mut accounts = FastMap::default();
     let dir: PathBuf = Path::new(DATA_DIR).join("wal");
     crate::wal::replay_from(disk, &dir, false, |event| {
-        crate::engine::replay_event(&mut accounts, event)
+        crate::engine::replay_event(&mut accounts, event, SIM_RETENTION)
     })
     .map_err(|e| format!("replay of the log: {e}"))?;
     Ok(accounts)

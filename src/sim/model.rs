@@ -385,21 +385,33 @@ pub fn check_holds<'a>(
     Ok(())
 }
 
-/// History oldest first: seq 1, 2, 3, ... (invariant 4); money is conserved along it
-/// (invariant 3) and available never goes below the overdraft (invariant 1).
+/// The change a transaction makes to the balance.
+fn balance_change(tx: &Transaction) -> i128 {
+    match tx.kind {
+        TxKind::Credit | TxKind::TransferIn => i128::from(tx.amount),
+        TxKind::Debit | TxKind::Capture | TxKind::TransferOut => -i128::from(tx.amount),
+        TxKind::Hold | TxKind::Release | TxKind::Expire => 0,
+    }
+}
+
+/// History oldest first, the newest transactions with consecutive seqs ending at the
+/// account's seq (invariant 4; from seq 1 when nothing was trimmed); money is conserved
+/// along it (invariant 3) and available never goes below the overdraft (invariant 1).
 pub fn check_history(history: &[Transaction], view: &AccountView) -> Result<(), String> {
-    ensure_eq!(history.len() as u64, view.seq, "history length");
-    let mut balance: i128 = 0;
+    let first = history.first().map_or(1, |t| t.seq);
+    ensure_eq!(
+        first + history.len() as u64,
+        view.seq + 1,
+        "history ends at the account's seq"
+    );
+    let mut balance: i128 = match history.first() {
+        Some(tx) if tx.seq > 1 => i128::from(tx.balance) - balance_change(tx),
+        _ => 0,
+    };
     for (i, tx) in history.iter().enumerate() {
-        ensure_eq!(tx.seq, i as u64 + 1, "invariant 4: seq");
+        ensure_eq!(tx.seq, first + i as u64, "invariant 4: seq");
         ensure_eq!(&tx.account_id, &view.id, "transaction account");
-        match tx.kind {
-            TxKind::Credit | TxKind::TransferIn => balance += i128::from(tx.amount),
-            TxKind::Debit | TxKind::Capture | TxKind::TransferOut => {
-                balance -= i128::from(tx.amount)
-            }
-            TxKind::Hold | TxKind::Release | TxKind::Expire => {}
-        }
+        balance += balance_change(tx);
         ensure_eq!(
             i128::from(tx.balance),
             balance,
