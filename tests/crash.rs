@@ -7,6 +7,10 @@
 //!
 //! The seed of the random choices is printed; set `COFFER_CRASH_SEED` to replay a run's
 //! choices (the kill moment still depends on timing).
+//!
+//! `soak` (ignored; `scripts/crash-soak.sh` runs it) is the same kill cycle, many times:
+//! `COFFER_SOAK_CYCLES` (default 50) cycles of the binary `COFFER_BIN` (default the one cargo
+//! built for this test), writing its summary as JSON to `COFFER_SOAK_SUMMARY` when set.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -15,7 +19,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -43,6 +47,15 @@ const EXIT_TIMEOUT: Duration = Duration::from_secs(20);
 const BIND_ATTEMPTS: usize = 8;
 /// Timeout of a single HTTP request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Kill cycles of the soak when `COFFER_SOAK_CYCLES` is not set, and the most it accepts.
+const SOAK_CYCLES_DEFAULT: usize = 50;
+const SOAK_CYCLES_MAX: usize = 100_000;
+/// Time bound of the whole soak: a fixed part plus a part per cycle (a cycle normally takes
+/// a few seconds; one that hangs is cut by this bound, and the summary says so).
+const SOAK_DEADLINE_BASE: Duration = Duration::from_secs(120);
+const SOAK_DEADLINE_PER_CYCLE: Duration = Duration::from_secs(60);
+/// How many failure messages the soak summary keeps.
+const SOAK_FAILURES_KEPT: usize = 10;
 
 // ---------------------------------------------------------------------------------------
 // Randomness: a small seeded generator (SplitMix64), so a failing run's choices can be replayed.
@@ -155,9 +168,19 @@ fn http_client() -> reqwest::Client {
         .expect("build an HTTP client")
 }
 
-/// Starts `coffer serve` on `data_dir` and a free port and waits until `/readyz` is 200 and
-/// the process logged that it is ready. Retries with another port if the bind failed.
-async fn start_server(data_dir: &Path, logs: &Path, extra_args: &[&str]) -> ServerProcess {
+/// The binary cargo built for this test.
+fn default_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_coffer"))
+}
+
+/// Starts `bin serve` on `data_dir` and a free port of 127.0.0.1 and waits until `/readyz` is
+/// 200 and the process logged that it is ready. Retries with another port if the bind failed.
+async fn start_server(
+    bin: &Path,
+    data_dir: &Path,
+    logs: &Path,
+    extra_args: &[&str],
+) -> ServerProcess {
     static STARTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let client = http_client();
     for _ in 0..BIND_ATTEMPTS {
@@ -165,12 +188,15 @@ async fn start_server(data_dir: &Path, logs: &Path, extra_args: &[&str]) -> Serv
         let n = STARTS.fetch_add(1, Ordering::Relaxed);
         let log = logs.join(format!("server-{n}.log"));
         let log_file = File::create(&log).expect("create the server log");
-        let child = Command::new(env!("CARGO_BIN_EXE_coffer"))
+        let child = Command::new(bin)
             .arg("serve")
             .arg("--data-dir")
             .arg(data_dir)
             .arg("--listen")
             .arg(format!("127.0.0.1:{port}"))
+            // Every transaction stays listable, so each one can be checked after a restart.
+            .arg("--history-limit")
+            .arg("100000000")
             .args(extra_args)
             .env("NO_COLOR", "1")
             .env("RUST_LOG", "info")
@@ -178,7 +204,7 @@ async fn start_server(data_dir: &Path, logs: &Path, extra_args: &[&str]) -> Serv
             .stdout(Stdio::null())
             .stderr(log_file)
             .spawn()
-            .expect("spawn coffer serve");
+            .unwrap_or_else(|e| panic!("spawn {} serve: {e}", bin.display()));
         let mut server = ServerProcess {
             child,
             base: format!("http://127.0.0.1:{port}"),
@@ -803,12 +829,13 @@ async fn retry_unanswered(server: &ServerProcess, model: &mut Model, resolved: V
     }
 }
 
-/// Runs `check` over `items` on a few concurrent tasks; panics with the first failures.
-async fn check_all<T, F, Fut>(items: Vec<T>, check: F)
+/// Runs `check` over `items` on a few concurrent tasks; returns the failures.
+async fn check_all<T, E, F, Fut>(items: Vec<T>, check: F) -> Vec<E>
 where
     T: Send + 'static,
+    E: Send + 'static,
     F: Fn(reqwest::Client, T) -> Fut + Send + Sync + Clone + 'static,
-    Fut: std::future::Future<Output = Result<(), String>> + Send,
+    Fut: std::future::Future<Output = Result<(), E>> + Send,
 {
     const WORKERS: usize = 8;
     let mut chunks: Vec<Vec<T>> = (0..WORKERS).map(|_| Vec::new()).collect();
@@ -833,6 +860,11 @@ where
     for task in tasks {
         errors.extend(task.await.expect("a check task panicked"));
     }
+    errors
+}
+
+/// Panics with the first failures, if there are any.
+fn assert_none_failed(errors: &[String]) {
     assert!(
         errors.is_empty(),
         "{} check(s) failed, first ones:\n{}",
@@ -931,7 +963,7 @@ async fn check_holds(server: &ServerProcess, model: &Model, when: &str) {
     let base = server.base.clone();
     let holds: Vec<(HoldRef, HoldState)> = model.holds.values().cloned().collect();
     let when = when.to_string();
-    check_all(holds, move |http, (hold, state)| {
+    let errors = check_all(holds, move |http, (hold, state)| {
         let base = base.clone();
         let when = when.clone();
         async move {
@@ -962,19 +994,59 @@ async fn check_holds(server: &ServerProcess, model: &Model, when: &str) {
         }
     })
     .await;
+    assert_none_failed(&errors);
 }
 
-/// Every applied key is known to the lookup with its original status and response, and every
-/// refused key is unknown.
+/// What the idempotency-key lookups found.
+#[derive(Debug, Default)]
+struct KeyCheck {
+    /// Applied keys found with their original status and response.
+    verified: usize,
+    /// Applied keys the lookup does not know: acknowledged operations that were lost.
+    lost: Vec<String>,
+    /// Every other failure: a different answer, a refused key that is known, a lookup error.
+    wrong: Vec<String>,
+}
+
+enum KeyFault {
+    Lost(String),
+    Wrong(String),
+}
+
+impl KeyCheck {
+    fn failures(&self) -> impl Iterator<Item = &String> {
+        self.lost.iter().chain(&self.wrong)
+    }
+
+    fn is_ok(&self) -> bool {
+        self.lost.is_empty() && self.wrong.is_empty()
+    }
+
+    fn assert_ok(&self) {
+        if !self.is_ok() {
+            let first: Vec<String> = self.failures().take(10).cloned().collect();
+            panic!(
+                "{} acknowledged operation(s) lost, {} other key check(s) failed, first ones:\n{}",
+                self.lost.len(),
+                self.wrong.len(),
+                first.join("\n")
+            );
+        }
+    }
+}
+
+/// Looks up every applied key (it must be known with its original status and response) and
+/// every refused key (it must be unknown).
 async fn check_keys(
     server: &ServerProcess,
     applied: Vec<(usize, String, u16, Value)>,
     refused: Vec<(usize, String)>,
     when: &str,
-) {
+) -> KeyCheck {
     let base = server.base.clone();
     let when_applied = when.to_string();
-    check_all(applied, move |http, (account, key, status, response)| {
+    let applied_count = applied.len();
+    let faults = check_all(applied, move |http, (account, key, status, response)| {
         let base = base.clone();
         let when = when_applied.clone();
         async move {
@@ -982,34 +1054,51 @@ async fn check_keys(
                 "{base}/v1/accounts/{}/idempotency-keys/{key}",
                 account_name(account)
             );
+            let wrong = |e: String| KeyFault::Wrong(format!("GET {url}: {e}"));
             let answer = http
                 .get(&url)
                 .send()
                 .await
-                .map_err(|e| format!("GET {url}: {e}"))?;
+                .map_err(|e| wrong(e.to_string()))?;
             let got = answer.status().as_u16();
-            let body: Value = answer.json().await.map_err(|e| format!("GET {url}: {e}"))?;
-            if got != 200 {
-                return Err(format!(
+            let body: Value = answer.json().await.map_err(|e| wrong(e.to_string()))?;
+            if got == 404 && body["code"] == "unknown_idempotency_key" {
+                return Err(KeyFault::Lost(format!(
                     "{when}: acknowledged key {key} on {} is lost: {got} {body}",
                     account_name(account)
-                ));
+                )));
+            }
+            if got != 200 {
+                return Err(KeyFault::Wrong(format!(
+                    "{when}: lookup of acknowledged key {key} on {}: {got} {body}",
+                    account_name(account)
+                )));
             }
             if body["status"] != status
                 || body["response"] != response
                 || body["key"] != key.as_str()
             {
-                return Err(format!(
+                return Err(KeyFault::Wrong(format!(
                     "{when}: key {key}: lookup {body} differs from the original {status} {response}"
-                ));
+                )));
             }
             Ok(())
         }
     })
     .await;
+    let mut check = KeyCheck {
+        verified: applied_count - faults.len(),
+        ..KeyCheck::default()
+    };
+    for fault in faults {
+        match fault {
+            KeyFault::Lost(e) => check.lost.push(e),
+            KeyFault::Wrong(e) => check.wrong.push(e),
+        }
+    }
     let base = server.base.clone();
     let when = when.to_string();
-    check_all(refused, move |http, (account, key)| {
+    let errors = check_all(refused, move |http, (account, key)| {
         let base = base.clone();
         let when = when.clone();
         async move {
@@ -1031,6 +1120,8 @@ async fn check_keys(
         }
     })
     .await;
+    check.wrong.extend(errors);
+    check
 }
 
 async fn create_accounts(server: &ServerProcess) {
@@ -1047,8 +1138,11 @@ async fn create_accounts(server: &ServerProcess) {
     }
 }
 
-/// After a restart: resolves the unanswered requests, checks everything, retries the
-/// unanswered requests and checks the accounts again.
+/// After a restart: resolves the unanswered requests, looks up the keys applied since
+/// `applied_before` and refused since `refused_before`, checks the accounts and holds, retries
+/// the unanswered requests and checks the accounts again. Panics on a discrepancy, except
+/// when a key lookup failed: then it returns at once with the lookups, so that the caller can
+/// count what was lost before it fails.
 async fn verify_after_restart(
     server: &ServerProcess,
     model: &mut Model,
@@ -1057,35 +1151,110 @@ async fn verify_after_restart(
     applied_before: usize,
     refused_before: usize,
     when: &str,
-) {
+) -> KeyCheck {
     let resolved = resolve_unanswered(server, model, unanswered).await;
-    check_accounts(server, model, when).await;
-    check_holds(server, model, when).await;
-    check_keys(
+    let keys = check_keys(
         server,
         model.applied[applied_before..].to_vec(),
         model.refused[refused_before..].to_vec(),
         when,
     )
     .await;
+    if !keys.is_ok() {
+        return keys;
+    }
+    check_accounts(server, model, when).await;
+    check_holds(server, model, when).await;
     retry_unanswered(server, model, resolved).await;
     replay_acknowledged(server, model, acked_sample).await;
     check_accounts(server, model, &format!("{when}, after the retries")).await;
+    keys
 }
 
 // ---------------------------------------------------------------------------------------
-// Tests.
+// The kill cycle, shared by the crash test and the soak.
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigkill_at_random_moments_loses_nothing_acknowledged_and_applies_nothing_twice() {
-    // Goal: across repeated SIGKILLs under concurrent load, the recovered state is exactly what the acknowledged (and looked-up unanswered) operations imply.
+/// What a run of kill cycles did. Kept up to date while it runs, so that a soak that fails or
+/// runs out of time still reports how far it got.
+#[derive(Clone, Debug, Default)]
+struct CrashStats {
+    seed: u64,
+    /// SIGKILL/restart cycles whose recovered state was verified.
+    cycles: usize,
+    /// Requests sent under load.
+    requests: usize,
+    /// Requests answered 2xx under load.
+    acknowledged: usize,
+    /// Acknowledged operations verified after the SIGKILL that followed them: key lookup with
+    /// the original status and response, and their effect on balances, holds and seq.
+    acknowledged_verified: usize,
+    /// Requests refused (insufficient funds), under load or when retried.
+    refused: usize,
+    /// Requests without an answer when the server was killed.
+    unanswered: usize,
+    /// Unanswered requests the lookup after the restart found applied / not applied.
+    resolved_happened: usize,
+    resolved_not_happened: usize,
+    /// Requests sent again after a restart (unanswered ones and a sample of acknowledged ones).
+    retried: usize,
+    holds: usize,
+    /// Applied operations (acknowledged, found applied, or applied by a retry) looked up once
+    /// more at the end, on the last recovered state.
+    rechecked_at_end: usize,
+    /// Applied operations whose key the lookup no longer knew after a restart.
+    lost: usize,
+    /// The first failure messages.
+    failures: Vec<String>,
+}
+
+impl CrashStats {
+    /// Takes the model's counters.
+    fn take_counts(&mut self, model: &Model) {
+        self.acknowledged = model.acked;
+        self.refused = model.refused.len();
+        self.resolved_happened = model.resolved_happened;
+        self.resolved_not_happened = model.resolved_not_happened;
+        self.retried = model.retried;
+        self.holds = model.holds.len();
+    }
+
+    /// Counts the lost keys of `keys` and keeps the first failure messages.
+    fn take_key_failures(&mut self, keys: &KeyCheck) {
+        self.lost += keys.lost.len();
+        let room = SOAK_FAILURES_KEPT.saturating_sub(self.failures.len());
+        self.failures.extend(keys.failures().take(room).cloned());
+    }
+}
+
+fn update_stats(stats: &Mutex<CrashStats>, change: impl FnOnce(&mut CrashStats)) {
+    change(
+        &mut stats
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()),
+    );
+}
+
+/// Runs `bin` on a fresh data directory under `root` and kills it `cycles` times: each cycle
+/// drives `CLIENTS` clients, SIGKILLs the server at a random moment, restarts it on the same
+/// data directory and verifies the recovered state against the model of what was
+/// acknowledged; at the end every key of every cycle is looked up once more. Panics at the
+/// first discrepancy; `stats` is updated as it goes.
+async fn run_kill_cycles(
+    bin: PathBuf,
+    cycles: usize,
+    seed: u64,
+    root: PathBuf,
+    stats: Arc<Mutex<CrashStats>>,
+) {
     let started = Instant::now();
-    let seed = seed();
-    println!("crash test seed: {seed} (set COFFER_CRASH_SEED to replay the choices)");
+    println!(
+        "crash test seed: {seed} (set COFFER_CRASH_SEED to replay the choices), binary {}",
+        bin.display()
+    );
+    update_stats(&stats, |s| s.seed = seed);
     let mut rng = Rng(seed);
-    let root = tempfile::tempdir().expect("temp dir");
-    let data = root.path().join("data");
-    let logs = root.path().join("logs");
+    let data = root.join("data");
+    let logs = root.join("logs");
     std::fs::create_dir_all(&logs).expect("log dir");
 
     let mut model = Model::new();
@@ -1093,15 +1262,17 @@ async fn sigkill_at_random_moments_loses_nothing_acknowledged_and_applies_nothin
     let mut acked_sample: Vec<Sent> = Vec::new();
     let mut applied_mark = 0;
     let mut refused_mark = 0;
+    let mut acked_last_cycle = 0;
     let mut in_flight_at_kill = 0;
-    for cycle in 0..=KILL_CYCLES {
-        let segment_bytes = CRASH_SEGMENT_BYTES.to_string();
-        let mut server = start_server(&data, &logs, &["--wal-segment-bytes", &segment_bytes]).await;
+    let segment_bytes = CRASH_SEGMENT_BYTES.to_string();
+    for cycle in 0..=cycles {
+        let mut server =
+            start_server(&bin, &data, &logs, &["--wal-segment-bytes", &segment_bytes]).await;
         let when = format!("after restart {cycle}");
         if cycle == 0 {
             create_accounts(&server).await;
         } else {
-            verify_after_restart(
+            let keys = verify_after_restart(
                 &server,
                 &mut model,
                 std::mem::take(&mut unanswered),
@@ -1111,16 +1282,30 @@ async fn sigkill_at_random_moments_loses_nothing_acknowledged_and_applies_nothin
                 &when,
             )
             .await;
+            update_stats(&stats, |s| {
+                s.take_counts(&model);
+                s.take_key_failures(&keys);
+                if keys.is_ok() {
+                    s.cycles = cycle;
+                    s.acknowledged_verified += acked_last_cycle;
+                }
+            });
+            keys.assert_ok();
         }
-        if cycle == KILL_CYCLES {
+        if cycle == cycles {
             // The end: every key of every cycle once more, on the last recovered state.
-            check_keys(
+            let keys = check_keys(
                 &server,
                 model.applied.clone(),
                 model.refused.clone(),
                 "at the end",
             )
             .await;
+            update_stats(&stats, |s| {
+                s.rechecked_at_end = keys.verified;
+                s.take_key_failures(&keys);
+            });
+            keys.assert_ok();
             break;
         }
         applied_mark = model.applied.len();
@@ -1130,24 +1315,29 @@ async fn sigkill_at_random_moments_loses_nothing_acknowledged_and_applies_nothin
         let sent_count = sent.len();
         (unanswered, acked_sample) = record_answers(&mut model, sent, &mut rng);
         in_flight_at_kill += unanswered.len();
+        acked_last_cycle = model.acked - acked_before;
+        update_stats(&stats, |s| {
+            s.requests += sent_count;
+            s.unanswered = in_flight_at_kill;
+            s.take_counts(&model);
+        });
         let first_error = unanswered.iter().find_map(|s| match &s.outcome {
             Outcome::Unanswered(error) => Some(error.as_str()),
             _ => None,
         });
         println!(
-            "cycle {cycle}: {sent_count} requests, {} acknowledged, {} unanswered at the kill (e.g. {first_error:?})",
-            model.acked - acked_before,
+            "cycle {cycle}: {sent_count} requests, {acked_last_cycle} acknowledged, {} unanswered at the kill (e.g. {first_error:?})",
             unanswered.len()
         );
         assert!(
-            model.acked > acked_before,
+            acked_last_cycle > 0,
             "cycle {cycle}: no operation was acknowledged before the kill; log:\n{}",
             server.log_text()
         );
         drop(server);
     }
     println!(
-        "crash test: {KILL_CYCLES} kills, {} acknowledged, {} unanswered ({} had happened, {} had not), {} refused, {} retries, {} holds, {:?}",
+        "crash test: {cycles} kills, {} acknowledged, {} unanswered ({} had happened, {} had not), {} refused, {} retries, {} holds, {:?}",
         model.acked,
         in_flight_at_kill,
         model.resolved_happened,
@@ -1157,6 +1347,151 @@ async fn sigkill_at_random_moments_loses_nothing_acknowledged_and_applies_nothin
         model.holds.len(),
         started.elapsed()
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// Tests.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_at_random_moments_loses_nothing_acknowledged_and_applies_nothing_twice() {
+    // Goal: across repeated SIGKILLs under concurrent load, the recovered state is exactly what the acknowledged (and looked-up unanswered) operations imply.
+    let root = tempfile::tempdir().expect("temp dir");
+    let stats = Arc::new(Mutex::new(CrashStats::default()));
+    run_kill_cycles(
+        default_bin(),
+        KILL_CYCLES,
+        seed(),
+        root.path().to_path_buf(),
+        stats,
+    )
+    .await;
+}
+
+/// `COFFER_SOAK_CYCLES`, or the default.
+fn soak_cycles() -> usize {
+    let Ok(text) = std::env::var("COFFER_SOAK_CYCLES") else {
+        return SOAK_CYCLES_DEFAULT;
+    };
+    match text.trim().parse::<usize>() {
+        Ok(n) if (1..=SOAK_CYCLES_MAX).contains(&n) => n,
+        _ => panic!(
+            "COFFER_SOAK_CYCLES must be a whole number in 1..={SOAK_CYCLES_MAX}, got {text:?}"
+        ),
+    }
+}
+
+/// The message of a task's panic (cut to a few thousand characters: some carry a server log).
+fn panic_message(error: tokio::task::JoinError) -> String {
+    const MAX_CHARS: usize = 4000;
+    let message = match error.try_into_panic() {
+        Ok(payload) => payload
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "a panic without a message".to_string()),
+        Err(error) => error.to_string(),
+    };
+    if message.chars().count() > MAX_CHARS {
+        let cut: String = message.chars().take(MAX_CHARS).collect();
+        format!("{cut}...")
+    } else {
+        message
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "long: scripts/crash-soak.sh [CYCLES] runs it"]
+async fn soak() {
+    // Goal: the crash test's kill cycle, COFFER_SOAK_CYCLES times in a row on one data directory, loses no acknowledged operation; the figures go to COFFER_SOAK_SUMMARY as JSON.
+    let started = Instant::now();
+    let cycles = soak_cycles();
+    let bin = std::env::var_os("COFFER_BIN")
+        .filter(|b| !b.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(default_bin);
+    assert!(bin.is_file(), "COFFER_BIN {} is not a file", bin.display());
+    let summary_path = std::env::var_os("COFFER_SOAK_SUMMARY")
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from);
+    let seed = seed();
+    let root = tempfile::tempdir().expect("temp dir");
+    let stats = Arc::new(Mutex::new(CrashStats::default()));
+    let deadline = SOAK_DEADLINE_BASE + SOAK_DEADLINE_PER_CYCLE * cycles as u32;
+    // A task of its own, so that a panic in it is caught here and still summarized; aborting
+    // it at the deadline drops (SIGKILLs) its server.
+    let mut run = tokio::spawn(run_kill_cycles(
+        bin.clone(),
+        cycles,
+        seed,
+        root.path().to_path_buf(),
+        stats.clone(),
+    ));
+    let (result, failure) = match tokio::time::timeout(deadline, &mut run).await {
+        Ok(Ok(())) => ("ok", None),
+        Ok(Err(error)) => ("failed", Some(panic_message(error))),
+        Err(_) => {
+            run.abort();
+            let _ = run.await;
+            (
+                "timed_out",
+                Some(format!("the soak did not finish within {deadline:?}")),
+            )
+        }
+    };
+    let stats = stats
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .clone();
+    let result = if stats.lost > 0 { "lost" } else { result };
+    // A failed run keeps its data directory and server logs for a post-mortem.
+    let kept = if result == "ok" {
+        None
+    } else {
+        Some(root.keep())
+    };
+    // Failed key lookups are listed one by one already; any other failure is the panic.
+    let mut failures = stats.failures.clone();
+    if let Some(failure) = &failure {
+        if failures.is_empty() {
+            failures.push(failure.clone());
+        }
+    }
+    let summary = json!({
+        "result": result,
+        "cycles_requested": cycles,
+        "cycles": stats.cycles,
+        "binary": bin.display().to_string(),
+        "seed": stats.seed,
+        "requests": stats.requests,
+        "acknowledged": stats.acknowledged,
+        "acknowledged_verified": stats.acknowledged_verified,
+        "refused": stats.refused,
+        "unanswered": stats.unanswered,
+        "unanswered_resolved": stats.resolved_happened + stats.resolved_not_happened,
+        "resolved_happened": stats.resolved_happened,
+        "resolved_not_happened": stats.resolved_not_happened,
+        "retried": stats.retried,
+        "holds": stats.holds,
+        "rechecked_at_end": stats.rechecked_at_end,
+        "lost": stats.lost,
+        "failures": failures,
+        "kept_dir": kept.as_ref().map(|p| p.display().to_string()),
+        "duration_secs": (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
+    });
+    let text = serde_json::to_string_pretty(&summary).expect("summary as JSON");
+    match &summary_path {
+        Some(path) => std::fs::write(path, format!("{text}\n"))
+            .unwrap_or_else(|e| panic!("write the summary to {}: {e}", path.display())),
+        None => println!("{text}"),
+    }
+    assert_eq!(
+        stats.lost, 0,
+        "{} acknowledged operation(s) lost; data kept in {kept:?}",
+        stats.lost
+    );
+    if let Some(failure) = failure {
+        panic!("the crash soak failed ({result}); data kept in {kept:?}: {failure}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1171,7 +1506,8 @@ async fn sigterm_shuts_down_gracefully_with_status_zero_and_loses_nothing() {
     std::fs::create_dir_all(&logs).expect("log dir");
 
     let mut model = Model::new();
-    let mut server = start_server(&data, &logs, &[]).await;
+    let bin = default_bin();
+    let mut server = start_server(&bin, &data, &logs, &[]).await;
     create_accounts(&server).await;
     let sent = run_load_until(&mut server, &model, 0, &mut rng, |s| s.sigterm()).await;
     let exit = server.wait_exit(EXIT_TIMEOUT).await;
@@ -1191,7 +1527,7 @@ async fn sigterm_shuts_down_gracefully_with_status_zero_and_loses_nothing() {
         unanswered.len()
     );
 
-    let server = start_server(&data, &logs, &[]).await;
+    let server = start_server(&bin, &data, &logs, &[]).await;
     let log = server.log_text();
     assert!(
         !log.contains("torn_tail_cut=true"),
@@ -1206,7 +1542,8 @@ async fn sigterm_shuts_down_gracefully_with_status_zero_and_loses_nothing() {
         0,
         "after SIGTERM",
     )
-    .await;
+    .await
+    .assert_ok();
     // In-flight requests are finished before the exit, so a request that got no answer
     // never reached the engine.
     assert_eq!(
