@@ -116,11 +116,14 @@ pub fn replay_from(
             offset: offset as u64,
             reason,
         };
-        if outcome.last_lsn != 0 && segment.first_lsn != outcome.last_lsn + 1 {
+        // LSNs run 1, 2, 3, ... across segments with no gap: each segment must start right
+        // after the records before it, also after a segment with no records at all (the
+        // log starts at 1 until snapshots let it start later).
+        if segment.first_lsn != outcome.last_lsn + 1 {
             return Err(corrupt(
                 0,
                 format!(
-                    "segment starts at lsn {} but the previous one ended at {}",
+                    "segment starts at lsn {} but the records before it end at {}",
                     segment.first_lsn, outcome.last_lsn
                 ),
             ));
@@ -223,6 +226,27 @@ mod tests {
         let crc = hasher.finalize().to_le_bytes();
         frame[20..24].copy_from_slice(&crc);
         frame
+    }
+
+    #[test]
+    fn a_gap_after_a_segment_without_records_is_corruption() {
+        // Found by the wal_decode fuzz target: a first segment that reads as zeros, then a
+        // segment starting at lsn 5, was replayed as a sound log with lsns 1..=4 missing.
+        use crate::storage::sim::SimStorage;
+        let disk = SimStorage::new();
+        disk.put(&Path::new("/wal").join(segment_name(1)), &[0u8; 32]);
+        let mut frame = Vec::new();
+        encode_frame(5, b"payload", &mut frame);
+        disk.put(&Path::new("/wal").join(segment_name(5)), &frame);
+        let result = replay_from(&disk, Path::new("/wal"), true, |_| Ok(()));
+        assert!(
+            matches!(&result, Err(WalError::Corrupt { offset: 0, reason, .. }) if reason.contains("end at 0")),
+            "got {result:?}"
+        );
+        // A log whose first segment does not start at lsn 1 is refused the same way.
+        let disk = SimStorage::new();
+        disk.put(&Path::new("/wal").join(segment_name(5)), &frame);
+        assert!(replay_from(&disk, Path::new("/wal"), true, |_| Ok(())).is_err());
     }
 
     #[test]
