@@ -1,27 +1,31 @@
-//! Offline operator commands on a data directory: `coffer wal verify` (every checksum, then a
-//! replay with every invariant asserted) and `coffer wal dump` (one JSON line per record,
-//! for audits and reconciliation). Neither writes anything: a torn tail is reported, not
-//! cut (the server cuts it at its next start).
+//! Offline operator commands on a data directory: `coffer wal verify` (the server's own
+//! recovery, snapshot and WAL, every checksum and invariant checked, nothing written) and
+//! `coffer wal dump` (one JSON line per WAL record still on disk, for audits and
+//! reconciliation; with `--wal-archive`, the archive holds the older segments). A torn tail
+//! is reported, not cut (the server cuts it at its next start).
 
 use std::io::Write;
 use std::path::Path;
 
 use serde_json::{json, Map, Value};
 
-use crate::domain::{Account, AccountId, Event, EventBody, FastMap, Metadata, Retention};
+use crate::domain::{Event, EventBody, Metadata, Retention};
+use crate::engine::OpenError;
 use crate::http::dto::Timestamp;
 use crate::storage::FileStorage;
 use crate::wal::{self, reader, TailCut, WalError};
 
-/// What `wal verify` found in a log that is sound.
+/// What `wal verify` found in a data directory that is sound.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Verified {
-    /// Segment files.
+    /// The snapshot recovery would start from, if any.
+    pub snapshot_lsn: Option<u64>,
+    /// Snapshots skipped as damaged (recovery falls back past them).
+    pub damaged_snapshots: Vec<String>,
+    /// WAL segment files.
     pub segments: usize,
-    /// Records replayed.
+    /// Records replayed after the snapshot.
     pub records: u64,
-    /// LSN of the first record (0 for an empty log).
-    pub first_lsn: u64,
     /// LSN of the last record.
     pub last_lsn: u64,
     /// Accounts at the end of the log.
@@ -34,25 +38,21 @@ pub struct Verified {
     pub tail_cut: Option<TailCut>,
 }
 
-/// Checks every record of the log in `data_dir` and replays it with the same `apply` as the
-/// server, which asserts every invariant after every event. An error names the segment and
-/// offset of the first bad record.
-pub fn verify(data_dir: &Path) -> Result<Verified, WalError> {
-    let dir = data_dir.join("wal");
-    let segments = reader::list_segments(&FileStorage, &dir)?.len();
-    let mut accounts: FastMap<AccountId, Account> = FastMap::default();
-    let mut first_lsn = 0;
-    let outcome = wal::replay_from(&FileStorage, &dir, false, |event| {
-        if first_lsn == 0 {
-            first_lsn = event.lsn;
-        }
-        crate::engine::replay_event(&mut accounts, event, Retention::UNLIMITED)
-    })?;
+/// Recovers `data_dir` exactly as the server would (newest valid snapshot, then every WAL
+/// record after it, every checksum checked and every event applied with the server's own
+/// `apply`, which asserts every invariant), without writing anything. An error names the
+/// file and offset of the first bad record.
+pub fn verify(data_dir: &Path) -> Result<Verified, OpenError> {
+    let segments = reader::list_segments(&FileStorage, &data_dir.join("wal"))?.len();
+    let recovered =
+        crate::engine::recover_state(&FileStorage, data_dir, Retention::UNLIMITED, false)?;
+    let accounts = &recovered.accounts;
     Ok(Verified {
+        snapshot_lsn: recovered.snapshot_lsn,
+        damaged_snapshots: recovered.damaged_snapshots,
         segments,
-        records: outcome.records,
-        first_lsn,
-        last_lsn: outcome.last_lsn,
+        records: recovered.outcome.records,
+        last_lsn: recovered.outcome.last_lsn,
         accounts: accounts.len(),
         open_holds: accounts
             .values()
@@ -62,7 +62,7 @@ pub fn verify(data_dir: &Path) -> Result<Verified, WalError> {
             .values()
             .map(|a| i128::from(a.view().balance))
             .sum(),
-        tail_cut: outcome.tail_cut,
+        tail_cut: recovered.outcome.tail_cut,
     })
 }
 

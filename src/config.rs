@@ -66,6 +66,17 @@ pub struct ServeArgs {
     /// older ones stay in the WAL, see `coffer wal dump`).
     #[arg(long, env = "COFFER_HISTORY_LIMIT", default_value_t = crate::engine::RETENTION_DEFAULT.history, value_parser = clap::value_parser!(usize))]
     pub history_limit: usize,
+    /// Take a snapshot after this many new WAL records (0: never by count).
+    #[arg(long, env = "COFFER_SNAPSHOT_EVERY_RECORDS", default_value_t = crate::engine::SNAPSHOT_EVERY_RECORDS_DEFAULT)]
+    pub snapshot_every_records: u64,
+    /// Take a snapshot after this long when anything was written (e.g. 10m; 0s: never by
+    /// time). With both at 0 there are no snapshots, and recovery replays the whole WAL.
+    #[arg(long, env = "COFFER_SNAPSHOT_INTERVAL", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub snapshot_interval: Duration,
+    /// Move WAL segments that no kept snapshot needs into this directory (on the same file
+    /// system) instead of deleting them: the complete journal, for audits.
+    #[arg(long, env = "COFFER_WAL_ARCHIVE")]
+    pub wal_archive: Option<PathBuf>,
     /// Size in bytes at which the WAL starts a new segment file.
     #[arg(long, env = "COFFER_WAL_SEGMENT_BYTES", default_value_t = crate::wal::SEGMENT_BYTES_DEFAULT)]
     pub wal_segment_bytes: u64,
@@ -95,6 +106,11 @@ impl ServeArgs {
             config.actors = actors.max(1);
         }
         config.clock = Arc::new(crate::clock::SystemClock);
+        config.snapshot_every_records =
+            (self.snapshot_every_records > 0).then_some(self.snapshot_every_records);
+        config.snapshot_interval =
+            (!self.snapshot_interval.is_zero()).then_some(self.snapshot_interval);
+        config.wal_archive = self.wal_archive.clone();
         config.retention = Retention {
             history: self.history_limit.max(1),
             ttl_ms: u64::try_from(self.idempotency_ttl.as_millis()).unwrap_or(u64::MAX),

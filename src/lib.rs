@@ -17,6 +17,7 @@ pub mod http;
 pub mod load;
 pub mod server;
 pub mod sim;
+pub mod snapshot;
 pub mod storage;
 pub mod wal;
 

@@ -45,16 +45,21 @@ fn wal_tool(command: &WalCommand) -> ExitCode {
     match command {
         WalCommand::Verify(args) => match coffer::audit::verify(&args.data_dir) {
             Ok(found) => {
+                let start = found.snapshot_lsn.map_or("no snapshot".to_string(), |lsn| {
+                    format!("snapshot at lsn {lsn}")
+                });
                 println!(
-                    "ok: {} records in {} segments, lsn {}..={}, {} accounts, {} open holds, total balance {}",
+                    "ok: {start}, then {} records to lsn {} in {} segments; {} accounts, {} open holds, total balance {}",
                     found.records,
-                    found.segments,
-                    found.first_lsn,
                     found.last_lsn,
+                    found.segments,
                     found.accounts,
                     found.open_holds,
                     found.total_balance
                 );
+                for damaged in &found.damaged_snapshots {
+                    println!("warning: skipped a damaged snapshot: {damaged}");
+                }
                 if let Some(cut) = found.tail_cut {
                     println!(
                         "note: torn tail in {} at offset {} ({} bytes: {}); it was never acknowledged and the server cuts it at its next start",

@@ -101,6 +101,17 @@ impl Server {
     pub async fn shutdown(mut self) {
         self.stop_serving().await;
         if let Some(engine) = self.state.engine() {
+            // A snapshot at shutdown makes the next start replay next to nothing.
+            if engine.snapshot_on_shutdown() {
+                match engine.snapshot().await {
+                    Ok(report) => tracing::info!(
+                        lsn = report.lsn,
+                        accounts = report.accounts,
+                        "snapshot written at shutdown"
+                    ),
+                    Err(error) => tracing::warn!(%error, "no snapshot at shutdown"),
+                }
+            }
             engine.shutdown();
         }
         tracing::info!("coffer stopped");

@@ -197,6 +197,8 @@ async fn start_server(
             // Every transaction stays listable, so each one can be checked after a restart.
             .arg("--history-limit")
             .arg("100000000")
+            // Frequent snapshots, so that kills also land while one is written.
+            .args(["--snapshot-every-records", "300"])
             .args(extra_args)
             .env("NO_COLOR", "1")
             .env("RUST_LOG", "info")

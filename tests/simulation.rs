@@ -3,9 +3,10 @@
 //! reference model after every answer and at every quiet point.
 //!
 //! `cargo test` runs 200 seeds. `COFFER_SIM_SEEDS=N` runs N seeds; `COFFER_SIM_SEED=S` runs
-//! seed S alone (a failure prints the command that reproduces it).
+//! seed S alone (a failure prints the command that reproduces it); `COFFER_SIM_BYTES=FILE`
+//! replays an input of the `crash_recovery` fuzz target.
 
-use coffer::sim::{run_seed, SimOptions, SimReport};
+use coffer::sim::{run, run_seed, ByteChoices, SimOptions, SimReport};
 
 fn env_u64(name: &str) -> Option<u64> {
     let text = std::env::var(name).ok()?;
@@ -49,6 +50,18 @@ fn crashes_and_storage_faults_lose_nothing_acknowledged_and_apply_nothing_twice(
             "{total:?}"
         );
         assert!(total.restarts > 0, "{total:?}");
+    }
+}
+
+/// Replays a `crash_recovery` fuzz input: `COFFER_SIM_BYTES=path cargo test --test simulation`.
+#[test]
+fn a_fuzz_input_replays_when_given() {
+    let Ok(path) = std::env::var("COFFER_SIM_BYTES") else {
+        return;
+    };
+    let bytes = std::fs::read(&path).expect("COFFER_SIM_BYTES names a readable file");
+    if let Err(error) = run(&mut ByteChoices::new(&bytes), &SimOptions::fuzz()) {
+        panic!("simulation failed on {path}: {error}");
     }
 }
 

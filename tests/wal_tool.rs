@@ -81,7 +81,7 @@ async fn verify_reports_a_sound_log_and_dump_prints_every_record_in_order() {
     assert!(verified.status.success(), "{text} {verified:?}");
     assert!(
         text.contains(&format!(
-            "ok: {records} records in 1 segments, lsn 1..={records}, 2 accounts"
+            "ok: no snapshot, then {records} records to lsn {records} in 1 segments; 2 accounts"
         )),
         "{text}"
     );

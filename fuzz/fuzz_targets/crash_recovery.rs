@@ -3,7 +3,9 @@
 //! and where the last one tears, failed writes and syncs, and bit flips on recovery reads.
 //! After every crash the engine recovers and is checked against the reference model fed
 //! only what was acknowledged; any disagreement, lost acknowledged operation, double
-//! application or panic is a crash of this target.
+//! application or panic is a crash of this target. To replay a crash without nightly:
+//! `COFFER_SIM_BYTES=fuzz/artifacts/crash_recovery/crash-... COFFER_SIM_TRACE=1 cargo test
+//! --test simulation`.
 
 #![no_main]
 
@@ -11,11 +13,7 @@ use coffer::sim::{run, ByteChoices, SimOptions};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let options = SimOptions {
-        steps: 150,
-        segment_bytes: 2048,
-    };
-    if let Err(error) = run(&mut ByteChoices::new(data), &options) {
+    if let Err(error) = run(&mut ByteChoices::new(data), &SimOptions::fuzz()) {
         panic!("simulation failed: {error}");
     }
 });

@@ -342,7 +342,7 @@ impl From<Invalid> for OpError {
 }
 
 /// A successful outcome remembered under its idempotency key.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct IdempotencyEntry {
     /// The request, to tell a replay from a reuse.
     pub request: Request,
@@ -390,6 +390,42 @@ impl Retention {
         history: usize::MAX,
         ttl_ms: u64::MAX,
     };
+}
+
+/// Everything an account holds, as plain values: what a snapshot stores. Derived fields
+/// (open-hold count, deadline index, the order keys are pruned in) are rebuilt from these.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AccountParts {
+    /// Account id.
+    pub id: AccountId,
+    /// Currency.
+    pub currency: Currency,
+    /// Overdraft limit.
+    pub overdraft_limit: u64,
+    /// Metadata given at creation.
+    pub metadata: Metadata,
+    /// When it was opened (unix ms).
+    pub created_at_ms: u64,
+    /// Posted balance.
+    pub balance: i64,
+    /// Sum of open holds.
+    pub held: u64,
+    /// Number of changes.
+    pub seq: u64,
+    /// LSN of its last event.
+    pub last_lsn: u64,
+    /// Every hold it remembers (open ones, and ended ones within the retention), by id.
+    pub holds: Vec<Hold>,
+    /// Ended holds in the order they ended, with the time.
+    pub ended_holds: Vec<(u64, Uuid)>,
+    /// The newest transactions it keeps, oldest first.
+    pub history: Vec<Transaction>,
+    /// Remembered keys in the order they were stored.
+    pub keys: Vec<(IdempotencyKey, IdempotencyEntry)>,
+    /// Sum of credits (for the conservation check).
+    pub total_in: i128,
+    /// Sum of debits and captures.
+    pub total_out: i128,
 }
 
 /// An account and everything it remembers. Fields with invariants are private.
@@ -555,6 +591,118 @@ impl Account {
             created_at_ms: self.created_at_ms,
             metadata: self.metadata.clone(),
         }
+    }
+
+    /// The account as plain values (a copy of what it keeps).
+    pub fn parts(&self) -> AccountParts {
+        let keys = self
+            .key_order
+            .iter()
+            .filter_map(|(_, key)| Some((key.clone(), self.idempotency.get(key)?.clone())))
+            .collect();
+        AccountParts {
+            id: self.id.clone(),
+            currency: self.currency.clone(),
+            overdraft_limit: self.overdraft_limit,
+            metadata: self.metadata.clone(),
+            created_at_ms: self.created_at_ms,
+            balance: self.balance,
+            held: self.held,
+            seq: self.seq,
+            last_lsn: self.last_lsn,
+            holds: self.holds.values().cloned().collect(),
+            ended_holds: self.ended_holds.iter().copied().collect(),
+            history: self.history().to_vec(),
+            keys,
+            total_in: self.total_in,
+            total_out: self.total_out,
+        }
+    }
+
+    /// Rebuilds an account from its parts (a snapshot), with unlimited retention until
+    /// [`Account::set_retention`]. Refuses parts that break an invariant, without panicking:
+    /// they come from a file.
+    pub fn from_parts(parts: AccountParts) -> Result<Account, ApplyError> {
+        let mut holds = BTreeMap::new();
+        let mut deadlines = BTreeSet::new();
+        let mut open_holds: u32 = 0;
+        let mut held: u64 = 0;
+        for hold in parts.holds {
+            if hold.account_id != parts.id {
+                return Err(ApplyError("snapshot: a hold of another account"));
+            }
+            if hold.status == HoldStatus::Open {
+                open_holds = open_holds
+                    .checked_add(1)
+                    .ok_or(ApplyError("snapshot: too many open holds"))?;
+                held = held
+                    .checked_add(hold.amount.get())
+                    .ok_or(ApplyError("snapshot: held overflows"))?;
+                deadlines.insert((hold.expires_at_ms, hold.id));
+            }
+            if holds.insert(hold.id, hold).is_some() {
+                return Err(ApplyError("snapshot: a hold id twice"));
+            }
+        }
+        if held != parts.held {
+            return Err(ApplyError("snapshot: held is not the sum of open holds"));
+        }
+        for (_, id) in &parts.ended_holds {
+            match holds.get(id) {
+                Some(hold) if hold.status != HoldStatus::Open => {}
+                _ => return Err(ApplyError("snapshot: an ended hold that is not ended")),
+            }
+        }
+        let available = i128::from(parts.balance) - i128::from(parts.held);
+        if available < -i128::from(parts.overdraft_limit)
+            || parts.balance > AMOUNT_MAX as i64
+            || parts.overdraft_limit > AMOUNT_MAX
+        {
+            return Err(ApplyError("snapshot: balance out of bounds"));
+        }
+        if i128::from(parts.balance) != parts.total_in - parts.total_out {
+            return Err(ApplyError("snapshot: balance is not credits - debits"));
+        }
+        let dropped = parts
+            .seq
+            .checked_sub(parts.history.len() as u64)
+            .ok_or(ApplyError("snapshot: more history than seq"))?;
+        for (i, tx) in parts.history.iter().enumerate() {
+            if tx.seq != dropped + 1 + i as u64 || tx.account_id != parts.id {
+                return Err(ApplyError("snapshot: history out of step with seq"));
+            }
+        }
+        let mut idempotency = FastMap::default();
+        let mut key_order = VecDeque::with_capacity(parts.keys.len());
+        for (key, entry) in parts.keys {
+            key_order.push_back((entry.created_at_ms, key.clone()));
+            if idempotency.insert(key, entry).is_some() {
+                return Err(ApplyError("snapshot: a key twice"));
+            }
+        }
+        let account = Account {
+            id: parts.id,
+            currency: parts.currency,
+            overdraft_limit: parts.overdraft_limit,
+            metadata: parts.metadata,
+            created_at_ms: parts.created_at_ms,
+            balance: parts.balance,
+            held: parts.held,
+            seq: parts.seq,
+            last_lsn: parts.last_lsn,
+            open_holds,
+            holds,
+            deadlines,
+            history: parts.history,
+            history_dropped: dropped,
+            idempotency,
+            key_order,
+            ended_holds: parts.ended_holds.into_iter().collect(),
+            retention: Retention::UNLIMITED,
+            total_in: parts.total_in,
+            total_out: parts.total_out,
+        };
+        Ok(account)
     }
 
     /// Decides what a request does, without changing anything.

@@ -34,6 +34,11 @@ impl IdGen {
         }
     }
 
+    /// The highest timestamp any id made so far carries (at most).
+    pub(crate) fn last_ms(&self) -> u64 {
+        self.last_ms.load(Ordering::Relaxed)
+    }
+
     pub(crate) fn next(&self, now_ms: u64) -> Uuid {
         let ms = self
             .last_ms

@@ -9,6 +9,11 @@
 mod actor;
 mod expiry;
 mod ids;
+mod recovery;
+mod snapshots;
+
+pub(crate) use recovery::recover_state;
+pub use snapshots::{SnapshotFailed, SnapshotReport};
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,6 +33,11 @@ use crate::storage::{FileStorage, Storage};
 use crate::wal::{self, codec, Wal, WalError, WalStart, WriterMode};
 
 pub use actor::ACTOR_MAILBOX_CAPACITY;
+
+/// Default: a snapshot after a million new WAL records...
+pub const SNAPSHOT_EVERY_RECORDS_DEFAULT: u64 = 1_000_000;
+/// ... or after ten minutes with any.
+pub const SNAPSHOT_INTERVAL_DEFAULT: Duration = Duration::from_secs(600);
 
 /// Default retention: the last 1000 transactions of each account in memory, idempotency
 /// keys and ended holds for 24 hours (API.md's minimum).
@@ -60,6 +70,12 @@ pub struct EngineConfig {
     /// What each account remembers besides its state: history length and the TTL of
     /// idempotency keys and ended holds.
     pub retention: Retention,
+    /// Take a snapshot after this many new WAL records (`None`: not by count).
+    pub snapshot_every_records: Option<u64>,
+    /// Take a snapshot after this long with new records (`None`: not by time).
+    pub snapshot_interval: Option<Duration>,
+    /// Move WAL segments no snapshot needs here instead of deleting them.
+    pub wal_archive: Option<PathBuf>,
     /// Seed of the id generator's counter; `None` seeds it from the wall clock. The
     /// simulation fixes it so a run reproduces exactly.
     pub id_seed: Option<u64>,
@@ -78,6 +94,9 @@ impl EngineConfig {
             wal_writer: WriterMode::Thread,
             expiry_sweep: Some(expiry::SWEEP_INTERVAL),
             retention: RETENTION_DEFAULT,
+            snapshot_every_records: Some(SNAPSHOT_EVERY_RECORDS_DEFAULT),
+            snapshot_interval: Some(SNAPSHOT_INTERVAL_DEFAULT),
+            wal_archive: None,
             id_seed: None,
         }
     }
@@ -123,13 +142,20 @@ pub enum OpenError {
     /// The log could not be read, or is corrupt.
     #[error(transparent)]
     Wal(#[from] WalError),
+    /// A snapshot could not be read (a damaged one is skipped; this is I/O or a duplicate).
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
 }
 
 /// What recovery found.
 #[derive(Debug, Clone)]
 pub struct RecoveryReport {
-    /// Records replayed.
+    /// Records replayed (after the snapshot).
     pub records: u64,
+    /// LSN of the snapshot recovery started from, if any.
+    pub snapshot_lsn: Option<u64>,
+    /// Snapshots skipped because they were damaged.
+    pub damaged_snapshots: usize,
     /// Accounts recovered.
     pub accounts: usize,
     /// Last LSN in the log.
@@ -192,6 +218,8 @@ pub(crate) struct Inner {
     live_actors: AtomicU64,
     /// The account actors, started on first use (they need the runtime).
     actors: std::sync::OnceLock<actor::Actors>,
+    /// Held while a snapshot is taken: one at a time.
+    snapshot_running: tokio::sync::Mutex<()>,
 }
 
 /// One account: its state behind a short lock.
@@ -207,12 +235,9 @@ impl Engine {
     pub fn open(config: EngineConfig) -> Result<(Engine, RecoveryReport), OpenError> {
         let started = Instant::now();
         let wal_dir = config.data_dir.join("wal");
-        let mut accounts: FastMap<AccountId, Account> = FastMap::default();
-        let mut newest_ms = 0;
-        let outcome = wal::replay_from(&*config.storage, &wal_dir, true, |event| {
-            newest_ms = newest_ms.max(event.at_ms);
-            replay_event(&mut accounts, event, config.retention)
-        })?;
+        let recovered = recover_state(&*config.storage, &config.data_dir, config.retention, true)?;
+        let (accounts, outcome, newest_ms) =
+            (recovered.accounts, recovered.outcome, recovered.newest_ms);
         if let Some(cut) = &outcome.tail_cut {
             tracing::warn!(
                 path = %cut.path.display(), offset = cut.offset, bytes = cut.bytes,
@@ -237,6 +262,8 @@ impl Engine {
         }
         let report = RecoveryReport {
             records: outcome.records,
+            snapshot_lsn: recovered.snapshot_lsn,
+            damaged_snapshots: recovered.damaged_snapshots.len(),
             accounts: slots.len(),
             last_lsn: outcome.last_lsn,
             tail_cut: outcome.tail_cut,
@@ -252,6 +279,7 @@ impl Engine {
             config,
             live_actors: AtomicU64::new(0),
             actors: std::sync::OnceLock::new(),
+            snapshot_running: tokio::sync::Mutex::new(()),
         };
         Ok((
             Engine {
@@ -273,6 +301,11 @@ impl Engine {
         if let Some(every) = self.inner.config.expiry_sweep {
             expiry::spawn_sweeper(Arc::downgrade(&self.inner), every);
         }
+        snapshots::spawn_snapshotter(
+            Arc::downgrade(&self.inner),
+            self.inner.config.snapshot_every_records,
+            self.inner.config.snapshot_interval,
+        );
         self.inner.actors();
         Ok(expired.0)
     }
@@ -550,6 +583,13 @@ impl Engine {
         self.inner.wal.queued_bytes()
     }
 
+    /// Whether snapshots are configured (and so one is due at graceful shutdown).
+    pub fn snapshot_on_shutdown(&self) -> bool {
+        let config = &self.inner.config;
+        (config.snapshot_every_records.is_some() || config.snapshot_interval.is_some())
+            && !self.storage_failed()
+    }
+
     /// Whether writes are stopped by a storage failure.
     pub fn storage_failed(&self) -> bool {
         self.inner.wal.is_failed()
@@ -559,27 +599,6 @@ impl Engine {
     pub fn shutdown(&self) {
         self.inner.wal.close();
     }
-}
-
-/// Replay of one event into the recovering map, with the same `apply` as the live path.
-pub(crate) fn replay_event(
-    accounts: &mut FastMap<AccountId, Account>,
-    event: Event,
-    retention: Retention,
-) -> Result<(), String> {
-    if let EventBody::Opened { .. } = event.body {
-        if accounts.contains_key(&event.account) {
-            return Err(format!("account {} opened twice", event.account));
-        }
-        let mut account = Account::open(&event).map_err(|e| e.to_string())?;
-        account.set_retention(retention);
-        accounts.insert(event.account.clone(), account);
-        return Ok(());
-    }
-    let account = accounts
-        .get_mut(&event.account)
-        .ok_or_else(|| format!("event for unknown account {}", event.account))?;
-    account.apply(&event).map(|_| ()).map_err(|e| e.to_string())
 }
 
 impl Slot {

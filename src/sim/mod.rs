@@ -30,7 +30,7 @@
 pub mod model;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use tokio::runtime::Runtime;
@@ -134,6 +134,16 @@ pub struct SimOptions {
     pub segment_bytes: u64,
 }
 
+impl SimOptions {
+    /// What the `crash_recovery` fuzz target runs: shorter runs, smaller segments.
+    pub fn fuzz() -> SimOptions {
+        SimOptions {
+            steps: 150,
+            segment_bytes: 2048,
+        }
+    }
+}
+
 impl Default for SimOptions {
     fn default() -> SimOptions {
         SimOptions {
@@ -168,6 +178,8 @@ pub struct SimReport {
     pub resent_after_crash: u64,
     /// Holds expired.
     pub expired: u64,
+    /// Snapshots written.
+    pub snapshots: u64,
     /// Full state checks against the model and against a replay of the log.
     pub checks: u64,
 }
@@ -186,6 +198,7 @@ impl SimReport {
         self.read_flips_detected += other.read_flips_detected;
         self.resent_after_crash += other.resent_after_crash;
         self.expired += other.expired;
+        self.snapshots += other.snapshots;
         self.checks += other.checks;
     }
 }
@@ -349,6 +362,7 @@ impl Sim<'_> {
                 86..=89 if self.inflight.len() < INFLIGHT_MAX => self.submit_open(None)?,
                 86..=89 => self.commit()?,
                 90..=92 => self.restart()?,
+                93..=95 => self.snapshot()?,
                 _ => {
                     self.drain()?;
                     self.check_all()?;
@@ -383,6 +397,8 @@ impl Sim<'_> {
         config.expiry_sweep = None;
         config.id_seed = Some(self.lives << 24);
         config.retention = SIM_RETENTION;
+        config.snapshot_every_records = None;
+        config.snapshot_interval = None;
         let flip = self.below(8) == 0;
         if flip {
             let bit = self.below(1 << 20);
@@ -396,6 +412,11 @@ impl Sim<'_> {
         let flipped = self.disk.stats().faults > faults_before;
         self.disk.disarm();
         let engine = match opened {
+            // A flipped bit in a snapshot is detected by skipping it for the one before.
+            Ok((engine, report)) if flipped && report.damaged_snapshots > 0 => {
+                self.report.read_flips_detected += 1;
+                engine
+            }
             Ok((engine, _)) if flipped => {
                 drop(engine);
                 return Err("recovery read a flipped bit and did not notice".into());
@@ -417,9 +438,7 @@ impl Sim<'_> {
             .map_err(|e| format!("finish_recovery: {e}"))?;
         let unresolved = std::mem::take(&mut self.unresolved);
         self.report.resent_after_crash += unresolved.len() as u64;
-        for job in &unresolved {
-            self.learn_survivors(job)?;
-        }
+        self.learn_survivors(&unresolved)?;
         for job in unresolved {
             self.spawn(job, true)?;
         }
@@ -432,69 +451,80 @@ impl Sim<'_> {
         self.check_all()
     }
 
-    /// Teaches the model which unanswered requests survived the crash, in the order they
-    /// were sent: a request survived if its key is remembered. Each survivor must be
-    /// exactly what the model computes at that point (the survivors of one account are a
-    /// prefix of what its actor logged; a refused request left no trace either way). Sent
-    /// again afterwards, a survivor must come back as a replay and a lost one be applied
-    /// fresh.
-    fn learn_survivors(&mut self, job: &Job) -> Result<(), String> {
+    /// Teaches the model which unanswered requests survived the crash: those whose key is
+    /// remembered. They are learned in LSN order, the order the actors applied them (a key
+    /// sent twice may have been refused the first time and applied the second, after a
+    /// credit sent in between); each must be exactly what the model computes at that point.
+    /// A refused request left no trace either way. Sent again afterwards, a survivor must
+    /// come back as a replay and a lost one be applied fresh.
+    fn learn_survivors(&mut self, unresolved: &[Job]) -> Result<(), String> {
         let engine = self.engine()?;
-        match job {
-            Job::Open {
+        // Accounts first: every change of an account comes after its opening.
+        for job in unresolved {
+            let Job::Open {
                 account,
                 currency,
                 overdraft,
-            } => {
-                if self.accounts.contains_key(account) {
-                    return Ok(());
-                }
-                let id = AccountId::parse(account).map_err(|e| e.0)?;
-                if let Ok(view) = self.life()?.rt.block_on(engine.account(&id)) {
-                    if view.currency.as_str() == currency && view.overdraft_limit == *overdraft {
-                        self.trace(|| format!("survived: open {account}"));
-                        self.accounts.insert(
-                            account.clone(),
-                            Acct {
-                                currency: currency.clone(),
-                                model: Model::new(*overdraft),
-                            },
-                        );
-                    }
-                }
-                Ok(())
+            } = job
+            else {
+                continue;
+            };
+            if self.accounts.contains_key(account) {
+                continue;
             }
-            Job::Ops { ops, .. } => {
-                for op in ops {
-                    let Some(acct) = self.accounts.get(&op.account) else {
-                        continue;
-                    };
-                    if acct.model.keys.contains_key(&op.key) {
-                        continue;
-                    }
-                    let id = AccountId::parse(&op.account).map_err(|e| e.0)?;
-                    let key = IdempotencyKey::parse(&op.key).map_err(|e| e.0)?;
-                    let entry = self
-                        .life()?
-                        .rt
-                        .block_on(engine.idempotency_entry(&id, &key))
-                        .map_err(|e| e.to_string())?;
-                    let Some(entry) = entry else { continue };
-                    if entry.request != op.request {
-                        // Another request under the same key survived: it comes up in turn.
-                        continue;
-                    }
-                    self.trace(|| format!("survived: {op:?}"));
-                    let executed = Executed {
-                        receipt: entry.receipt.clone(),
-                        replayed: false,
-                    };
-                    self.verify_op(op.clone(), Ok(executed))
-                        .map_err(|e| format!("a request that survived a crash: {e}"))?;
+            let id = AccountId::parse(account).map_err(|e| e.0)?;
+            if let Ok(view) = self.life()?.rt.block_on(engine.account(&id)) {
+                if view.currency.as_str() == currency && view.overdraft_limit == *overdraft {
+                    self.trace(|| format!("survived: open {account}"));
+                    self.accounts.insert(
+                        account.clone(),
+                        Acct {
+                            currency: currency.clone(),
+                            model: Model::new(*overdraft),
+                        },
+                    );
                 }
-                Ok(())
             }
         }
+        let mut survivors: BTreeMap<u64, (Op, Arc<Receipt>)> = BTreeMap::new();
+        let mut seen = std::collections::HashSet::new();
+        for job in unresolved {
+            let Job::Ops { ops, .. } = job else { continue };
+            for op in ops {
+                let Some(acct) = self.accounts.get(&op.account) else {
+                    continue;
+                };
+                if acct.model.keys.contains_key(&op.key)
+                    || !seen.insert((op.account.clone(), op.key.clone()))
+                {
+                    continue;
+                }
+                let id = AccountId::parse(&op.account).map_err(|e| e.0)?;
+                let key = IdempotencyKey::parse(&op.key).map_err(|e| e.0)?;
+                let entry = self
+                    .life()?
+                    .rt
+                    .block_on(engine.idempotency_entry(&id, &key))
+                    .map_err(|e| e.to_string())?;
+                let Some(entry) = entry else { continue };
+                if entry.request != op.request {
+                    // Another request under the same key survived: it comes up in turn.
+                    seen.remove(&(op.account.clone(), op.key.clone()));
+                    continue;
+                }
+                survivors.insert(entry.lsn, (op.clone(), entry.receipt.clone()));
+            }
+        }
+        for (_, (op, receipt)) in survivors {
+            self.trace(|| format!("survived: {op:?}"));
+            let executed = Executed {
+                receipt,
+                replayed: false,
+            };
+            self.verify_op(op, Ok(executed))
+                .map_err(|e| format!("a request that survived a crash: {e}"))?;
+        }
+        Ok(())
     }
 
     /// The process dies: its tasks and the engine are dropped without another write. What
@@ -575,6 +605,40 @@ impl Sim<'_> {
             self.collect()?;
         }
         self.crash()
+    }
+
+    /// A snapshot while nothing is in flight; sometimes a write or sync of it fails, and
+    /// sometimes the machine crashes right after (a crash in the middle of writing it).
+    fn snapshot(&mut self) -> Result<(), String> {
+        self.drain()?;
+        let fault = match self.below(6) {
+            0 => Some(Fault::Write {
+                written: self.below(4096) as usize,
+            }),
+            1 => Some(Fault::Sync),
+            _ => None,
+        };
+        if let Some(fault) = fault {
+            self.disk.arm(fault);
+        }
+        let engine = self.engine()?;
+        let taking = self.spawn_task(async move { engine.snapshot().await })?;
+        let result = self.pump(taking)?;
+        self.disk.disarm();
+        self.trace(|| format!("snapshot (fault {fault:?}): {result:?}"));
+        match (fault, result) {
+            (None, Err(error)) => return Err(format!("snapshot failed without a fault: {error}")),
+            (_, Ok(_)) => self.report.snapshots += 1,
+            (Some(_), Err(_)) => self.report.storage_faults += 1,
+        }
+        ensure!(
+            !self.engine()?.storage_failed(),
+            "a failed snapshot stopped the WAL"
+        );
+        if fault.is_some() && self.below(2) == 0 {
+            return self.crash();
+        }
+        self.check_all()
     }
 
     // -----------------------------------------------------------------------------------
@@ -1120,15 +1184,11 @@ fn different(request: &Request) -> Request {
     }
 }
 
-/// The accounts as a fresh replay of the log on the disk sees them.
+/// The accounts as a fresh recovery from the disk (snapshot and log) sees them.
 fn replay_disk(disk: &SimStorage) -> Result<FastMap<AccountId, Account>, String> {
-    let mut accounts = FastMap::default();
-    let dir: PathBuf = Path::new(DATA_DIR).join("wal");
-    crate::wal::replay_from(disk, &dir, false, |event| {
-        crate::engine::replay_event(&mut accounts, event, SIM_RETENTION)
-    })
-    .map_err(|e| format!("replay of the log: {e}"))?;
-    Ok(accounts)
+    crate::engine::recover_state(disk, Path::new(DATA_DIR), SIM_RETENTION, false)
+        .map(|recovered| recovered.accounts)
+        .map_err(|e| format!("recovery from the disk: {e}"))
 }
 
 #[cfg(test)]

@@ -289,25 +289,25 @@ pub fn decode_event(lsn: u64, payload: &[u8]) -> Result<Event, DecodeError> {
     })
 }
 
-fn bad(what: &'static str) -> DecodeError {
+pub(crate) fn bad(what: &'static str) -> DecodeError {
     DecodeError::BadPayload(what)
 }
 
-fn put_str8(out: &mut Vec<u8>, text: &str) {
+pub(crate) fn put_str8(out: &mut Vec<u8>, text: &str) {
     // Callers pass ids, keys and currencies, all at most 255 bytes by their types.
     let len = u8::try_from(text.len()).expect("short strings are at most 255 bytes by type");
     out.push(len);
     out.extend_from_slice(text.as_bytes());
 }
 
-fn put_str16(out: &mut Vec<u8>, text: &str) {
+pub(crate) fn put_str16(out: &mut Vec<u8>, text: &str) {
     // Metadata keys and values are at most 500 characters (2,000 bytes) by type.
     let len = u16::try_from(text.len()).expect("metadata strings are at most 2,000 bytes");
     out.extend_from_slice(&len.to_le_bytes());
     out.extend_from_slice(text.as_bytes());
 }
 
-fn put_metadata(out: &mut Vec<u8>, metadata: &Metadata) {
+pub(crate) fn put_metadata(out: &mut Vec<u8>, metadata: &Metadata) {
     let count = u8::try_from(metadata.len()).expect("metadata has at most 16 keys by type");
     out.push(count);
     for (key, value) in metadata.iter() {
@@ -331,12 +331,12 @@ fn le_u64(b: &[u8]) -> u64 {
 }
 
 /// A bounds-checked cursor over a payload.
-struct Reader<'a> {
-    bytes: &'a [u8],
+pub(crate) struct Reader<'a> {
+    pub(crate) bytes: &'a [u8],
 }
 
 impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+    pub(crate) fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
         if self.bytes.len() < n {
             return Err(bad("truncated payload"));
         }
@@ -344,36 +344,36 @@ impl<'a> Reader<'a> {
         self.bytes = rest;
         Ok(head)
     }
-    fn u8(&mut self) -> Result<u8, DecodeError> {
+    pub(crate) fn u8(&mut self) -> Result<u8, DecodeError> {
         Ok(self.take(1)?[0])
     }
-    fn u16(&mut self) -> Result<u16, DecodeError> {
+    pub(crate) fn u16(&mut self) -> Result<u16, DecodeError> {
         Ok(le_u16(self.take(2)?))
     }
-    fn u32(&mut self) -> Result<u32, DecodeError> {
+    pub(crate) fn u32(&mut self) -> Result<u32, DecodeError> {
         Ok(le_u32(self.take(4)?))
     }
-    fn u64(&mut self) -> Result<u64, DecodeError> {
+    pub(crate) fn u64(&mut self) -> Result<u64, DecodeError> {
         Ok(le_u64(self.take(8)?))
     }
-    fn uuid(&mut self) -> Result<Uuid, DecodeError> {
+    pub(crate) fn uuid(&mut self) -> Result<Uuid, DecodeError> {
         let mut a = [0u8; 16];
         a.copy_from_slice(self.take(16)?);
         Ok(Uuid::from_bytes(a))
     }
-    fn amount(&mut self) -> Result<Amount, DecodeError> {
+    pub(crate) fn amount(&mut self) -> Result<Amount, DecodeError> {
         Amount::new(i128::from(self.u64()?)).map_err(|_| bad("amount out of range"))
     }
-    fn str8(&mut self) -> Result<&'a str, DecodeError> {
+    pub(crate) fn str8(&mut self) -> Result<&'a str, DecodeError> {
         let len = usize::from(self.u8()?);
         std::str::from_utf8(self.take(len)?).map_err(|_| bad("string is not UTF-8"))
     }
-    fn str16(&mut self) -> Result<String, DecodeError> {
+    pub(crate) fn str16(&mut self) -> Result<String, DecodeError> {
         let len = usize::from(self.u16()?);
         let text = std::str::from_utf8(self.take(len)?).map_err(|_| bad("string is not UTF-8"))?;
         Ok(text.to_string())
     }
-    fn metadata(&mut self) -> Result<Metadata, DecodeError> {
+    pub(crate) fn metadata(&mut self) -> Result<Metadata, DecodeError> {
         let count = self.u8()?;
         let mut map = BTreeMap::new();
         for _ in 0..count {

@@ -24,7 +24,7 @@ use std::thread::JoinHandle;
 use parking_lot::{Condvar, Mutex};
 use tokio::sync::oneshot;
 
-pub use reader::{replay, replay_from, ReplayOutcome, TailCut};
+pub use reader::{replay, replay_after, replay_from, ReplayOutcome, TailCut};
 
 use crate::storage::{Storage, StorageFile};
 
@@ -237,6 +237,11 @@ impl Wal {
                 Err(WalError::Failed)
             }
         }
+    }
+
+    /// The last LSN handed out (durable or not).
+    pub fn last_assigned_lsn(&self) -> u64 {
+        self.shared.queue.lock().next_lsn - 1
     }
 
     /// Records queued and not yet written.

@@ -66,7 +66,7 @@ pub struct TailCut {
 /// The result of reading the whole log.
 #[derive(Debug, Clone)]
 pub struct ReplayOutcome {
-    /// Number of records read.
+    /// Number of records handed to the caller (those after the snapshot).
     pub records: u64,
     /// LSN of the last valid record (0 when the log is empty).
     pub last_lsn: u64,
@@ -96,9 +96,30 @@ pub fn replay_from(
     storage: &dyn Storage,
     dir: &Path,
     repair: bool,
+    on_event: impl FnMut(Event) -> Result<(), String>,
+) -> Result<ReplayOutcome, WalError> {
+    replay_after(storage, dir, 0, repair, on_event)
+}
+
+/// [`replay_from`] for a log whose records up to `after_lsn` are covered by a snapshot:
+/// segments holding only such records are not read (they may be gone), records up to
+/// `after_lsn` are checked but not handed to `on_event`, and the log must reach at least
+/// `after_lsn`.
+pub fn replay_after(
+    storage: &dyn Storage,
+    dir: &Path,
+    after_lsn: u64,
+    repair: bool,
     mut on_event: impl FnMut(Event) -> Result<(), String>,
 ) -> Result<ReplayOutcome, WalError> {
-    let segments = list_segments(storage, dir)?;
+    let mut segments = list_segments(storage, dir)?;
+    // The last segment starting at or before after_lsn + 1 holds the first record needed.
+    if let Some(first_needed) = segments
+        .iter()
+        .rposition(|s| s.first_lsn <= after_lsn.saturating_add(1))
+    {
+        segments.drain(..first_needed);
+    }
     let mut outcome = ReplayOutcome {
         records: 0,
         last_lsn: 0,
@@ -119,14 +140,24 @@ pub fn replay_from(
         // LSNs run 1, 2, 3, ... across segments with no gap: each segment must start right
         // after the records before it, also after a segment with no records at all (the
         // log starts at 1 until snapshots let it start later).
-        if segment.first_lsn != outcome.last_lsn + 1 {
+        let before = outcome.last_lsn.max(after_lsn);
+        let continues = if index == 0 {
+            segment.first_lsn <= before + 1
+        } else {
+            segment.first_lsn == before + 1
+        };
+        if !continues {
             return Err(corrupt(
                 0,
                 format!(
                     "segment starts at lsn {} but the records before it end at {}",
-                    segment.first_lsn, outcome.last_lsn
+                    segment.first_lsn, before
                 ),
             ));
+        }
+        if index == 0 {
+            // Records before this segment are covered by the snapshot (or there are none).
+            outcome.last_lsn = segment.first_lsn.saturating_sub(1);
         }
         let mut expected_lsn = segment.first_lsn;
         let mut offset = 0usize;
@@ -141,8 +172,10 @@ pub fn replay_from(
                     }
                     let event = codec::decode_event(frame.lsn, frame.payload)
                         .map_err(|e| corrupt(offset, e.to_string()))?;
-                    on_event(event).map_err(|reason| corrupt(offset, reason))?;
-                    outcome.records += 1;
+                    if frame.lsn > after_lsn {
+                        on_event(event).map_err(|reason| corrupt(offset, reason))?;
+                        outcome.records += 1;
+                    }
                     outcome.last_lsn = frame.lsn;
                     expected_lsn += 1;
                     offset += size;
@@ -182,6 +215,16 @@ pub fn replay_from(
         if is_last {
             outcome.last_segment = Some((segment.path.clone(), offset as u64));
         }
+    }
+    if outcome.last_lsn < after_lsn {
+        return Err(WalError::Corrupt {
+            path: dir.to_path_buf(),
+            offset: 0,
+            reason: format!(
+                "the log ends at lsn {} but the snapshot covers up to {after_lsn}",
+                outcome.last_lsn
+            ),
+        });
     }
     Ok(outcome)
 }

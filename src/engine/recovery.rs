@@ -1,0 +1,125 @@
+//! Rebuilding the accounts at start: the newest valid snapshot (falling back to an older one
+//! if it is damaged), then the WAL after it, with the same `apply` as the live path.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::domain::{Account, AccountId, Event, EventBody, FastMap, Retention};
+use crate::snapshot;
+use crate::storage::Storage;
+use crate::wal::{self, ReplayOutcome};
+
+use super::OpenError;
+
+/// What [`recover_state`] rebuilt.
+pub(crate) struct Recovered {
+    pub(crate) accounts: FastMap<AccountId, Account>,
+    pub(crate) outcome: ReplayOutcome,
+    /// Every id made so far has a timestamp at or below this.
+    pub(crate) newest_ms: u64,
+    /// The snapshot recovery started from.
+    pub(crate) snapshot_lsn: Option<u64>,
+    /// Snapshots skipped as damaged, newest first.
+    pub(crate) damaged_snapshots: Vec<String>,
+}
+
+/// Loads the newest valid snapshot of `data_dir` and replays the WAL after it. With
+/// `repair`, a torn tail is cut on disk.
+pub(crate) fn recover_state(
+    storage: &dyn Storage,
+    data_dir: &Path,
+    retention: Retention,
+    repair: bool,
+) -> Result<Recovered, OpenError> {
+    let snapshot_dir = data_dir.join("snapshots");
+    let mut damaged_snapshots = Vec::new();
+    let mut base = None;
+    for file in snapshot::list(storage, &snapshot_dir)? {
+        match snapshot::read(storage, &file.path) {
+            Ok(found) => {
+                base = Some(found);
+                break;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "skipping a damaged snapshot, trying the one before it");
+                damaged_snapshots.push(error.to_string());
+            }
+        }
+    }
+    let mut accounts: FastMap<AccountId, Account> = FastMap::default();
+    let (after_lsn, mut newest_ms, snapshot_lsn) = match base {
+        Some(found) => {
+            tracing::info!(
+                lsn = found.lsn,
+                accounts = found.accounts.len(),
+                "loaded a snapshot"
+            );
+            accounts.reserve(found.accounts.len());
+            for mut account in found.accounts {
+                account.set_retention(retention);
+                let id = account.id().clone();
+                if accounts.insert(id.clone(), account).is_some() {
+                    return Err(OpenError::Snapshot(snapshot::SnapshotError::Corrupt {
+                        path: snapshot_dir.join(snapshot::file_name(found.lsn)),
+                        reason: format!("account {id} twice"),
+                    }));
+                }
+            }
+            (found.lsn, found.ids_after_ms, Some(found.lsn))
+        }
+        None => (0, 0, None),
+    };
+    let started = Instant::now();
+    let mut last_report = started;
+    let mut replayed: u64 = 0;
+    let outcome = wal::replay_after(storage, &data_dir.join("wal"), after_lsn, repair, |event| {
+        newest_ms = newest_ms.max(event.at_ms);
+        replayed += 1;
+        if replayed % 65_536 == 0 && last_report.elapsed() >= Duration::from_secs(1) {
+            last_report = Instant::now();
+            let secs = started.elapsed().as_secs_f64().max(1e-9);
+            tracing::info!(
+                records = replayed,
+                lsn = event.lsn,
+                rate = (replayed as f64 / secs) as u64,
+                "replaying the WAL"
+            );
+        }
+        // A fuzzy snapshot may already hold events after its LSN: skip them.
+        if accounts
+            .get(&event.account)
+            .is_some_and(|a| event.lsn <= a.last_lsn())
+        {
+            return Ok(());
+        }
+        replay_event(&mut accounts, event, retention)
+    })?;
+    Ok(Recovered {
+        accounts,
+        outcome,
+        newest_ms,
+        snapshot_lsn,
+        damaged_snapshots,
+    })
+}
+
+/// Replay of one event into the recovering map, with the same `apply` as the live path.
+fn replay_event(
+    accounts: &mut FastMap<AccountId, Account>,
+    event: Event,
+    retention: Retention,
+) -> Result<(), String> {
+    if let EventBody::Opened { .. } = event.body {
+        if accounts.contains_key(&event.account) {
+            return Err(format!("account {} opened twice", event.account));
+        }
+        let mut account = Account::open(&event).map_err(|e| e.to_string())?;
+        account.set_retention(retention);
+        accounts.insert(event.account.clone(), account);
+        return Ok(());
+    }
+    let account = accounts
+        .get_mut(&event.account)
+        .ok_or_else(|| format!("event for unknown account {}", event.account))?;
+    account.apply(&event).map(|_| ()).map_err(|e| e.to_string())
+}
