@@ -21,6 +21,10 @@ use coffer::wal::{codec, Wal, WalStart, WriterMode};
 use coffer::{Engine, EngineConfig};
 use uuid::Uuid;
 
+/// The server's allocator (`src/main.rs`), so the memory and speed figures are the server's.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name)
         .ok()
@@ -74,7 +78,11 @@ fn build(dir: &Path, accounts: u64, events: u64) -> Duration {
             account: account(i),
             seq: if first { 0 } else { seqs[i as usize] + 1 },
             at_ms: 1_767_225_600_000 + lsn / 1000,
-            tx_id: if first { Uuid::nil() } else { Uuid::from_u128(u128::from(lsn)) },
+            tx_id: if first {
+                Uuid::nil()
+            } else {
+                Uuid::from_u128(u128::from(lsn))
+            },
             idempotency_key: None,
             body: if first {
                 EventBody::Opened {

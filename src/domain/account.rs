@@ -932,6 +932,22 @@ impl Account {
     /// pay for the same checks twice). Still refuses an LSN that does not advance, and still
     /// asserts every invariant afterwards.
     pub fn apply_checked(&mut self, event: &Event) -> Result<Arc<Receipt>, ApplyError> {
+        self.apply_inner(event, true)?
+            .ok_or(ApplyError("no receipt for an applied event"))
+    }
+
+    /// `apply` for WAL replay: the same checks, changes and assertions, but a receipt is
+    /// built only where it is remembered (under an idempotency key); nobody reads the others.
+    pub fn replay(&mut self, event: &Event) -> Result<(), ApplyError> {
+        self.check(event)?;
+        self.apply_inner(event, false).map(|_| ())
+    }
+
+    fn apply_inner(
+        &mut self,
+        event: &Event,
+        want_receipt: bool,
+    ) -> Result<Option<Arc<Receipt>>, ApplyError> {
         if event.lsn <= self.last_lsn {
             return Err(ApplyError("event lsn does not follow the account's lsn"));
         }
@@ -944,16 +960,24 @@ impl Account {
         let (tx, hold, request) = self.mutate(event);
         self.seq = event.seq;
         self.last_lsn = event.lsn;
-        self.history.push(tx.clone());
         if let Some(hold) = hold.as_ref().filter(|h| h.status != HoldStatus::Open) {
             self.ended_holds.push_back((event.at_ms, hold.id));
         }
-        let receipt = Arc::new(Receipt {
-            transaction: tx,
-            account: self.view(),
-            hold,
-        });
-        if let (Some(key), Some(request)) = (&event.idempotency_key, request) {
+        let keyed = event.idempotency_key.is_some() && request.is_some();
+        let receipt = if want_receipt || keyed {
+            self.history.push(tx.clone());
+            Some(Arc::new(Receipt {
+                transaction: tx,
+                account: self.view(),
+                hold,
+            }))
+        } else {
+            self.history.push(tx);
+            None
+        };
+        if let (Some(key), Some(request), Some(receipt)) =
+            (&event.idempotency_key, request, &receipt)
+        {
             self.idempotency.insert(
                 key.clone(),
                 IdempotencyEntry {

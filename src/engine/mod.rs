@@ -225,7 +225,8 @@ pub(crate) struct Inner {
 /// One account: its state behind a short lock.
 pub(crate) struct Slot {
     id: AccountId,
-    state: Mutex<Account>,
+    /// Boxed, so that recovery hands its accounts over without copying them.
+    state: Mutex<Box<Account>>,
 }
 
 impl Engine {
@@ -347,7 +348,7 @@ impl Engine {
                 // The account as created: by the time the open is durable, requests that
                 // came after it may have changed the account without being durable yet.
                 let view = account.view();
-                accounts.insert(id.clone(), Arc::new(Slot::new(id, account)));
+                accounts.insert(id.clone(), Arc::new(Slot::new(id, Box::new(account))));
                 Ok((event.lsn, view))
             }
         };
@@ -602,7 +603,7 @@ impl Engine {
 }
 
 impl Slot {
-    fn new(id: AccountId, account: Account) -> Slot {
+    fn new(id: AccountId, account: Box<Account>) -> Slot {
         Slot {
             id,
             state: Mutex::new(account),

@@ -13,7 +13,9 @@ use super::OpenError;
 
 /// What [`recover_state`] rebuilt.
 pub(crate) struct Recovered {
-    pub(crate) accounts: FastMap<AccountId, Account>,
+    /// Boxed: the map grows by doubling while it fills, and a table of whole accounts would
+    /// need about twice their size at its peak.
+    pub(crate) accounts: FastMap<AccountId, Box<Account>>,
     pub(crate) outcome: ReplayOutcome,
     /// Every id made so far has a timestamp at or below this.
     pub(crate) newest_ms: u64,
@@ -46,7 +48,7 @@ pub(crate) fn recover_state(
             }
         }
     }
-    let mut accounts: FastMap<AccountId, Account> = FastMap::default();
+    let mut accounts: FastMap<AccountId, Box<Account>> = FastMap::default();
     let (after_lsn, mut newest_ms, snapshot_lsn) = match base {
         Some(found) => {
             tracing::info!(
@@ -58,7 +60,7 @@ pub(crate) fn recover_state(
             for mut account in found.accounts {
                 account.set_retention(retention);
                 let id = account.id().clone();
-                if accounts.insert(id.clone(), account).is_some() {
+                if accounts.insert(id.clone(), Box::new(account)).is_some() {
                     return Err(OpenError::Snapshot(snapshot::SnapshotError::Corrupt {
                         path: snapshot_dir.join(snapshot::file_name(found.lsn)),
                         reason: format!("account {id} twice"),
@@ -85,13 +87,6 @@ pub(crate) fn recover_state(
                 "replaying the WAL"
             );
         }
-        // A fuzzy snapshot may already hold events after its LSN: skip them.
-        if accounts
-            .get(&event.account)
-            .is_some_and(|a| event.lsn <= a.last_lsn())
-        {
-            return Ok(());
-        }
         replay_event(&mut accounts, event, retention)
     })?;
     Ok(Recovered {
@@ -103,23 +98,29 @@ pub(crate) fn recover_state(
     })
 }
 
-/// Replay of one event into the recovering map, with the same `apply` as the live path.
+/// Replay of one event into the recovering map, with the same checks and changes as the
+/// live path. Events at or below an account's `last_lsn` are skipped: a fuzzy snapshot holds
+/// some events after its own LSN.
 fn replay_event(
-    accounts: &mut FastMap<AccountId, Account>,
+    accounts: &mut FastMap<AccountId, Box<Account>>,
     event: Event,
     retention: Retention,
 ) -> Result<(), String> {
-    if let EventBody::Opened { .. } = event.body {
-        if accounts.contains_key(&event.account) {
+    if let Some(account) = accounts.get_mut(&event.account) {
+        if event.lsn <= account.last_lsn() {
+            // Already in the snapshot this replay started from (it is fuzzy).
+            return Ok(());
+        }
+        if let EventBody::Opened { .. } = event.body {
             return Err(format!("account {} opened twice", event.account));
         }
+        return account.replay(&event).map_err(|e| e.to_string());
+    }
+    if let EventBody::Opened { .. } = event.body {
         let mut account = Account::open(&event).map_err(|e| e.to_string())?;
         account.set_retention(retention);
-        accounts.insert(event.account.clone(), account);
+        accounts.insert(event.account, Box::new(account));
         return Ok(());
     }
-    let account = accounts
-        .get_mut(&event.account)
-        .ok_or_else(|| format!("event for unknown account {}", event.account))?;
-    account.apply(&event).map(|_| ()).map_err(|e| e.to_string())
+    Err(format!("event for unknown account {}", event.account))
 }

@@ -1185,7 +1185,7 @@ fn different(request: &Request) -> Request {
 }
 
 /// The accounts as a fresh recovery from the disk (snapshot and log) sees them.
-fn replay_disk(disk: &SimStorage) -> Result<FastMap<AccountId, Account>, String> {
+fn replay_disk(disk: &SimStorage) -> Result<FastMap<AccountId, Box<Account>>, String> {
     crate::engine::recover_state(disk, Path::new(DATA_DIR), SIM_RETENTION, false)
         .map(|recovered| recovered.accounts)
         .map_err(|e| format!("recovery from the disk: {e}"))
