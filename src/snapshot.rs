@@ -18,8 +18,8 @@ use std::path::{Path, PathBuf};
 use uuid::Uuid;
 
 use crate::domain::{
-    Account, AccountId, AccountParts, AccountView, Currency, Hold, HoldStatus, IdempotencyEntry,
-    IdempotencyKey, Receipt, Request, Transaction, TxKind,
+    Account, AccountId, AccountParts, AccountView, Currencies, Currency, Hold, HoldStatus,
+    IdempotencyEntry, IdempotencyKey, Receipt, Request, Transaction, TxKind,
 };
 use crate::storage::Storage;
 use crate::wal::codec::{bad, put_metadata, put_str16, put_str8, DecodeError, Reader};
@@ -225,10 +225,12 @@ pub fn decode(bytes: &[u8]) -> Result<Snapshot, String> {
     let created_at_ms = r.u64().map_err(field)?;
     let count = r.u64().map_err(field)?;
     let mut accounts = Vec::with_capacity(usize::try_from(count.min(1 << 20)).unwrap_or(0));
+    let mut currencies = Currencies::default();
     for index in 0..count {
         let len = r.u32().map_err(field)? as usize;
         let payload = r.take(len).map_err(field)?;
-        let parts = decode_account(payload).map_err(|e| format!("account {index}: {e}"))?;
+        let mut parts = decode_account(payload).map_err(|e| format!("account {index}: {e}"))?;
+        parts.currency = currencies.share(parts.currency);
         let account = Account::from_parts(parts).map_err(|e| format!("account {index}: {e}"))?;
         accounts.push(account);
     }

@@ -428,6 +428,31 @@ pub struct AccountParts {
     pub total_out: i128,
 }
 
+/// What an account remembers beyond balances and history, once it has any.
+#[derive(Clone, Debug, Default)]
+struct Extras {
+    holds: BTreeMap<Uuid, Hold>,
+    /// Open holds by deadline, for expiry.
+    deadlines: BTreeSet<(u64, Uuid)>,
+    idempotency: FastMap<IdempotencyKey, IdempotencyEntry>,
+    /// Keys in the order they were stored, with the time: pruned oldest first.
+    key_order: VecDeque<(u64, IdempotencyKey)>,
+    /// Holds that ended, in the order they ended, with the time.
+    ended_holds: VecDeque<(u64, Uuid)>,
+}
+
+impl Extras {
+    fn is_empty(&self) -> bool {
+        self.holds.is_empty() && self.idempotency.is_empty()
+    }
+}
+
+/// The extras of an account that has none.
+fn no_extras() -> &'static Extras {
+    static EMPTY: std::sync::OnceLock<Extras> = std::sync::OnceLock::new();
+    EMPTY.get_or_init(Extras::default)
+}
+
 /// An account and everything it remembers. Fields with invariants are private.
 #[derive(Clone, Debug)]
 pub struct Account {
@@ -441,18 +466,13 @@ pub struct Account {
     seq: u64,
     last_lsn: u64,
     open_holds: u32,
-    holds: BTreeMap<Uuid, Hold>,
-    /// Open holds by deadline, for expiry.
-    deadlines: BTreeSet<(u64, Uuid)>,
+    /// Holds, keys and their queues: allocated on first use, so an idle account does not
+    /// pay for five empty collections.
+    extras: Option<Box<Extras>>,
     /// The newest transactions (up to 1.5x the retention, trimmed in steps), oldest first.
     history: Vec<Transaction>,
     /// Transactions trimmed from the front of `history`: it starts at seq `dropped + 1`.
     history_dropped: u64,
-    idempotency: FastMap<IdempotencyKey, IdempotencyEntry>,
-    /// Keys in the order they were stored, with the time: pruned oldest first.
-    key_order: VecDeque<(u64, IdempotencyKey)>,
-    /// Holds that ended, in the order they ended, with the time.
-    ended_holds: VecDeque<(u64, Uuid)>,
     retention: Retention,
     /// Running totals for the conservation check (invariant 3).
     total_in: i128,
@@ -487,13 +507,9 @@ impl Account {
             seq: 0,
             last_lsn: event.lsn,
             open_holds: 0,
-            holds: BTreeMap::new(),
-            deadlines: BTreeSet::new(),
+            extras: None,
             history: Vec::new(),
             history_dropped: 0,
-            idempotency: FastMap::default(),
-            key_order: VecDeque::new(),
-            ended_holds: VecDeque::new(),
             retention: Retention::UNLIMITED,
             total_in: 0,
             total_out: 0,
@@ -534,7 +550,7 @@ impl Account {
     }
     /// A hold by id.
     pub fn hold(&self, id: &Uuid) -> Option<&Hold> {
-        self.holds.get(id)
+        self.ex().holds.get(id)
     }
     /// Holds in id (= creation) order, starting after `after`.
     pub fn holds_after(&self, after: Option<Uuid>) -> impl Iterator<Item = &Hold> {
@@ -543,7 +559,10 @@ impl Account {
             Some(id) => Bound::Excluded(id),
             None => Bound::Unbounded,
         };
-        self.holds.range((start, Bound::Unbounded)).map(|(_, h)| h)
+        self.ex()
+            .holds
+            .range((start, Bound::Unbounded))
+            .map(|(_, h)| h)
     }
     /// The newest transactions kept (at most the retention's `history`), oldest first, with
     /// consecutive seqs ending at `seq()`.
@@ -562,11 +581,12 @@ impl Account {
     }
     /// The remembered outcome of an idempotency key.
     pub fn idempotency_entry(&self, key: &IdempotencyKey) -> Option<&IdempotencyEntry> {
-        self.idempotency.get(key)
+        self.ex().idempotency.get(key)
     }
     /// Open holds whose deadline is at or before `now_ms`, earliest first.
     pub fn due_holds(&self, now_ms: u64) -> Vec<Uuid> {
-        self.deadlines
+        self.ex()
+            .deadlines
             .iter()
             .take_while(|(deadline, _)| *deadline <= now_ms)
             .map(|(_, id)| *id)
@@ -574,7 +594,7 @@ impl Account {
     }
     /// Deadlines of all open holds.
     pub fn open_deadlines(&self) -> impl Iterator<Item = (u64, Uuid)> + '_ {
-        self.deadlines.iter().copied()
+        self.ex().deadlines.iter().copied()
     }
 
     /// A copy of the public fields.
@@ -596,9 +616,10 @@ impl Account {
     /// The account as plain values (a copy of what it keeps).
     pub fn parts(&self) -> AccountParts {
         let keys = self
+            .ex()
             .key_order
             .iter()
-            .filter_map(|(_, key)| Some((key.clone(), self.idempotency.get(key)?.clone())))
+            .filter_map(|(_, key)| Some((key.clone(), self.ex().idempotency.get(key)?.clone())))
             .collect();
         AccountParts {
             id: self.id.clone(),
@@ -610,8 +631,8 @@ impl Account {
             held: self.held,
             seq: self.seq,
             last_lsn: self.last_lsn,
-            holds: self.holds.values().cloned().collect(),
-            ended_holds: self.ended_holds.iter().copied().collect(),
+            holds: self.ex().holds.values().cloned().collect(),
+            ended_holds: self.ex().ended_holds.iter().copied().collect(),
             history: self.history().to_vec(),
             keys,
             total_in: self.total_in,
@@ -680,7 +701,14 @@ impl Account {
                 return Err(ApplyError("snapshot: a key twice"));
             }
         }
-        let account = Account {
+        let extras = Extras {
+            holds,
+            deadlines,
+            idempotency,
+            key_order,
+            ended_holds: parts.ended_holds.into_iter().collect(),
+        };
+        let mut account = Account {
             id: parts.id,
             currency: parts.currency,
             overdraft_limit: parts.overdraft_limit,
@@ -691,17 +719,16 @@ impl Account {
             seq: parts.seq,
             last_lsn: parts.last_lsn,
             open_holds,
-            holds,
-            deadlines,
+            extras: None,
             history: parts.history,
             history_dropped: dropped,
-            idempotency,
-            key_order,
-            ended_holds: parts.ended_holds.into_iter().collect(),
             retention: Retention::UNLIMITED,
             total_in: parts.total_in,
             total_out: parts.total_out,
         };
+        if !extras.is_empty() {
+            account.extras = Some(Box::new(extras));
+        }
         Ok(account)
     }
 
@@ -713,7 +740,7 @@ impl Account {
         request: &Request,
         fresh: Fresh,
     ) -> Result<Decision, OpError> {
-        if let Some(entry) = key.and_then(|k| self.idempotency.get(k)) {
+        if let Some(entry) = key.and_then(|k| self.ex().idempotency.get(k)) {
             if entry.request == *request {
                 return Ok(Decision::Replay(entry.clone()));
             }
@@ -776,7 +803,7 @@ impl Account {
 
     /// Decides whether a hold expires now: only an open hold whose deadline has passed.
     pub fn decide_expire(&self, hold_id: &Uuid, now_ms: u64) -> Option<EventBody> {
-        let hold = self.holds.get(hold_id)?;
+        let hold = self.ex().holds.get(hold_id)?;
         if hold.status != HoldStatus::Open || hold.expires_at_ms > now_ms {
             return None;
         }
@@ -818,6 +845,7 @@ impl Account {
 
     fn open_hold(&self, hold_id: &Uuid) -> Result<&Hold, OpError> {
         let hold = self
+            .ex()
             .holds
             .get(hold_id)
             .ok_or(OpError::HoldNotFound(*hold_id))?;
@@ -861,7 +889,7 @@ impl Account {
             return Err(ApplyError("event seq does not follow the account's seq"));
         }
         if let Some(key) = &event.idempotency_key {
-            if self.idempotency.contains_key(key) {
+            if self.ex().idempotency.contains_key(key) {
                 return Err(ApplyError("idempotency key applied twice"));
             }
             if matches!(event.body, EventBody::Expire { .. }) {
@@ -879,7 +907,7 @@ impl Account {
             EventBody::Hold {
                 hold_id, amount, ..
             } => {
-                if self.holds.contains_key(hold_id) {
+                if self.ex().holds.contains_key(hold_id) {
                     return Err(ApplyError("hold id used twice"));
                 }
                 self.check_funds(*amount)
@@ -910,6 +938,7 @@ impl Account {
 
     fn check_open(&self, hold_id: &Uuid) -> Result<&Hold, ApplyError> {
         let hold = self
+            .ex()
             .holds
             .get(hold_id)
             .ok_or(ApplyError("event names an unknown hold"))?;
@@ -961,7 +990,7 @@ impl Account {
         self.seq = event.seq;
         self.last_lsn = event.lsn;
         if let Some(hold) = hold.as_ref().filter(|h| h.status != HoldStatus::Open) {
-            self.ended_holds.push_back((event.at_ms, hold.id));
+            self.ex_mut().ended_holds.push_back((event.at_ms, hold.id));
         }
         let keyed = event.idempotency_key.is_some() && request.is_some();
         let receipt = if want_receipt || keyed {
@@ -978,7 +1007,7 @@ impl Account {
         if let (Some(key), Some(request), Some(receipt)) =
             (&event.idempotency_key, request, &receipt)
         {
-            self.idempotency.insert(
+            self.ex_mut().idempotency.insert(
                 key.clone(),
                 IdempotencyEntry {
                     request,
@@ -987,7 +1016,9 @@ impl Account {
                     created_at_ms: event.at_ms,
                 },
             );
-            self.key_order.push_back((event.at_ms, key.clone()));
+            self.ex_mut()
+                .key_order
+                .push_back((event.at_ms, key.clone()));
         }
         self.prune(event.at_ms);
         assert_eq!(self.seq, seq_before + 1, "invariant 4: seq moves by one");
@@ -1006,22 +1037,36 @@ impl Account {
             self.history_dropped += excess as u64;
         }
         let ttl = self.retention.ttl_ms;
-        while let Some((at, _)) = self.key_order.front() {
+        let Some(extras) = self.extras.as_deref_mut() else {
+            return;
+        };
+        while let Some((at, _)) = extras.key_order.front() {
             if at.saturating_add(ttl) > now_ms {
                 break;
             }
-            if let Some((_, key)) = self.key_order.pop_front() {
-                self.idempotency.remove(&key);
+            if let Some((_, key)) = extras.key_order.pop_front() {
+                extras.idempotency.remove(&key);
             }
         }
-        while let Some((at, _)) = self.ended_holds.front() {
+        while let Some((at, _)) = extras.ended_holds.front() {
             if at.saturating_add(ttl) > now_ms {
                 break;
             }
-            if let Some((_, id)) = self.ended_holds.pop_front() {
-                self.holds.remove(&id);
+            if let Some((_, id)) = extras.ended_holds.pop_front() {
+                extras.holds.remove(&id);
             }
         }
+        if extras.is_empty() {
+            self.extras = None;
+        }
+    }
+
+    fn ex(&self) -> &Extras {
+        self.extras.as_deref().unwrap_or_else(|| no_extras())
+    }
+
+    fn ex_mut(&mut self) -> &mut Extras {
+        self.extras.get_or_insert_with(Box::default)
     }
 
     /// Changes balances and holds by an event that `check` accepted.
@@ -1078,8 +1123,9 @@ impl Account {
                 };
                 self.held += amount.get();
                 self.open_holds += 1;
-                self.deadlines.insert((*expires_at_ms, *hold_id));
-                self.holds.insert(*hold_id, hold.clone());
+                let extras = self.ex_mut();
+                extras.deadlines.insert((*expires_at_ms, *hold_id));
+                extras.holds.insert(*hold_id, hold.clone());
                 hold_after = Some(hold);
                 let request = Request::Hold {
                     amount: i128::from(amount.get()),
@@ -1166,6 +1212,7 @@ impl Account {
     /// Ends an open hold (checked by `check`) exactly once.
     fn end_hold(&mut self, hold_id: &Uuid, status: HoldStatus, captured: u64) -> Hold {
         let hold = self
+            .ex_mut()
             .holds
             .get_mut(hold_id)
             .expect("check() found this hold open under the same borrow");
@@ -1179,7 +1226,9 @@ impl Account {
         let hold = hold.clone();
         self.held -= hold.amount.get();
         self.open_holds -= 1;
-        self.deadlines.remove(&(hold.expires_at_ms, hold.id));
+        self.ex_mut()
+            .deadlines
+            .remove(&(hold.expires_at_ms, hold.id));
         hold
     }
 
@@ -1199,7 +1248,7 @@ impl Account {
             "invariant 3: balance is not credits - debits - captures"
         );
         assert_eq!(
-            self.deadlines.len(),
+            self.ex().deadlines.len(),
             self.open_holds as usize,
             "invariant 2: deadline index out of step with open holds"
         );
@@ -1209,7 +1258,8 @@ impl Account {
             "invariant 4: history out of step with seq"
         );
         debug_assert_eq!(
-            self.holds
+            self.ex()
+                .holds
                 .values()
                 .filter(|h| h.status == HoldStatus::Open)
                 .map(|h| h.amount.get())

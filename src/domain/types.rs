@@ -78,6 +78,28 @@ impl fmt::Display for AccountId {
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Currency(Arc<str>);
 
+/// Equal currencies sharing one allocation: accounts use a handful of currencies, and a
+/// million accounts should not carry a million copies of "GEM". Used where accounts are
+/// created (recovery, snapshots, the engine); bounded, so odd codes are simply not shared.
+#[derive(Debug, Default, Clone)]
+pub struct Currencies(Vec<Currency>);
+
+impl Currencies {
+    /// Most currencies kept for sharing.
+    pub const MAX: usize = 256;
+
+    /// The shared copy of `currency`.
+    pub fn share(&mut self, currency: Currency) -> Currency {
+        if let Some(known) = self.0.iter().find(|known| **known == currency) {
+            return known.clone();
+        }
+        if self.0.len() < Currencies::MAX {
+            self.0.push(currency.clone());
+        }
+        currency
+    }
+}
+
 impl Currency {
     /// Parses a currency code.
     pub fn parse(text: &str) -> Result<Currency, Invalid> {

@@ -26,8 +26,9 @@ use uuid::Uuid;
 
 use crate::clock::Clock;
 use crate::domain::{
-    Account, AccountId, AccountView, Currency, Event, EventBody, FastMap, Hold, HoldStatus,
-    IdempotencyEntry, IdempotencyKey, Metadata, OpError, Receipt, Request, Retention, Transaction,
+    Account, AccountId, AccountView, Currencies, Currency, Event, EventBody, FastMap, Hold,
+    HoldStatus, IdempotencyEntry, IdempotencyKey, Metadata, OpError, Receipt, Request, Retention,
+    Transaction,
 };
 use crate::storage::{FileStorage, Storage};
 use crate::wal::{self, codec, Wal, WalError, WalStart, WriterMode};
@@ -220,6 +221,8 @@ pub(crate) struct Inner {
     actors: std::sync::OnceLock<actor::Actors>,
     /// Held while a snapshot is taken: one at a time.
     snapshot_running: tokio::sync::Mutex<()>,
+    /// Currencies shared by the accounts.
+    currencies: Mutex<Currencies>,
 }
 
 /// One account: its state behind a short lock.
@@ -237,8 +240,12 @@ impl Engine {
         let started = Instant::now();
         let wal_dir = config.data_dir.join("wal");
         let recovered = recover_state(&*config.storage, &config.data_dir, config.retention, true)?;
-        let (accounts, outcome, newest_ms) =
-            (recovered.accounts, recovered.outcome, recovered.newest_ms);
+        let (accounts, outcome, newest_ms, currencies) = (
+            recovered.accounts,
+            recovered.outcome,
+            recovered.newest_ms,
+            recovered.currencies,
+        );
         if let Some(cut) = &outcome.tail_cut {
             tracing::warn!(
                 path = %cut.path.display(), offset = cut.offset, bytes = cut.bytes,
@@ -281,6 +288,7 @@ impl Engine {
             live_actors: AtomicU64::new(0),
             actors: std::sync::OnceLock::new(),
             snapshot_running: tokio::sync::Mutex::new(()),
+            currencies: Mutex::new(currencies),
         };
         Ok((
             Engine {
@@ -336,7 +344,7 @@ impl Engine {
                     tx_id: Uuid::nil(),
                     idempotency_key: None,
                     body: EventBody::Opened {
-                        currency: currency.clone(),
+                        currency: self.inner.currencies.lock().share(currency.clone()),
                         overdraft_limit,
                         metadata,
                     },

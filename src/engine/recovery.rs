@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::domain::{Account, AccountId, Event, EventBody, FastMap, Retention};
+use crate::domain::{Account, AccountId, Currencies, Event, EventBody, FastMap, Retention};
 use crate::snapshot;
 use crate::storage::Storage;
 use crate::wal::{self, ReplayOutcome};
@@ -23,6 +23,8 @@ pub(crate) struct Recovered {
     pub(crate) snapshot_lsn: Option<u64>,
     /// Snapshots skipped as damaged, newest first.
     pub(crate) damaged_snapshots: Vec<String>,
+    /// The currencies of the accounts, shared.
+    pub(crate) currencies: Currencies,
 }
 
 /// Loads the newest valid snapshot of `data_dir` and replays the WAL after it. With
@@ -49,6 +51,7 @@ pub(crate) fn recover_state(
         }
     }
     let mut accounts: FastMap<AccountId, Box<Account>> = FastMap::default();
+    let mut currencies = Currencies::default();
     let (after_lsn, mut newest_ms, snapshot_lsn) = match base {
         Some(found) => {
             tracing::info!(
@@ -59,6 +62,7 @@ pub(crate) fn recover_state(
             accounts.reserve(found.accounts.len());
             for mut account in found.accounts {
                 account.set_retention(retention);
+                currencies.share(account.currency().clone());
                 let id = account.id().clone();
                 if accounts.insert(id.clone(), Box::new(account)).is_some() {
                     return Err(OpenError::Snapshot(snapshot::SnapshotError::Corrupt {
@@ -87,7 +91,7 @@ pub(crate) fn recover_state(
                 "replaying the WAL"
             );
         }
-        replay_event(&mut accounts, event, retention)
+        replay_event(&mut accounts, &mut currencies, event, retention)
     })?;
     Ok(Recovered {
         accounts,
@@ -95,6 +99,7 @@ pub(crate) fn recover_state(
         newest_ms,
         snapshot_lsn,
         damaged_snapshots,
+        currencies,
     })
 }
 
@@ -103,7 +108,8 @@ pub(crate) fn recover_state(
 /// some events after its own LSN.
 fn replay_event(
     accounts: &mut FastMap<AccountId, Box<Account>>,
-    event: Event,
+    currencies: &mut Currencies,
+    mut event: Event,
     retention: Retention,
 ) -> Result<(), String> {
     if let Some(account) = accounts.get_mut(&event.account) {
@@ -116,7 +122,8 @@ fn replay_event(
         }
         return account.replay(&event).map_err(|e| e.to_string());
     }
-    if let EventBody::Opened { .. } = event.body {
+    if let EventBody::Opened { currency, .. } = &mut event.body {
+        *currency = currencies.share(currency.clone());
         let mut account = Account::open(&event).map_err(|e| e.to_string())?;
         account.set_retention(retention);
         accounts.insert(event.account, Box::new(account));
