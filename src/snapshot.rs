@@ -11,7 +11,6 @@
 //! Files are `DIR/snapshots/{lsn:020}.snap`, written under a temporary name, synced, renamed
 //! and the directory synced, so a crash leaves either the old set or the new one.
 
-use std::collections::BTreeMap;
 use std::io;
 use std::path::{Path, PathBuf};
 
@@ -22,7 +21,7 @@ use crate::domain::{
     IdempotencyEntry, IdempotencyKey, Receipt, Request, Transaction, TxKind,
 };
 use crate::storage::Storage;
-use crate::wal::codec::{bad, put_metadata, put_str16, put_str8, DecodeError, Reader};
+use crate::wal::codec::{bad, put_metadata, put_pairs, put_str8, DecodeError, Reader};
 
 /// First bytes of a snapshot file ("CFNS" little-endian).
 pub const SNAPSHOT_MAGIC: u32 = 0x534E_4643;
@@ -279,15 +278,6 @@ fn put_opt_uuid(out: &mut Vec<u8>, id: Option<Uuid>) {
     }
 }
 
-fn put_map(out: &mut Vec<u8>, map: &BTreeMap<String, String>) {
-    // Only requests that succeeded are stored: their metadata is within the limits.
-    out.push(u8::try_from(map.len()).unwrap_or(u8::MAX));
-    for (key, value) in map {
-        put_str16(out, key);
-        put_str16(out, value);
-    }
-}
-
 fn kind_tag(kind: TxKind) -> u8 {
     match kind {
         TxKind::Credit => 1,
@@ -386,12 +376,12 @@ fn encode_request(request: &Request, out: &mut Vec<u8>) {
         Request::Credit { amount, metadata } => {
             out.push(1);
             put_i128(out, *amount);
-            put_map(out, metadata);
+            put_pairs(out, metadata.len(), metadata.iter());
         }
         Request::Debit { amount, metadata } => {
             out.push(2);
             put_i128(out, *amount);
-            put_map(out, metadata);
+            put_pairs(out, metadata.len(), metadata.iter());
         }
         Request::Hold {
             amount,
@@ -407,7 +397,7 @@ fn encode_request(request: &Request, out: &mut Vec<u8>) {
                     put_i128(out, *secs);
                 }
             }
-            put_map(out, metadata);
+            put_pairs(out, metadata.len(), metadata.iter());
         }
         Request::Capture {
             hold_id,
@@ -423,69 +413,13 @@ fn encode_request(request: &Request, out: &mut Vec<u8>) {
                     put_i128(out, *amount);
                 }
             }
-            put_map(out, metadata);
+            put_pairs(out, metadata.len(), metadata.iter());
         }
         Request::Release { hold_id, metadata } => {
             out.push(5);
             out.extend_from_slice(hold_id.as_bytes());
-            put_map(out, metadata);
+            put_pairs(out, metadata.len(), metadata.iter());
         }
-    }
-}
-
-/// Reads the fields the WAL reader does not have.
-trait ReadMore {
-    fn i64(&mut self) -> Result<i64, DecodeError>;
-    fn i128(&mut self) -> Result<i128, DecodeError>;
-    fn count(&mut self) -> Result<usize, DecodeError>;
-    fn flag(&mut self) -> Result<bool, DecodeError>;
-    fn opt_uuid(&mut self) -> Result<Option<Uuid>, DecodeError>;
-    fn map(&mut self) -> Result<BTreeMap<String, String>, DecodeError>;
-}
-
-impl ReadMore for Reader<'_> {
-    fn i64(&mut self) -> Result<i64, DecodeError> {
-        Ok(self.u64()? as i64)
-    }
-    fn i128(&mut self) -> Result<i128, DecodeError> {
-        let mut a = [0u8; 16];
-        a.copy_from_slice(self.take(16)?);
-        Ok(i128::from_le_bytes(a))
-    }
-    fn count(&mut self) -> Result<usize, DecodeError> {
-        let count = self.u32()? as usize;
-        // Every element takes at least one byte: a count beyond the bytes left is damage,
-        // not a reason to allocate.
-        if count > self.bytes.len() {
-            return Err(bad("count beyond the data"));
-        }
-        Ok(count)
-    }
-    fn flag(&mut self) -> Result<bool, DecodeError> {
-        match self.u8()? {
-            0 => Ok(false),
-            1 => Ok(true),
-            _ => Err(bad("flag")),
-        }
-    }
-    fn opt_uuid(&mut self) -> Result<Option<Uuid>, DecodeError> {
-        Ok(if self.flag()? {
-            Some(self.uuid()?)
-        } else {
-            None
-        })
-    }
-    fn map(&mut self) -> Result<BTreeMap<String, String>, DecodeError> {
-        let count = self.u8()?;
-        let mut map = BTreeMap::new();
-        for _ in 0..count {
-            let key = self.str16()?;
-            let value = self.str16()?;
-            if map.insert(key, value).is_some() {
-                return Err(bad("duplicate metadata key"));
-            }
-        }
-        Ok(map)
     }
 }
 

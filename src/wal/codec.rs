@@ -308,9 +308,19 @@ pub(crate) fn put_str16(out: &mut Vec<u8>, text: &str) {
 }
 
 pub(crate) fn put_metadata(out: &mut Vec<u8>, metadata: &Metadata) {
-    let count = u8::try_from(metadata.len()).expect("metadata has at most 16 keys by type");
+    put_pairs(out, metadata.len(), metadata.iter());
+}
+
+/// Metadata-shaped pairs: a `u8` count, then each key and value as `str16`. Callers pass
+/// validated metadata (at most 16 keys): of an event, or of a request that succeeded.
+pub(crate) fn put_pairs<'a>(
+    out: &mut Vec<u8>,
+    len: usize,
+    pairs: impl Iterator<Item = (&'a String, &'a String)>,
+) {
+    let count = u8::try_from(len).expect("metadata has at most 16 keys by validation");
     out.push(count);
-    for (key, value) in metadata.iter() {
+    for (key, value) in pairs {
         put_str16(out, key);
         put_str16(out, value);
     }
@@ -374,6 +384,10 @@ impl<'a> Reader<'a> {
         Ok(text.to_string())
     }
     pub(crate) fn metadata(&mut self) -> Result<Metadata, DecodeError> {
+        Metadata::new(self.map()?).map_err(|_| bad("metadata out of limits"))
+    }
+    /// Metadata-shaped pairs (see `put_pairs`), not yet checked against the limits.
+    pub(crate) fn map(&mut self) -> Result<BTreeMap<String, String>, DecodeError> {
         let count = self.u8()?;
         let mut map = BTreeMap::new();
         for _ in 0..count {
@@ -383,7 +397,38 @@ impl<'a> Reader<'a> {
                 return Err(bad("duplicate metadata key"));
             }
         }
-        Metadata::new(map).map_err(|_| bad("metadata out of limits"))
+        Ok(map)
+    }
+    pub(crate) fn i64(&mut self) -> Result<i64, DecodeError> {
+        Ok(self.u64()? as i64)
+    }
+    pub(crate) fn i128(&mut self) -> Result<i128, DecodeError> {
+        let mut a = [0u8; 16];
+        a.copy_from_slice(self.take(16)?);
+        Ok(i128::from_le_bytes(a))
+    }
+    /// A `u32` count of elements that follow. Every element takes at least one byte: a count
+    /// beyond the bytes left is damage, not a reason to allocate.
+    pub(crate) fn count(&mut self) -> Result<usize, DecodeError> {
+        let count = self.u32()? as usize;
+        if count > self.bytes.len() {
+            return Err(bad("count beyond the data"));
+        }
+        Ok(count)
+    }
+    pub(crate) fn flag(&mut self) -> Result<bool, DecodeError> {
+        match self.u8()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            _ => Err(bad("flag")),
+        }
+    }
+    pub(crate) fn opt_uuid(&mut self) -> Result<Option<Uuid>, DecodeError> {
+        Ok(if self.flag()? {
+            Some(self.uuid()?)
+        } else {
+            None
+        })
     }
 }
 
