@@ -43,7 +43,7 @@ pub struct Verified {
 /// `apply`, which asserts every invariant), without writing anything. An error names the
 /// file and offset of the first bad record.
 pub fn verify(data_dir: &Path) -> Result<Verified, OpenError> {
-    let segments = reader::list_segments(&FileStorage, &data_dir.join("wal"))?.len();
+    let segments = reader::list_segments(&FileStorage, &wal_dir(data_dir)?)?.len();
     let recovered =
         crate::engine::recover_state(&FileStorage, data_dir, Retention::UNLIMITED, false)?;
     let accounts = &recovered.accounts;
@@ -70,7 +70,7 @@ pub fn verify(data_dir: &Path) -> Result<Verified, OpenError> {
 /// Returns the number of records; stops at the first bad record with its error (the lines
 /// before it are written).
 pub fn dump(data_dir: &Path, out: &mut dyn Write) -> Result<u64, WalError> {
-    let dir = data_dir.join("wal");
+    let dir = wal_dir(data_dir)?;
     let mut failed: Option<std::io::Error> = None;
     let outcome = wal::replay_from(&FileStorage, &dir, false, |event| {
         let line = event_json(&event);
@@ -84,6 +84,22 @@ pub fn dump(data_dir: &Path, out: &mut dyn Write) -> Result<u64, WalError> {
         return Err(WalError::io(Path::new("<stdout>"), error));
     }
     Ok(outcome?.records)
+}
+
+/// The WAL directory of `data_dir`, which must exist: a mistyped `--data-dir` is an error,
+/// not an empty log that verifies.
+fn wal_dir(data_dir: &Path) -> Result<std::path::PathBuf, WalError> {
+    let dir = data_dir.join("wal");
+    if dir.is_dir() {
+        return Ok(dir);
+    }
+    Err(WalError::io(
+        &dir,
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "no WAL directory here: is this the server's --data-dir?",
+        ),
+    ))
 }
 
 fn metadata_json(metadata: &Metadata) -> Value {

@@ -130,3 +130,15 @@ async fn verify_fails_on_a_flipped_byte_and_names_the_file_and_offset() {
     let dumped = coffer(&["wal", "dump"], dir.path());
     assert!(!dumped.status.success(), "dump stops at the damage too");
 }
+
+#[test]
+fn a_directory_without_a_log_is_an_error_not_an_empty_log() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let missing = dir.path().join("typo");
+    for command in ["verify", "dump"] {
+        let out = coffer(&["wal", command], &missing);
+        let text = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{command}: {out:?}");
+        assert!(text.contains("no WAL directory here"), "{command}: {text}");
+    }
+}

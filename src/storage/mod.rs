@@ -1,4 +1,4 @@
-//! The storage interface under the WAL (and, later, snapshots): the few calls coffer makes to
+//! The storage interface under the WAL and the snapshots: the few calls coffer makes to
 //! a file system, behind a trait so that tests can run the real engine on a simulated disk
 //! that loses unsynced writes, tears a write at any byte, fails a sync or flips a bit on read.
 //!
