@@ -174,6 +174,42 @@ pub fn event_json(event: &Event) -> Value {
         EventBody::Expire { hold_id } => {
             json!({ "kind": "expire", "hold_id": hold_id.to_string() })
         }
+        EventBody::TransferOut {
+            transfer_id,
+            to,
+            amount,
+            metadata,
+        } => json!({
+            "kind": "transfer_out",
+            "transfer_id": transfer_id.to_string(),
+            "to": to.as_str(),
+            "amount": amount.get(),
+            "metadata": metadata_json(metadata),
+        }),
+        EventBody::TransferIn {
+            transfer_id,
+            from,
+            amount,
+            metadata,
+        } => json!({
+            "kind": "transfer_in",
+            "transfer_id": transfer_id.to_string(),
+            "from": from.as_str(),
+            "amount": amount.get(),
+            "metadata": metadata_json(metadata),
+        }),
+        EventBody::TransferRefund {
+            transfer_id,
+            to,
+            amount,
+            failure,
+        } => json!({
+            "kind": "transfer_refund",
+            "transfer_id": transfer_id.to_string(),
+            "to": to.as_str(),
+            "amount": amount.get(),
+            "failure_code": failure.code(),
+        }),
     };
     if let (Value::Object(record), Value::Object(body)) = (&mut record, body) {
         record.extend(body);

@@ -18,7 +18,8 @@ use uuid::Uuid;
 
 use crate::domain::{
     Account, AccountId, AccountParts, AccountView, Currencies, Currency, Hold, HoldStatus,
-    IdempotencyEntry, IdempotencyKey, Receipt, Request, Transaction, TxKind,
+    IdempotencyEntry, IdempotencyKey, Receipt, Request, Transaction, TransferFailure,
+    TransferRecord, TransferStatus, TxKind,
 };
 use crate::storage::Storage;
 use crate::wal::codec::{bad, put_metadata, put_pairs, put_str8, DecodeError, Reader};
@@ -27,8 +28,8 @@ use crate::wal::codec::{bad, put_metadata, put_pairs, put_str8, DecodeError, Rea
 pub const SNAPSHOT_MAGIC: u32 = 0x534E_4643;
 /// Last bytes of a snapshot file ("SEND" little-endian): a file cut short lacks them.
 pub const SNAPSHOT_END_MAGIC: u32 = 0x444E_4553;
-/// The format version this coffer writes and reads.
-pub const SNAPSHOT_VERSION: u16 = 1;
+/// The format version this coffer writes. Version 1 (before transfers) is read too.
+pub const SNAPSHOT_VERSION: u16 = 2;
 /// Header size in bytes.
 pub const SNAPSHOT_HEADER_BYTES: usize = 40;
 /// Snapshots kept; older ones (and the WAL segments only they needed) are removed.
@@ -76,6 +77,8 @@ pub struct Snapshot {
     pub created_at_ms: u64,
     /// The accounts.
     pub accounts: Vec<Account>,
+    /// The transfers remembered (version 2 on).
+    pub transfers: Vec<TransferRecord>,
 }
 
 /// A snapshot file and the LSN its name says.
@@ -140,17 +143,28 @@ impl SnapshotWriter {
 
     /// Adds one account.
     pub fn add(&mut self, parts: &AccountParts) {
-        let at = self.bytes.len();
-        self.bytes.extend_from_slice(&0u32.to_le_bytes());
-        encode_account(parts, &mut self.bytes);
-        let len = u32::try_from(self.bytes.len() - at - 4).unwrap_or(u32::MAX);
-        self.bytes[at..at + 4].copy_from_slice(&len.to_le_bytes());
+        self.add_record(|out| encode_account(parts, out));
         self.accounts += 1;
     }
 
-    /// The finished file: the account count, the CRC-32 of everything before it, the end
-    /// magic.
-    pub fn finish(mut self) -> Vec<u8> {
+    fn add_record(&mut self, encode: impl FnOnce(&mut Vec<u8>)) {
+        let at = self.bytes.len();
+        self.bytes.extend_from_slice(&0u32.to_le_bytes());
+        encode(&mut self.bytes);
+        let len = u32::try_from(self.bytes.len() - at - 4).unwrap_or(u32::MAX);
+        self.bytes[at..at + 4].copy_from_slice(&len.to_le_bytes());
+    }
+
+    /// The finished file: the transfers, the account count, the CRC-32 of everything before
+    /// it, the end magic.
+    pub fn finish<'a>(
+        mut self,
+        transfers: impl ExactSizeIterator<Item = &'a TransferRecord>,
+    ) -> Vec<u8> {
+        put_u64(&mut self.bytes, transfers.len() as u64);
+        for record in transfers {
+            self.add_record(|out| encode_transfer(record, out));
+        }
         self.bytes[32..40].copy_from_slice(&self.accounts.to_le_bytes());
         let crc = crc32fast::hash(&self.bytes);
         self.bytes.extend_from_slice(&crc.to_le_bytes());
@@ -213,9 +227,9 @@ pub fn decode(bytes: &[u8]) -> Result<Snapshot, String> {
         return Err("not a snapshot (bad magic)".into());
     }
     let version = r.u16().map_err(field)?;
-    if version != SNAPSHOT_VERSION {
+    if !(1..=SNAPSHOT_VERSION).contains(&version) {
         return Err(format!(
-            "version {version}, this coffer reads {SNAPSHOT_VERSION}"
+            "version {version}, this coffer reads 1..={SNAPSHOT_VERSION}"
         ));
     }
     let _reserved = r.u16().map_err(field)?;
@@ -228,19 +242,36 @@ pub fn decode(bytes: &[u8]) -> Result<Snapshot, String> {
     for index in 0..count {
         let len = r.u32().map_err(field)? as usize;
         let payload = r.take(len).map_err(field)?;
-        let mut parts = decode_account(payload).map_err(|e| format!("account {index}: {e}"))?;
+        let mut parts =
+            decode_account(version, payload).map_err(|e| format!("account {index}: {e}"))?;
         parts.currency = currencies.share(parts.currency);
         let account = Account::from_parts(parts).map_err(|e| format!("account {index}: {e}"))?;
         accounts.push(account);
     }
+    let mut transfers = Vec::new();
+    if version >= 2 {
+        let count = r.u64().map_err(field)?;
+        for index in 0..count {
+            let len = r.u32().map_err(field)? as usize;
+            let payload = r.take(len).map_err(field)?;
+            let mut record =
+                decode_transfer(payload).map_err(|e| format!("transfer {index}: {e}"))?;
+            record.from_account.currency = currencies.share(record.from_account.currency);
+            if let Some(to) = &mut record.to_account {
+                to.currency = currencies.share(to.currency.clone());
+            }
+            transfers.push(record);
+        }
+    }
     if !r.bytes.is_empty() {
-        return Err("bytes after the last account".into());
+        return Err("bytes after the last record".into());
     }
     Ok(Snapshot {
         lsn,
         ids_after_ms,
         created_at_ms,
         accounts,
+        transfers,
     })
 }
 
@@ -313,6 +344,7 @@ pub fn encode_account(parts: &AccountParts, out: &mut Vec<u8>) {
     put_u64(out, parts.last_lsn);
     put_i128(out, parts.total_in);
     put_i128(out, parts.total_out);
+    put_i128(out, parts.transfers_net);
     put_count(out, parts.holds.len());
     for hold in &parts.holds {
         encode_hold(hold, out);
@@ -420,7 +452,130 @@ fn encode_request(request: &Request, out: &mut Vec<u8>) {
             out.extend_from_slice(hold_id.as_bytes());
             put_pairs(out, metadata.len(), metadata.iter());
         }
+        Request::Transfer {
+            to,
+            amount,
+            metadata,
+        } => {
+            out.push(6);
+            put_str8(out, to.as_str());
+            put_i128(out, *amount);
+            put_pairs(out, metadata.len(), metadata.iter());
+        }
     }
+}
+
+fn encode_view(view: &AccountView, out: &mut Vec<u8>) {
+    put_str8(out, view.id.as_str());
+    put_str8(out, view.currency.as_str());
+    put_i64(out, view.balance);
+    put_u64(out, view.held);
+    put_u64(out, view.overdraft_limit);
+    put_u32(out, view.open_holds);
+    put_u64(out, view.seq);
+    put_u64(out, view.created_at_ms);
+    put_metadata(out, &view.metadata);
+}
+
+fn decode_view(r: &mut Reader<'_>) -> Result<AccountView, DecodeError> {
+    let id = AccountId::parse(r.str8()?).map_err(|_| bad("account id"))?;
+    let currency = Currency::parse(r.str8()?).map_err(|_| bad("currency"))?;
+    let balance = r.i64()?;
+    let held = r.u64()?;
+    Ok(AccountView {
+        id,
+        currency,
+        balance,
+        held,
+        available: balance.saturating_sub(i64::try_from(held).unwrap_or(i64::MAX)),
+        overdraft_limit: r.u64()?,
+        open_holds: r.u32()?,
+        seq: r.u64()?,
+        created_at_ms: r.u64()?,
+        metadata: r.metadata()?,
+    })
+}
+
+/// Encodes one transfer record (without the length prefix).
+pub fn encode_transfer(record: &TransferRecord, out: &mut Vec<u8>) {
+    out.extend_from_slice(record.id.as_bytes());
+    put_str8(out, record.from.as_str());
+    put_str8(out, record.to.as_str());
+    put_u64(out, record.amount.get());
+    match record.status {
+        TransferStatus::Pending => out.extend_from_slice(&[1, 0]),
+        TransferStatus::Completed => out.extend_from_slice(&[2, 0]),
+        TransferStatus::Failed(failure) => out.extend_from_slice(&[3, failure.tag()]),
+    }
+    put_u64(out, record.created_at_ms);
+    put_metadata(out, &record.metadata);
+    match &record.key {
+        None => out.push(0),
+        Some(key) => {
+            out.push(1);
+            put_str8(out, key.as_str());
+        }
+    }
+    encode_view(&record.from_account, out);
+    match &record.to_account {
+        None => out.push(0),
+        Some(view) => {
+            out.push(1);
+            encode_view(view, out);
+        }
+    }
+    put_u64(out, record.out_lsn);
+    put_u64(out, record.end_lsn);
+    put_u64(out, record.ended_at_ms);
+}
+
+/// Decodes one transfer record.
+pub fn decode_transfer(payload: &[u8]) -> Result<TransferRecord, DecodeError> {
+    let mut r = Reader { bytes: payload };
+    let id = r.uuid()?;
+    let from = AccountId::parse(r.str8()?).map_err(|_| bad("account id"))?;
+    let to = AccountId::parse(r.str8()?).map_err(|_| bad("account id"))?;
+    let amount = r.amount()?;
+    let status = match (r.u8()?, r.u8()?) {
+        (1, 0) => TransferStatus::Pending,
+        (2, 0) => TransferStatus::Completed,
+        (3, tag) => {
+            TransferStatus::Failed(TransferFailure::from_tag(tag).ok_or(bad("transfer failure"))?)
+        }
+        _ => return Err(bad("transfer status")),
+    };
+    let created_at_ms = r.u64()?;
+    let metadata = r.metadata()?;
+    let key = if r.flag()? {
+        Some(IdempotencyKey::parse(r.str8()?).map_err(|_| bad("idempotency key"))?)
+    } else {
+        None
+    };
+    let from_account = decode_view(&mut r)?;
+    let to_account = if r.flag()? {
+        Some(decode_view(&mut r)?)
+    } else {
+        None
+    };
+    let record = TransferRecord {
+        id,
+        from,
+        to,
+        amount,
+        status,
+        created_at_ms,
+        metadata,
+        key,
+        from_account,
+        to_account,
+        out_lsn: r.u64()?,
+        end_lsn: r.u64()?,
+        ended_at_ms: r.u64()?,
+    };
+    if !r.bytes.is_empty() {
+        return Err(bad("trailing bytes"));
+    }
+    Ok(record)
 }
 
 fn decode_kind(tag: u8) -> Result<TxKind, DecodeError> {
@@ -447,8 +602,8 @@ fn decode_status(tag: u8) -> Result<HoldStatus, DecodeError> {
     })
 }
 
-/// Decodes one account's parts.
-pub fn decode_account(payload: &[u8]) -> Result<AccountParts, DecodeError> {
+/// Decodes one account's parts, as written by snapshot format `version`.
+pub fn decode_account(version: u16, payload: &[u8]) -> Result<AccountParts, DecodeError> {
     let mut r = Reader { bytes: payload };
     let id = AccountId::parse(r.str8()?).map_err(|_| bad("account id"))?;
     let currency = Currency::parse(r.str8()?).map_err(|_| bad("currency"))?;
@@ -461,6 +616,8 @@ pub fn decode_account(payload: &[u8]) -> Result<AccountParts, DecodeError> {
     let last_lsn = r.u64()?;
     let total_in = r.i128()?;
     let total_out = r.i128()?;
+    // Version 1 had no transfers.
+    let transfers_net = if version >= 2 { r.i128()? } else { 0 };
     let view = AccountView {
         id: id.clone(),
         currency: currency.clone(),
@@ -543,6 +700,7 @@ pub fn decode_account(payload: &[u8]) -> Result<AccountParts, DecodeError> {
         keys,
         total_in,
         total_out,
+        transfers_net,
     })
 }
 
@@ -608,6 +766,11 @@ fn decode_request(r: &mut Reader<'_>) -> Result<Request, DecodeError> {
         },
         5 => Request::Release {
             hold_id: r.uuid()?,
+            metadata: r.map()?,
+        },
+        6 => Request::Transfer {
+            to: AccountId::parse(r.str8()?).map_err(|_| bad("account id"))?,
+            amount: r.i128()?,
             metadata: r.map()?,
         },
         _ => return Err(bad("request tag")),

@@ -1,6 +1,7 @@
 //! Golden bytes of the WAL format: one complete frame per event tag, built from fixed
-//! values, must encode to exactly the committed files in `tests/golden/`, and each file must
-//! decode back to its event. A change to the codec that alters a single byte fails here, so
+//! values, must encode to exactly the committed files in `tests/golden/v2/` (the version
+//! this coffer writes), and each file must decode back to its event. The version 1 files in
+//! `tests/golden/` stay as they were written and must still decode. A change to the codec that alters a single byte fails here, so
 //! the on-disk format (docs/wal-format.md) cannot drift by accident.
 //!
 //! To create or deliberately re-create the files (a format change, with a new version
@@ -9,8 +10,10 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use coffer::domain::{AccountId, Amount, Currency, Event, EventBody, IdempotencyKey, Metadata};
-use coffer::wal::codec::{decode_event, decode_frame, encode_event, encode_frame};
+use coffer::domain::{
+    AccountId, Amount, Currency, Event, EventBody, IdempotencyKey, Metadata, TransferFailure,
+};
+use coffer::wal::codec::{decode_frame, decode_frame_event, encode_event, encode_frame};
 use uuid::Uuid;
 
 /// 2026-01-01T00:00:00.000Z in unix milliseconds.
@@ -56,8 +59,60 @@ fn event(lsn: u64, key: Option<IdempotencyKey>, body: EventBody) -> Event {
     }
 }
 
-/// Every golden case: the file name and the event it holds.
+/// The transfer every transfer event names.
+const TRANSFER_ID: u128 = 0x019b_76da_a800_7000_8000_0000_0000_00b2;
+
+/// Every golden case of version 2: the version 1 cases and the transfer events.
 fn cases() -> Vec<(&'static str, Event)> {
+    let transfer_id = Uuid::from_u128(TRANSFER_ID);
+    let house = AccountId::parse("house").expect("a valid account id");
+    let mut cases = cases_v1();
+    cases.extend([
+        (
+            "transfer_out",
+            event(
+                8,
+                key("k-transfer-1"),
+                EventBody::TransferOut {
+                    transfer_id,
+                    to: house.clone(),
+                    amount: amount(25),
+                    metadata: metadata(&[("prize", "weekly")]),
+                },
+            ),
+        ),
+        (
+            "transfer_in",
+            event(
+                9,
+                None,
+                EventBody::TransferIn {
+                    transfer_id,
+                    from: house.clone(),
+                    amount: amount(40),
+                    metadata: Metadata::empty(),
+                },
+            ),
+        ),
+        (
+            "transfer_refund",
+            event(
+                10,
+                None,
+                EventBody::TransferRefund {
+                    transfer_id,
+                    to: house,
+                    amount: amount(25),
+                    failure: TransferFailure::BalanceLimitExceeded,
+                },
+            ),
+        ),
+    ]);
+    cases
+}
+
+/// The cases of version 1: one per event tag it had.
+fn cases_v1() -> Vec<(&'static str, Event)> {
     let hold_id = Uuid::from_u128(HOLD_ID);
     vec![
         (
@@ -136,7 +191,17 @@ fn cases() -> Vec<(&'static str, Event)> {
     ]
 }
 
+/// A version 2 file.
 fn golden_path(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join("golden")
+        .join("v2")
+        .join(format!("{name}.bin"))
+}
+
+/// A version 1 file (written by coffer before transfers; never re-blessed).
+fn golden_v1_path(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests")
         .join("golden")
@@ -196,8 +261,42 @@ fn every_golden_file_decodes_to_its_event() {
         let (frame, size) = decode_frame(&golden).expect("a golden file is one valid frame");
         assert_eq!(size, golden.len(), "{name}: one frame, nothing after it");
         assert_eq!(frame.lsn, event.lsn, "{name}: lsn");
-        let decoded = decode_event(frame.lsn, frame.payload).expect("a valid payload");
+        assert_eq!(frame.version, 2, "{name}: version");
+        let decoded = decode_frame_event(&frame).expect("a valid payload");
         assert_eq!(decoded, event, "{name}: decoded event");
+    }
+}
+
+#[test]
+fn version_1_files_still_decode_to_their_events() {
+    // Goal: a log written before transfers existed is read exactly as before.
+    for (name, event) in cases_v1() {
+        let golden = std::fs::read(golden_v1_path(name)).expect("read a version 1 file");
+        let (frame, size) = decode_frame(&golden).expect("a golden file is one valid frame");
+        assert_eq!(size, golden.len(), "{name}: one frame, nothing after it");
+        assert_eq!(frame.version, 1, "{name}: version");
+        let decoded = decode_frame_event(&frame).expect("a valid payload");
+        assert_eq!(decoded, event, "{name}: decoded event");
+    }
+}
+
+#[test]
+fn a_version_1_record_cannot_hold_a_transfer() {
+    // Goal: tags 8..=10 exist only from version 2 on; an intact version 1 frame with one is
+    // corruption, not a transfer.
+    for (name, event) in cases().into_iter().skip(cases_v1().len()) {
+        let mut frame = frame_of(&event);
+        frame[4..6].copy_from_slice(&1u16.to_le_bytes());
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&frame[0..20]);
+        crc.update(&frame[24..]);
+        let crc = crc.finalize().to_le_bytes();
+        frame[20..24].copy_from_slice(&crc);
+        let (decoded, _) = decode_frame(&frame).expect("an intact version 1 frame");
+        assert!(
+            decode_frame_event(&decoded).is_err(),
+            "{name} accepted in version 1"
+        );
     }
 }
 
@@ -209,7 +308,7 @@ fn the_frame_header_layout_is_pinned() {
     }
     let golden = std::fs::read(golden_path("credit")).expect("read credit.bin");
     assert_eq!(&golden[0..4], b"CFFW", "magic");
-    assert_eq!(&golden[4..6], &1u16.to_le_bytes(), "version");
+    assert_eq!(&golden[4..6], &2u16.to_le_bytes(), "version");
     assert_eq!(golden[6], 1, "kind: event");
     assert_eq!(golden[7], 0, "pad");
     let len = u32::from_le_bytes(golden[8..12].try_into().expect("4 bytes"));

@@ -468,6 +468,15 @@ fn resolve(cmd: &Cmd, models: &[Model], sent: &Sent, next_key: &mut u64) -> Step
 /// rather than given explicitly with its default.
 fn different(request: &Request, model: &Model) -> Request {
     match request.clone() {
+        Request::Transfer {
+            to,
+            amount,
+            metadata,
+        } => Request::Transfer {
+            to,
+            amount: amount.checked_add(1).unwrap_or(amount - 1),
+            metadata,
+        },
         Request::Credit { amount, metadata } => Request::Credit {
             amount: amount.checked_add(1).unwrap_or(amount - 1),
             metadata,

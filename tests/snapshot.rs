@@ -10,7 +10,7 @@ use std::sync::Arc;
 use coffer::clock::ManualClock;
 use coffer::domain::{
     Account, AccountId, AccountView, Currency, Decision, Event, EventBody, Fresh, IdempotencyKey,
-    Metadata, Request,
+    Metadata, Request, TransferBook, TransferRecord,
 };
 use coffer::snapshot::{self, SnapshotWriter};
 use coffer::{Engine, EngineConfig};
@@ -330,25 +330,97 @@ fn golden_account() -> Account {
     account
 }
 
-fn golden_bytes() -> Vec<u8> {
-    let mut writer = SnapshotWriter::new(6, 0, T0_MS + 10);
-    writer.set_ids_after_ms(T0_MS + 6);
-    writer.add(&golden_account().parts());
-    writer.finish()
+/// The golden account after a transfer of 50 to "house" (which completed), and the
+/// transfer's record (version 2).
+fn golden_v2() -> (Account, TransferRecord) {
+    let mut account = golden_account();
+    let house = AccountId::parse("house").expect("id");
+    let key = IdempotencyKey::parse("key-transfer").expect("key");
+    let transfer_id = Uuid::from_u128(0x019b_76da_a800_7000_8000_0000_0000_00b2);
+    let request = Request::Transfer {
+        to: house.clone(),
+        amount: 50,
+        metadata: BTreeMap::from([("prize".into(), "weekly".into())]),
+    };
+    let currency = account.currency().clone();
+    let Ok(Decision::Apply(body)) =
+        account.decide_transfer(Some(&key), &request, transfer_id, &currency)
+    else {
+        panic!("refused");
+    };
+    let out = Event {
+        lsn: 7,
+        account: account.id().clone(),
+        seq: account.seq() + 1,
+        at_ms: T0_MS + 7,
+        tx_id: Uuid::from_u128(0x019b_76da_a800_7000_9000_0000_0000_0007),
+        idempotency_key: Some(key),
+        body,
+    };
+    account.apply(&out).expect("apply the debit");
+    let mut book = TransferBook::default();
+    book.record(&out, Some(account.view()))
+        .expect("record the debit");
+    let mut receiver = Account::open(&Event {
+        lsn: 3,
+        account: house.clone(),
+        seq: 0,
+        at_ms: T0_MS,
+        tx_id: Uuid::nil(),
+        idempotency_key: None,
+        body: EventBody::Opened {
+            currency,
+            overdraft_limit: 0,
+            metadata: Metadata::empty(),
+        },
+    })
+    .expect("open house");
+    let inn = Event {
+        lsn: 8,
+        account: house,
+        seq: 1,
+        at_ms: T0_MS + 8,
+        tx_id: Uuid::from_u128(0x019b_76da_a800_7000_9000_0000_0000_0008),
+        idempotency_key: None,
+        body: EventBody::TransferIn {
+            transfer_id,
+            from: account.id().clone(),
+            amount: coffer::domain::Amount::new(50).expect("amount"),
+            metadata: Metadata::new(BTreeMap::from([("prize".into(), "weekly".into())]))
+                .expect("metadata"),
+        },
+    };
+    receiver.apply(&inn).expect("apply the credit");
+    book.record(&inn, Some(receiver.view()))
+        .expect("record the credit");
+    let record = book
+        .get(&transfer_id)
+        .expect("the transfer")
+        .as_ref()
+        .clone();
+    (account, record)
 }
 
-fn golden_path() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden/snapshot.bin")
+fn golden_bytes() -> Vec<u8> {
+    let (account, record) = golden_v2();
+    let mut writer = SnapshotWriter::new(8, 0, T0_MS + 10);
+    writer.set_ids_after_ms(T0_MS + 8);
+    writer.add(&account.parts());
+    writer.finish([&record].into_iter())
+}
+
+fn golden_path(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("tests/golden/{name}"))
 }
 
 #[test]
 fn the_snapshot_format_matches_its_golden_file_and_round_trips() {
     let bytes = golden_bytes();
     if std::env::var("COFFER_BLESS").is_ok_and(|v| v == "1") {
-        std::fs::write(golden_path(), &bytes).expect("bless");
+        std::fs::write(golden_path("v2/snapshot.bin"), &bytes).expect("bless");
     }
-    let golden = std::fs::read(golden_path())
-        .expect("tests/golden/snapshot.bin (COFFER_BLESS=1 creates it)");
+    let golden = std::fs::read(golden_path("v2/snapshot.bin"))
+        .expect("tests/golden/v2/snapshot.bin (COFFER_BLESS=1 creates it)");
     assert_eq!(
         bytes, golden,
         "the snapshot encoding changed: bump SNAPSHOT_VERSION and re-bless"
@@ -356,10 +428,27 @@ fn the_snapshot_format_matches_its_golden_file_and_round_trips() {
     let decoded = snapshot::decode(&golden).expect("decode");
     assert_eq!(
         (decoded.lsn, decoded.ids_after_ms, decoded.created_at_ms),
+        (8, T0_MS + 8, T0_MS + 10)
+    );
+    let (account, record) = golden_v2();
+    assert_eq!(decoded.accounts.len(), 1);
+    assert_eq!(decoded.accounts[0].parts(), account.parts());
+    assert_eq!(decoded.transfers, vec![record]);
+}
+
+#[test]
+fn a_version_1_snapshot_still_loads() {
+    // Goal: a snapshot written before transfers existed (never re-blessed) reads as before.
+    let golden = std::fs::read(golden_path("snapshot.bin")).expect("tests/golden/snapshot.bin");
+    assert_eq!(&golden[4..6], &1u16.to_le_bytes(), "a version 1 file");
+    let decoded = snapshot::decode(&golden).expect("decode");
+    assert_eq!(
+        (decoded.lsn, decoded.ids_after_ms, decoded.created_at_ms),
         (6, T0_MS + 6, T0_MS + 10)
     );
     assert_eq!(decoded.accounts.len(), 1);
     assert_eq!(decoded.accounts[0].parts(), golden_account().parts());
+    assert!(decoded.transfers.is_empty());
 }
 
 #[test]

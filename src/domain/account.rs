@@ -25,9 +25,9 @@ pub enum TxKind {
     Release,
     /// A hold dropped because its deadline passed.
     Expire,
-    /// Money sent to another account (saga, later issue).
+    /// Money sent to another account by a transfer.
     TransferOut,
-    /// Money received from another account (saga, later issue).
+    /// Money received by a transfer; also the refund of a failed transfer to its source.
     TransferIn,
 }
 
@@ -214,6 +214,15 @@ pub enum Request {
         /// Metadata as given.
         metadata: BTreeMap<String, String>,
     },
+    /// `POST /v1/transfers`, as seen by the source account (the key's scope).
+    Transfer {
+        /// The destination.
+        to: AccountId,
+        /// Amount as given.
+        amount: i128,
+        /// Metadata as given.
+        metadata: BTreeMap<String, String>,
+    },
 }
 
 /// An event: the outcome of a decision, as written to the WAL and applied.
@@ -297,6 +306,93 @@ pub enum EventBody {
         /// The hold.
         hold_id: Uuid,
     },
+    /// The first half of a transfer, on its source: the money leaves.
+    TransferOut {
+        /// The transfer.
+        transfer_id: Uuid,
+        /// Where the money goes.
+        to: AccountId,
+        /// Amount.
+        amount: Amount,
+        /// Metadata of the request.
+        metadata: Metadata,
+    },
+    /// The second half of a transfer, on its destination: the money arrives.
+    TransferIn {
+        /// The transfer.
+        transfer_id: Uuid,
+        /// Where the money came from.
+        from: AccountId,
+        /// Amount.
+        amount: Amount,
+        /// Metadata of the request.
+        metadata: Metadata,
+    },
+    /// The end of a transfer the destination refused, on its source: the money comes back.
+    TransferRefund {
+        /// The transfer.
+        transfer_id: Uuid,
+        /// The destination that refused.
+        to: AccountId,
+        /// Amount.
+        amount: Amount,
+        /// Why the destination refused.
+        failure: TransferFailure,
+    },
+}
+
+impl EventBody {
+    /// Whether this is one of the three events of a transfer.
+    pub fn is_transfer(&self) -> bool {
+        matches!(
+            self,
+            EventBody::TransferOut { .. }
+                | EventBody::TransferIn { .. }
+                | EventBody::TransferRefund { .. }
+        )
+    }
+}
+
+/// Why the destination of a transfer refused it after the source was debited. Such a
+/// transfer ends `failed` and its source is refunded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TransferFailure {
+    /// The destination does not exist.
+    AccountNotFound,
+    /// The destination has another currency.
+    CurrencyMismatch,
+    /// The credit would push the destination's balance over the limit.
+    BalanceLimitExceeded,
+}
+
+impl TransferFailure {
+    /// The API error code of the refusal.
+    pub fn code(self) -> &'static str {
+        match self {
+            TransferFailure::AccountNotFound => "account_not_found",
+            TransferFailure::CurrencyMismatch => "currency_mismatch",
+            TransferFailure::BalanceLimitExceeded => "balance_limit_exceeded",
+        }
+    }
+
+    /// The code as stored in the log and in snapshots.
+    pub fn tag(self) -> u8 {
+        match self {
+            TransferFailure::AccountNotFound => 1,
+            TransferFailure::CurrencyMismatch => 2,
+            TransferFailure::BalanceLimitExceeded => 3,
+        }
+    }
+
+    /// The failure of a stored tag.
+    pub fn from_tag(tag: u8) -> Option<TransferFailure> {
+        match tag {
+            1 => Some(TransferFailure::AccountNotFound),
+            2 => Some(TransferFailure::CurrencyMismatch),
+            3 => Some(TransferFailure::BalanceLimitExceeded),
+            _ => None,
+        }
+    }
 }
 
 /// Why a request is refused. These are expected outcomes, not failures.
@@ -332,6 +428,13 @@ pub enum OpError {
         balance: i64,
         /// Requested amount.
         amount: u64,
+    },
+    /// A transfer between accounts of different currencies.
+    CurrencyMismatch {
+        /// The source's currency.
+        from: Currency,
+        /// The destination's currency.
+        to: Currency,
     },
 }
 
@@ -426,6 +529,8 @@ pub struct AccountParts {
     pub total_in: i128,
     /// Sum of debits and captures.
     pub total_out: i128,
+    /// Transfers received (and refunds) minus transfers sent.
+    pub transfers_net: i128,
 }
 
 /// What an account remembers beyond balances and history, once it has any.
@@ -474,9 +579,11 @@ pub struct Account {
     /// Transactions trimmed from the front of `history`: it starts at seq `dropped + 1`.
     history_dropped: u64,
     retention: Retention,
-    /// Running totals for the conservation check (invariant 3).
+    /// Running totals for the conservation check (invariant 3): credits; debits and
+    /// captures; transfers received minus sent.
     total_in: i128,
     total_out: i128,
+    transfers_net: i128,
 }
 
 impl Account {
@@ -513,6 +620,7 @@ impl Account {
             retention: Retention::UNLIMITED,
             total_in: 0,
             total_out: 0,
+            transfers_net: 0,
         })
     }
 
@@ -547,6 +655,11 @@ impl Account {
     /// LSN of the last event applied.
     pub fn last_lsn(&self) -> u64 {
         self.last_lsn
+    }
+    /// Credits minus debits and captures: what this account added to the money of the
+    /// whole engine (transfers only move it between accounts).
+    pub fn external_net(&self) -> i128 {
+        self.total_in - self.total_out
     }
     /// A hold by id.
     pub fn hold(&self, id: &Uuid) -> Option<&Hold> {
@@ -637,6 +750,7 @@ impl Account {
             keys,
             total_in: self.total_in,
             total_out: self.total_out,
+            transfers_net: self.transfers_net,
         }
     }
 
@@ -681,7 +795,10 @@ impl Account {
         {
             return Err(ApplyError("snapshot: balance out of bounds"));
         }
-        if i128::from(parts.balance) != parts.total_in - parts.total_out {
+        if Some(i128::from(parts.balance))
+            != (parts.total_in.checked_sub(parts.total_out))
+                .and_then(|net| net.checked_add(parts.transfers_net))
+        {
             return Err(ApplyError("snapshot: balance is not credits - debits"));
         }
         let dropped = parts
@@ -725,6 +842,7 @@ impl Account {
             retention: Retention::UNLIMITED,
             total_in: parts.total_in,
             total_out: parts.total_out,
+            transfers_net: parts.transfers_net,
         };
         if !extras.is_empty() {
             account.extras = Some(Box::new(extras));
@@ -797,8 +915,107 @@ impl Account {
                     metadata,
                 }
             }
+            Request::Transfer { .. } => {
+                return Err(OpError::Validation(
+                    "a transfer is decided with its destination (decide_transfer)".to_string(),
+                ))
+            }
         };
         Ok(Decision::Apply(body))
+    }
+
+    /// Decides the first half of a transfer from this account: the same idempotency rules
+    /// as [`Account::decide`], then validation (amount, metadata, a different destination),
+    /// the destination's currency (`to_currency`, which the caller read from it), funds.
+    pub fn decide_transfer(
+        &self,
+        key: Option<&IdempotencyKey>,
+        request: &Request,
+        transfer_id: Uuid,
+        to_currency: &Currency,
+    ) -> Result<Decision, OpError> {
+        let Request::Transfer {
+            to,
+            amount,
+            metadata,
+        } = request
+        else {
+            return self.decide(
+                key,
+                request,
+                Fresh {
+                    now_ms: 0,
+                    hold_id: Uuid::nil(),
+                },
+            );
+        };
+        if let Some(entry) = key.and_then(|k| self.ex().idempotency.get(k)) {
+            if entry.request == *request {
+                return Ok(Decision::Replay(entry.clone()));
+            }
+            return Err(OpError::IdempotencyKeyReused);
+        }
+        let amount = Amount::new(*amount)?;
+        let metadata = Metadata::new(metadata.clone())?;
+        if *to == self.id {
+            return Err(OpError::Validation(
+                "from and to must be different accounts".to_string(),
+            ));
+        }
+        if *to_currency != self.currency {
+            return Err(OpError::CurrencyMismatch {
+                from: self.currency.clone(),
+                to: to_currency.clone(),
+            });
+        }
+        self.check_funds(amount)?;
+        Ok(Decision::Apply(EventBody::TransferOut {
+            transfer_id,
+            to: to.clone(),
+            amount,
+            metadata,
+        }))
+    }
+
+    /// Decides the refund of a transfer the destination refused: a credit back to this
+    /// account, refused only if it would now push the balance over the limit.
+    pub fn decide_transfer_refund(
+        &self,
+        transfer_id: Uuid,
+        to: &AccountId,
+        amount: Amount,
+        failure: TransferFailure,
+    ) -> Result<EventBody, OpError> {
+        self.check_credit(amount)?;
+        Ok(EventBody::TransferRefund {
+            transfer_id,
+            to: to.clone(),
+            amount,
+            failure,
+        })
+    }
+
+    /// Decides the second half of a transfer on its destination: a credit, refused only by
+    /// the balance limit (or a currency the caller found different).
+    pub fn decide_transfer_in(
+        &self,
+        transfer_id: Uuid,
+        from: &AccountId,
+        from_currency: &Currency,
+        amount: Amount,
+        metadata: &Metadata,
+    ) -> Result<EventBody, TransferFailure> {
+        if *from_currency != self.currency || *from == self.id {
+            return Err(TransferFailure::CurrencyMismatch);
+        }
+        self.check_credit(amount)
+            .map_err(|_| TransferFailure::BalanceLimitExceeded)?;
+        Ok(EventBody::TransferIn {
+            transfer_id,
+            from: from.clone(),
+            amount,
+            metadata: metadata.clone(),
+        })
     }
 
     /// Decides whether a hold expires now: only an open hold whose deadline has passed.
@@ -892,8 +1109,15 @@ impl Account {
             if self.ex().idempotency.contains_key(key) {
                 return Err(ApplyError("idempotency key applied twice"));
             }
-            if matches!(event.body, EventBody::Expire { .. }) {
-                return Err(ApplyError("expire event with an idempotency key"));
+            if matches!(
+                event.body,
+                EventBody::Expire { .. }
+                    | EventBody::TransferIn { .. }
+                    | EventBody::TransferRefund { .. }
+            ) {
+                return Err(ApplyError(
+                    "an event no request caused has an idempotency key",
+                ));
             }
         }
         match &event.body {
@@ -932,6 +1156,30 @@ impl Account {
             }
             EventBody::Release { hold_id, .. } | EventBody::Expire { hold_id } => {
                 self.check_open(hold_id).map(|_| ())
+            }
+            EventBody::TransferOut { to, amount, .. } => {
+                if *to == self.id {
+                    return Err(ApplyError("transfer to the same account"));
+                }
+                if event.idempotency_key.is_none() {
+                    return Err(ApplyError("transfer without an idempotency key"));
+                }
+                self.check_funds(*amount)
+                    .map_err(|_| ApplyError("transfer beyond available funds"))
+            }
+            EventBody::TransferIn { from, amount, .. } => {
+                if *from == self.id {
+                    return Err(ApplyError("transfer from the same account"));
+                }
+                self.check_credit(*amount)
+                    .map_err(|_| ApplyError("transfer over the balance limit"))
+            }
+            EventBody::TransferRefund { to, amount, .. } => {
+                if *to == self.id {
+                    return Err(ApplyError("refund of a transfer to the same account"));
+                }
+                self.check_credit(*amount)
+                    .map_err(|_| ApplyError("refund over the balance limit"))
             }
         }
     }
@@ -1072,6 +1320,7 @@ impl Account {
     /// Changes balances and holds by an event that `check` accepted.
     fn mutate(&mut self, event: &Event) -> (Transaction, Option<Hold>, Option<Request>) {
         let mut hold_after = None;
+        let mut transfer = None;
         let (kind, amount, hold_id, metadata, request) = match &event.body {
             EventBody::Opened { .. } => unreachable!("check refuses a second open"),
             EventBody::Credit { amount, metadata } => {
@@ -1191,6 +1440,49 @@ impl Account {
                     None,
                 )
             }
+            EventBody::TransferOut {
+                transfer_id,
+                to,
+                amount,
+                metadata,
+            } => {
+                self.balance -= amount.signed();
+                self.transfers_net -= i128::from(amount.get());
+                transfer = Some(*transfer_id);
+                let request = Request::Transfer {
+                    to: to.clone(),
+                    amount: i128::from(amount.get()),
+                    metadata: metadata.to_map(),
+                };
+                (
+                    TxKind::TransferOut,
+                    *amount,
+                    None,
+                    metadata.clone(),
+                    Some(request),
+                )
+            }
+            EventBody::TransferIn {
+                transfer_id,
+                amount,
+                metadata,
+                ..
+            } => {
+                self.balance += amount.signed();
+                self.transfers_net += i128::from(amount.get());
+                transfer = Some(*transfer_id);
+                (TxKind::TransferIn, *amount, None, metadata.clone(), None)
+            }
+            EventBody::TransferRefund {
+                transfer_id,
+                amount,
+                ..
+            } => {
+                self.balance += amount.signed();
+                self.transfers_net += i128::from(amount.get());
+                transfer = Some(*transfer_id);
+                (TxKind::TransferIn, *amount, None, Metadata::empty(), None)
+            }
         };
         let tx = Transaction {
             id: event.tx_id,
@@ -1199,7 +1491,7 @@ impl Account {
             kind,
             amount: amount.get(),
             hold_id,
-            transfer_id: None,
+            transfer_id: transfer,
             balance: self.balance,
             held: self.held,
             available: self.available(),
@@ -1244,8 +1536,8 @@ impl Account {
         );
         assert_eq!(
             i128::from(self.balance),
-            self.total_in - self.total_out,
-            "invariant 3: balance is not credits - debits - captures"
+            self.total_in - self.total_out + self.transfers_net,
+            "invariant 3: balance is not credits - debits - captures + transfers in - out"
         );
         assert_eq!(
             self.ex().deadlines.len(),

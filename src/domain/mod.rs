@@ -3,9 +3,11 @@
 //! asserted here after every event, on the live path and in replay alike.
 
 mod account;
+mod transfer;
 mod types;
 
 pub use account::*;
+pub use transfer::*;
 pub use types::*;
 
 #[cfg(test)]

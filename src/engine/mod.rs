@@ -11,9 +11,11 @@ mod expiry;
 mod ids;
 mod recovery;
 mod snapshots;
+mod transfers;
 
 pub(crate) use recovery::recover_state;
 pub use snapshots::{SnapshotFailed, SnapshotReport};
+pub use transfers::{Conservation, TransferOutcome};
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,7 +30,7 @@ use crate::clock::Clock;
 use crate::domain::{
     Account, AccountId, AccountView, Currencies, Currency, Event, EventBody, FastMap, Hold,
     HoldStatus, IdempotencyEntry, IdempotencyKey, Metadata, OpError, Receipt, Request, Retention,
-    Transaction,
+    Transaction, TransferBook,
 };
 use crate::storage::{FileStorage, Storage};
 use crate::wal::{self, codec, Wal, WalError, WalStart, WriterMode};
@@ -126,6 +128,9 @@ pub enum EngineError {
     /// The engine is shutting down.
     #[error("shutting down")]
     ShuttingDown,
+    /// No transfer with this id is remembered.
+    #[error("transfer {0} not found")]
+    TransferNotFound(Uuid),
 }
 
 impl From<WalError> for EngineError {
@@ -201,6 +206,12 @@ pub struct EngineStats {
     pub durable_lsn: u64,
     /// Whether writes are stopped by a storage failure.
     pub storage_failed: bool,
+    /// Transfers whose source was debited and whose destination is not credited yet.
+    pub transfers_in_flight: u64,
+    /// The sum of their amounts (in minor units, over all currencies).
+    pub transfers_in_flight_amount: u128,
+    /// Transfers remembered.
+    pub transfers: u64,
 }
 
 /// The engine. Cheap to clone.
@@ -223,6 +234,8 @@ pub(crate) struct Inner {
     snapshot_running: tokio::sync::Mutex<()>,
     /// Currencies shared by the accounts.
     currencies: Mutex<Currencies>,
+    /// Every transfer remembered. Locked after an account's state lock, never before.
+    transfers: Mutex<TransferBook>,
 }
 
 /// One account: its state behind a short lock.
@@ -240,11 +253,12 @@ impl Engine {
         let started = Instant::now();
         let wal_dir = config.data_dir.join("wal");
         let recovered = recover_state(&*config.storage, &config.data_dir, config.retention, true)?;
-        let (accounts, outcome, newest_ms, currencies) = (
+        let (accounts, outcome, newest_ms, currencies, transfers) = (
             recovered.accounts,
             recovered.outcome,
             recovered.newest_ms,
             recovered.currencies,
+            recovered.transfers,
         );
         if let Some(cut) = &outcome.tail_cut {
             tracing::warn!(
@@ -289,6 +303,7 @@ impl Engine {
             actors: std::sync::OnceLock::new(),
             snapshot_running: tokio::sync::Mutex::new(()),
             currencies: Mutex::new(currencies),
+            transfers: Mutex::new(transfers),
         };
         Ok((
             Engine {
@@ -302,10 +317,11 @@ impl Engine {
     /// until those expiries are durable, then starts the background expiry task. Returns how
     /// many holds it expired.
     pub async fn finish_recovery(&self) -> Result<usize, EngineError> {
+        let finished = self.inner.finish_pending_transfers()?;
         let expired = self.inner.expire_all_due()?;
         self.inner
             .wal
-            .wait_durable(self.inner.wal.durable_lsn().max(expired.1))
+            .wait_durable(self.inner.wal.durable_lsn().max(expired.1).max(finished))
             .await?;
         if let Some(every) = self.inner.config.expiry_sweep {
             expiry::spawn_sweeper(Arc::downgrade(&self.inner), every);
@@ -567,7 +583,15 @@ impl Engine {
     /// Counters for `/metrics`.
     pub fn stats(&self) -> EngineStats {
         let wal = self.inner.wal.stats();
+        let (in_flight, in_flight_amount, transfers) = {
+            let book = self.inner.transfers.lock();
+            let (count, amount) = book.in_flight();
+            (count as u64, amount, book.len() as u64)
+        };
         EngineStats {
+            transfers_in_flight: in_flight,
+            transfers_in_flight_amount: in_flight_amount,
+            transfers,
             accounts: self.inner.accounts.read().len() as u64,
             live_actors: self.inner.live_actors.load(Ordering::Relaxed),
             queued_commands: self.inner.actors.get().map_or(0, |a| a.queued() as u64),
@@ -684,6 +708,13 @@ impl Inner {
         let receipt = account
             .apply_checked(&event)
             .expect("check() accepted this event under the same lock");
+        if event.body.is_transfer() {
+            // Under the account's lock, right after the event: a snapshot that captures the
+            // book after the accounts has every transfer event its accounts have.
+            if let Err(error) = self.transfers.lock().record(&event, Some(account.view())) {
+                panic!("transfer book refused a live event: {error}");
+            }
+        }
         if let Some(hold) = &receipt.hold {
             match hold.status {
                 HoldStatus::Open => self

@@ -4,7 +4,9 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::domain::{Account, AccountId, Currencies, Event, EventBody, FastMap, Retention};
+use crate::domain::{
+    Account, AccountId, Currencies, Event, EventBody, FastMap, Retention, TransferBook,
+};
 use crate::snapshot;
 use crate::storage::Storage;
 use crate::wal::{self, ReplayOutcome};
@@ -25,6 +27,8 @@ pub(crate) struct Recovered {
     pub(crate) damaged_snapshots: Vec<String>,
     /// The currencies of the accounts, shared.
     pub(crate) currencies: Currencies,
+    /// Every transfer remembered, pending ones included (recovery finishes those).
+    pub(crate) transfers: TransferBook,
 }
 
 /// Loads the newest valid snapshot of `data_dir` and replays the WAL after it. With
@@ -52,6 +56,7 @@ pub(crate) fn recover_state(
     }
     let mut accounts: FastMap<AccountId, Box<Account>> = FastMap::default();
     let mut currencies = Currencies::default();
+    let mut transfers = TransferBook::default();
     let (after_lsn, mut newest_ms, snapshot_lsn) = match base {
         Some(found) => {
             tracing::info!(
@@ -71,6 +76,12 @@ pub(crate) fn recover_state(
                     }));
                 }
             }
+            transfers = TransferBook::from_records(found.transfers).map_err(|e| {
+                OpenError::Snapshot(snapshot::SnapshotError::Corrupt {
+                    path: snapshot_dir.join(snapshot::file_name(found.lsn)),
+                    reason: e.to_string(),
+                })
+            })?;
             (found.lsn, found.ids_after_ms, Some(found.lsn))
         }
         None => (0, 0, None),
@@ -91,7 +102,13 @@ pub(crate) fn recover_state(
                 "replaying the WAL"
             );
         }
-        replay_event(&mut accounts, &mut currencies, event, retention)
+        replay_event(
+            &mut accounts,
+            &mut currencies,
+            &mut transfers,
+            event,
+            retention,
+        )
     })?;
     Ok(Recovered {
         accounts,
@@ -100,6 +117,7 @@ pub(crate) fn recover_state(
         snapshot_lsn,
         damaged_snapshots,
         currencies,
+        transfers,
     })
 }
 
@@ -109,18 +127,30 @@ pub(crate) fn recover_state(
 fn replay_event(
     accounts: &mut FastMap<AccountId, Box<Account>>,
     currencies: &mut Currencies,
+    transfers: &mut TransferBook,
     mut event: Event,
     retention: Retention,
 ) -> Result<(), String> {
     if let Some(account) = accounts.get_mut(&event.account) {
+        let is_transfer = event.body.is_transfer();
         if event.lsn <= account.last_lsn() {
-            // Already in the snapshot this replay started from (it is fuzzy).
+            // Already in the snapshot this replay started from (it is fuzzy); its book has
+            // the event too.
+            if is_transfer {
+                transfers.record(&event, None).map_err(|e| e.to_string())?;
+            }
             return Ok(());
         }
         if let EventBody::Opened { .. } = event.body {
             return Err(format!("account {} opened twice", event.account));
         }
-        return account.replay(&event).map_err(|e| e.to_string());
+        account.replay(&event).map_err(|e| e.to_string())?;
+        if is_transfer {
+            transfers
+                .record(&event, Some(account.view()))
+                .map_err(|e| e.to_string())?;
+        }
+        return Ok(());
     }
     if let EventBody::Opened { currency, .. } = &mut event.body {
         *currency = currencies.share(currency.clone());

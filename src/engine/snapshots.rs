@@ -103,10 +103,18 @@ impl Inner {
             };
             writer.add(&parts);
         }
+        // The book after the accounts: it then has every transfer event they have (the book
+        // is written under the account's lock right after the event). Transfers that ended
+        // at or below `lsn` long enough ago are forgotten first.
+        self.prune_transfers(lsn, self.clock.now_ms());
+        let transfers: Vec<_> = self.transfers.lock().records().cloned().collect();
+        for record in &transfers {
+            wait_lsn = wait_lsn.max(record.last_lsn());
+        }
         // Read after the capture: every id in a captured account is at or below it.
         writer.set_ids_after_ms(self.ids.last_ms());
         Captured {
-            bytes: writer.finish(),
+            bytes: writer.finish(transfers.iter().map(|r| &**r)),
             lsn,
             wait_lsn,
             accounts: slots.len() as u64,

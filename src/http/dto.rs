@@ -9,7 +9,9 @@ use serde::de::{self, Deserializer, Visitor};
 use serde::ser::{SerializeMap, Serializer};
 use serde::{Deserialize, Serialize};
 
-use crate::domain::{AccountView, Hold, Metadata, Receipt, Transaction};
+use crate::domain::{
+    AccountView, Hold, Metadata, Receipt, Transaction, TransferRecord, TransferStatus,
+};
 
 /// A JSON integer, kept wide so that out-of-range values reach validation (422) while a
 /// string, fraction, boolean or null is a type error (400).
@@ -131,6 +133,21 @@ pub struct CaptureBody {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReleaseBody {
+    /// Metadata.
+    #[serde(default, deserialize_with = "present_map")]
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// `POST /v1/transfers`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransferBody {
+    /// Source account id.
+    pub from: String,
+    /// Destination account id.
+    pub to: String,
+    /// Amount.
+    pub amount: JsonInt,
     /// Metadata.
     #[serde(default, deserialize_with = "present_map")]
     pub metadata: BTreeMap<String, String>,
@@ -307,6 +324,57 @@ impl<'a> From<&'a Hold> for HoldJson<'a> {
             created_at: Timestamp(h.created_at_ms),
             expires_at: Timestamp(h.expires_at_ms),
             metadata: MetadataJson(&h.metadata),
+        }
+    }
+}
+
+/// A Transfer resource.
+#[derive(Serialize)]
+pub struct TransferJson<'a> {
+    id: String,
+    from: &'a str,
+    to: &'a str,
+    amount: u64,
+    status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    failure_code: Option<&'static str>,
+    created_at: Timestamp,
+    metadata: MetadataJson<'a>,
+}
+
+impl<'a> From<&'a TransferRecord> for TransferJson<'a> {
+    fn from(t: &'a TransferRecord) -> TransferJson<'a> {
+        TransferJson {
+            id: t.id.to_string(),
+            from: t.from.as_str(),
+            to: t.to.as_str(),
+            amount: t.amount.get(),
+            status: t.status.as_str(),
+            failure_code: match t.status {
+                TransferStatus::Failed(failure) => Some(failure.code()),
+                _ => None,
+            },
+            created_at: Timestamp(t.created_at_ms),
+            metadata: MetadataJson(&t.metadata),
+        }
+    }
+}
+
+/// The body answering a transfer: `{"transfer", "from_account", "to_account"}`, each
+/// account just after its half.
+#[derive(Serialize)]
+pub struct TransferReceiptJson<'a> {
+    transfer: TransferJson<'a>,
+    from_account: AccountJson<'a>,
+    to_account: Option<AccountJson<'a>>,
+}
+
+impl<'a> From<&'a TransferRecord> for TransferReceiptJson<'a> {
+    fn from(t: &'a TransferRecord) -> TransferReceiptJson<'a> {
+        TransferReceiptJson {
+            transfer: TransferJson::from(t),
+            from_account: AccountJson::from(&t.from_account),
+            to_account: t.to_account.as_ref().map(AccountJson::from),
         }
     }
 }

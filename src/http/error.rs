@@ -4,7 +4,7 @@
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 
-use crate::domain::OpError;
+use crate::domain::{OpError, TransferFailure, TransferRecord};
 use crate::engine::EngineError;
 
 /// An error answer.
@@ -143,6 +143,12 @@ impl From<EngineError> for ApiError {
             ),
             EngineError::Op(refusal) => refusal.into(),
             EngineError::StorageFailure => ApiError::storage_failure(),
+            EngineError::TransferNotFound(id) => ApiError::new(
+                StatusCode::NOT_FOUND,
+                "transfer_not_found",
+                "Transfer not found",
+                format!("no transfer {id}"),
+            ),
             EngineError::ShuttingDown => {
                 let mut e = ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -201,6 +207,16 @@ impl From<OpError> for ApiError {
                     )
                 },
             ),
+            OpError::CurrencyMismatch { from, to } => ApiError::new(
+                StatusCode::CONFLICT,
+                "currency_mismatch",
+                "Currency mismatch",
+                format!(
+                    "the source holds {} and the destination {}",
+                    from.as_str(),
+                    to.as_str()
+                ),
+            ),
             OpError::BalanceLimitExceeded { balance, amount } => ApiError::new(
                 StatusCode::CONFLICT,
                 "balance_limit_exceeded",
@@ -215,6 +231,41 @@ impl From<OpError> for ApiError {
 }
 
 impl ApiError {
+    /// The answer to a transfer its destination refused after the source was debited: the
+    /// error of the refusal, saying that the source was refunded.
+    pub fn transfer_failed(record: &TransferRecord, failure: TransferFailure) -> ApiError {
+        let refunded = format!(
+            "transfer {} failed and its {} went back to {}",
+            record.id,
+            record.amount.get(),
+            record.from
+        );
+        match failure {
+            TransferFailure::AccountNotFound => ApiError::new(
+                StatusCode::NOT_FOUND,
+                "account_not_found",
+                "Account not found",
+                format!("no account with id {}: {refunded}", record.to),
+            ),
+            TransferFailure::CurrencyMismatch => ApiError::new(
+                StatusCode::CONFLICT,
+                "currency_mismatch",
+                "Currency mismatch",
+                format!("{} has another currency: {refunded}", record.to),
+            ),
+            TransferFailure::BalanceLimitExceeded => ApiError::new(
+                StatusCode::CONFLICT,
+                "balance_limit_exceeded",
+                "Balance limit exceeded",
+                format!(
+                    "the balance of {} would exceed {}: {refunded}",
+                    record.to,
+                    crate::domain::AMOUNT_MAX
+                ),
+            ),
+        }
+    }
+
     /// The problem+json body.
     pub fn body(&self) -> serde_json::Value {
         serde_json::json!({

@@ -102,6 +102,23 @@ pub(crate) async fn render(State(state): State<AppState>) -> Response {
         );
         gauge(
             &mut out,
+            "coffer_transfers_in_flight",
+            "Transfers whose source is debited and whose destination is not credited yet.",
+            s.transfers_in_flight,
+        );
+        let _ = writeln!(
+            out,
+            "# HELP coffer_transfers_in_flight_amount Sum of the amounts of transfers in flight (minor units, all currencies).\n# TYPE coffer_transfers_in_flight_amount gauge\ncoffer_transfers_in_flight_amount {}",
+            s.transfers_in_flight_amount
+        );
+        gauge(
+            &mut out,
+            "coffer_transfers_remembered",
+            "Transfers kept for GET /v1/transfers/{id} and idempotent retries.",
+            s.transfers,
+        );
+        gauge(
+            &mut out,
             "coffer_storage_failed",
             "1 when a WAL write or sync failed and writes are stopped.",
             u64::from(s.storage_failed),

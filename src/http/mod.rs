@@ -22,7 +22,8 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use crate::domain::{
-    AccountId, Currency, HoldStatus, IdempotencyKey, Metadata, Receipt, Request, AMOUNT_MAX,
+    AccountId, Currency, HoldStatus, IdempotencyKey, Metadata, Receipt, Request, TransferRecord,
+    TransferStatus, TxKind, AMOUNT_MAX,
 };
 use crate::engine::{Engine, Executed};
 use dto::*;
@@ -97,6 +98,8 @@ pub fn router(state: AppState) -> Router {
             "/v1/accounts/{id}/idempotency-keys/{key}",
             get(get_idempotency_key),
         )
+        .route("/v1/transfers", post(post_transfer))
+        .route("/v1/transfers/{id}", get(get_transfer))
         .route("/v1/batch", post(post_batch))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -257,6 +260,72 @@ async fn execute(
             .insert("idempotent-replayed", HeaderValue::from_static("true"));
     }
     Ok(response)
+}
+
+async fn post_transfer(State(state): State<AppState>, headers: HeaderMap, body: Body) -> ApiResult {
+    let bytes = read_body(body, HTTP_BODY_BYTES_MAX).await?;
+    let body: TransferBody = parse_json(&bytes)?;
+    let from = account_id(&body.from)?;
+    let to = account_id(&body.to)?;
+    let key = idempotency_key(&headers)?.ok_or_else(ApiError::key_missing)?;
+    let engine = state.ready()?;
+    let request = Request::Transfer {
+        to,
+        amount: body.amount.0,
+        metadata: body.metadata,
+    };
+    let outcome = engine.transfer(&from, Some(key), request).await?;
+    let mut response = transfer_answer(&outcome.record);
+    if outcome.replayed {
+        response
+            .headers_mut()
+            .insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    Ok(response)
+}
+
+/// The answer to a transfer request, first or replayed: 201 with the transfer and both
+/// accounts; the refusal's error if the destination refused (the source was refunded); 202
+/// if it is still in flight (its refund was refused too; recovery retries it).
+fn transfer_answer(record: &TransferRecord) -> Response {
+    let (status, body) = transfer_status_and_body(record);
+    match status {
+        Ok(status) => json(status, &body),
+        Err(error) => error.into_response(),
+    }
+}
+
+fn transfer_status_and_body(
+    record: &TransferRecord,
+) -> (Result<StatusCode, ApiError>, serde_json::Value) {
+    match record.status {
+        TransferStatus::Failed(failure) => {
+            let error = ApiError::transfer_failed(record, failure);
+            let body = error.body();
+            (Err(error), body)
+        }
+        status => {
+            let code = if status == TransferStatus::Completed {
+                StatusCode::CREATED
+            } else {
+                StatusCode::ACCEPTED
+            };
+            let body = serde_json::to_value(TransferReceiptJson::from(record))
+                .unwrap_or(serde_json::Value::Null);
+            (Ok(code), body)
+        }
+    }
+}
+
+async fn get_transfer(
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+) -> ApiResult {
+    let id = path_param(path)?;
+    let id =
+        Uuid::parse_str(&id).map_err(|_| ApiError::invalid("transfer id is not a valid UUID"))?;
+    let record = state.ready()?.transfer_record(&id).await?;
+    Ok(json(StatusCode::OK, &TransferJson::from(&*record)))
 }
 
 async fn post_batch(State(state): State<AppState>, body: Body) -> ApiResult {
@@ -509,8 +578,8 @@ async fn get_idempotency_key(
     let (id, key) = path_param(path)?;
     let id = account_id(&id)?;
     let key = IdempotencyKey::parse(&key).map_err(|e| ApiError::invalid(e.0))?;
-    let entry = state
-        .ready()?
+    let engine = state.ready()?;
+    let entry = engine
         .idempotency_entry(&id, &key)
         .await?
         .ok_or_else(|| ApiError {
@@ -524,13 +593,27 @@ async fn get_idempotency_key(
     struct Lookup<'a> {
         key: &'a str,
         status: u16,
-        response: ReceiptJson<'a>,
+        response: serde_json::Value,
         created_at: Timestamp,
     }
+    let transaction = &entry.receipt.transaction;
+    let (status, response) = match (transaction.kind, transaction.transfer_id) {
+        // A transfer's answer names both accounts: it is kept with the transfer.
+        (TxKind::TransferOut, Some(transfer_id)) => {
+            let record = engine.transfer_record(&transfer_id).await?;
+            let (status, body) = transfer_status_and_body(&record);
+            (status.unwrap_or_else(|error| error.status), body)
+        }
+        _ => (
+            receipt_status(&entry.receipt),
+            serde_json::to_value(ReceiptJson::from(&*entry.receipt))
+                .unwrap_or(serde_json::Value::Null),
+        ),
+    };
     let lookup = Lookup {
         key: key.as_str(),
-        status: receipt_status(&entry.receipt).as_u16(),
-        response: ReceiptJson::from(&*entry.receipt),
+        status: status.as_u16(),
+        response,
         created_at: Timestamp(entry.created_at_ms),
     };
     Ok(json(StatusCode::OK, &lookup))
@@ -565,7 +648,6 @@ async fn openapi() -> Response {
 /// The status of a successful change, first answer and replays alike, single or batched:
 /// credits, debits and holds create (201); captures and releases change (200).
 fn receipt_status(receipt: &Receipt) -> StatusCode {
-    use crate::domain::TxKind;
     match receipt.transaction.kind {
         TxKind::Capture | TxKind::Release => StatusCode::OK,
         _ => StatusCode::CREATED,

@@ -1181,6 +1181,15 @@ fn different(request: &Request) -> Request {
             amount: None,
             metadata,
         },
+        Request::Transfer {
+            to,
+            amount,
+            metadata,
+        } => Request::Transfer {
+            to,
+            amount: amount + 1,
+            metadata,
+        },
     }
 }
 

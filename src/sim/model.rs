@@ -37,6 +37,8 @@ pub struct Model {
     pub debits: i128,
     /// Sum of captures.
     pub captures: i128,
+    /// Transfers received (and refunds) minus transfers sent.
+    pub transfers_net: i128,
     /// Every hold.
     pub holds: BTreeMap<Uuid, ModelHold>,
     /// Hold ids in creation order, to pick from.
@@ -196,7 +198,30 @@ impl Model {
                 }
                 self.open_hold(hold_id).map(|_| ())
             }
+            // The source's side of a transfer; the caller checks what needs the destination
+            // (a different account, the same currency) in API.md's order.
+            Request::Transfer {
+                amount, metadata, ..
+            } => {
+                let amount = valid_amount(*amount).ok_or_else(invalid)?;
+                if !valid_metadata(metadata) {
+                    return Err(invalid());
+                }
+                self.funds(amount)
+            }
         }
+    }
+
+    /// Whether this account can receive `amount` by a transfer (the balance limit).
+    pub fn can_receive(&self, amount: u64) -> bool {
+        self.balance + i128::from(amount) <= i128::from(AMOUNT_MAX)
+    }
+
+    /// The destination's half of a transfer.
+    pub fn receive(&mut self, amount: u64) {
+        self.balance += i128::from(amount);
+        self.transfers_net += i128::from(amount);
+        self.seq += 1;
     }
 
     fn open_hold(&self, hold_id: &Uuid) -> Result<&ModelHold, OpError> {
@@ -278,6 +303,12 @@ impl Model {
                 let hold = self.holds.get_mut(hold_id).expect("an accepted release");
                 hold.status = HoldStatus::Released;
                 (TxKind::Release, hold.amount)
+            }
+            Request::Transfer { amount, .. } => {
+                let a = amount_of(*amount);
+                self.balance -= i128::from(a);
+                self.transfers_net -= i128::from(a);
+                (TxKind::TransferOut, a)
             }
         };
         self.seq += 1;

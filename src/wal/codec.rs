@@ -6,7 +6,7 @@
 //! ```text
 //! offset size field
 //!      0    4 magic      = 0x5746_4643 ("CFFW" as little-endian bytes)
-//!      4    2 version    = 1 (format of frame and payload)
+//!      4    2 version    = 2 (format of frame and payload; 1 is read too)
 //!      6    1 kind       = 1 (event)
 //!      7    1 pad        = 0
 //!      8    4 len        payload length in bytes, 1..=RECORD_PAYLOAD_BYTES_MAX
@@ -15,7 +15,7 @@
 //!     24  len payload
 //! ```
 //!
-//! Event payload, version 1:
+//! Event payload, version 2 (version 1 is the same without tags 8..=10):
 //!
 //! ```text
 //! u8 id_len, id bytes          account id
@@ -31,6 +31,10 @@
 //!   5 capture  [16] hold_id, u64 amount, u8 amount_given, metadata
 //!   6 release  [16] hold_id, metadata
 //!   7 expire   [16] hold_id
+//!   8 transfer_out     [16] transfer_id, u8 len + to account id, u64 amount, metadata
+//!   9 transfer_in      [16] transfer_id, u8 len + from account id, u64 amount, metadata
+//!  10 transfer_refund  [16] transfer_id, u8 len + to account id, u64 amount, u8 failure
+//!                      (1 account_not_found, 2 currency_mismatch, 3 balance_limit_exceeded)
 //! metadata = u8 count, then count x (u16 key_len, key, u16 value_len, value), UTF-8
 //! ```
 
@@ -38,12 +42,16 @@ use std::collections::BTreeMap;
 
 use uuid::Uuid;
 
-use crate::domain::{AccountId, Amount, Currency, Event, EventBody, IdempotencyKey, Metadata};
+use crate::domain::{
+    AccountId, Amount, Currency, Event, EventBody, IdempotencyKey, Metadata, TransferFailure,
+};
 
 /// Frame magic, "CFFW" as little-endian bytes.
 pub const FRAME_MAGIC: u32 = 0x5746_4643;
-/// Current frame and payload version.
-pub const FRAME_VERSION: u16 = 1;
+/// Current frame and payload version: what this coffer writes.
+pub const FRAME_VERSION: u16 = 2;
+/// Oldest version this coffer reads. Version 1 has no transfer events (tags 8..=10).
+pub const FRAME_VERSION_MIN: u16 = 1;
 /// Record kind of an event.
 pub const RECORD_KIND_EVENT: u8 = 1;
 /// Size of the frame header.
@@ -64,6 +72,9 @@ const TAG_HOLD: u8 = 4;
 const TAG_CAPTURE: u8 = 5;
 const TAG_RELEASE: u8 = 6;
 const TAG_EXPIRE: u8 = 7;
+const TAG_TRANSFER_OUT: u8 = 8;
+const TAG_TRANSFER_IN: u8 = 9;
+const TAG_TRANSFER_REFUND: u8 = 10;
 
 /// Why bytes are not a valid frame or payload.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -88,6 +99,8 @@ pub enum DecodeError {
 /// One decoded frame: its LSN and payload.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Frame<'a> {
+    /// Format version it was written in.
+    pub version: u16,
     /// Log sequence number.
     pub lsn: u64,
     /// The payload bytes.
@@ -142,11 +155,38 @@ pub fn decode_frame(bytes: &[u8]) -> Result<(Frame<'_>, usize), DecodeError> {
     }
     // Checked after the CRC: a frame that is intact but of another version was written by
     // another coffer on purpose, and must stop recovery rather than be cut as torn.
-    if le_u16(&header[4..6]) != FRAME_VERSION || header[6] != RECORD_KIND_EVENT || header[7] != 0 {
+    let version = le_u16(&header[4..6]);
+    if !(FRAME_VERSION_MIN..=FRAME_VERSION).contains(&version)
+        || header[6] != RECORD_KIND_EVENT
+        || header[7] != 0
+    {
         return Err(DecodeError::Unsupported);
     }
     let lsn = le_u64(&header[12..20]);
-    Ok((Frame { lsn, payload }, total))
+    Ok((
+        Frame {
+            version,
+            lsn,
+            payload,
+        },
+        total,
+    ))
+}
+
+/// Decodes the event of a frame by the frame's version: a version 1 record cannot hold a
+/// transfer event, which came with version 2.
+pub fn decode_frame_event(frame: &Frame<'_>) -> Result<Event, DecodeError> {
+    let event = decode_event(frame.lsn, frame.payload)?;
+    let transfer = matches!(
+        event.body,
+        EventBody::TransferOut { .. }
+            | EventBody::TransferIn { .. }
+            | EventBody::TransferRefund { .. }
+    );
+    if frame.version < 2 && transfer {
+        return Err(bad("a transfer event in a version 1 record"));
+    }
+    Ok(event)
 }
 
 /// Encodes an event's payload (everything but the LSN, which the frame carries).
@@ -218,6 +258,42 @@ pub fn encode_event(event: &Event, out: &mut Vec<u8>) {
             out.push(TAG_EXPIRE);
             out.extend_from_slice(hold_id.as_bytes());
         }
+        EventBody::TransferOut {
+            transfer_id,
+            to,
+            amount,
+            metadata,
+        } => {
+            out.push(TAG_TRANSFER_OUT);
+            out.extend_from_slice(transfer_id.as_bytes());
+            put_str8(out, to.as_str());
+            out.extend_from_slice(&amount.get().to_le_bytes());
+            put_metadata(out, metadata);
+        }
+        EventBody::TransferIn {
+            transfer_id,
+            from,
+            amount,
+            metadata,
+        } => {
+            out.push(TAG_TRANSFER_IN);
+            out.extend_from_slice(transfer_id.as_bytes());
+            put_str8(out, from.as_str());
+            out.extend_from_slice(&amount.get().to_le_bytes());
+            put_metadata(out, metadata);
+        }
+        EventBody::TransferRefund {
+            transfer_id,
+            to,
+            amount,
+            failure,
+        } => {
+            out.push(TAG_TRANSFER_REFUND);
+            out.extend_from_slice(transfer_id.as_bytes());
+            put_str8(out, to.as_str());
+            out.extend_from_slice(&amount.get().to_le_bytes());
+            out.push(failure.tag());
+        }
     }
 }
 
@@ -273,6 +349,24 @@ pub fn decode_event(lsn: u64, payload: &[u8]) -> Result<Event, DecodeError> {
             metadata: r.metadata()?,
         },
         TAG_EXPIRE => EventBody::Expire { hold_id: r.uuid()? },
+        TAG_TRANSFER_OUT => EventBody::TransferOut {
+            transfer_id: r.uuid()?,
+            to: AccountId::parse(r.str8()?).map_err(|_| bad("account id"))?,
+            amount: r.amount()?,
+            metadata: r.metadata()?,
+        },
+        TAG_TRANSFER_IN => EventBody::TransferIn {
+            transfer_id: r.uuid()?,
+            from: AccountId::parse(r.str8()?).map_err(|_| bad("account id"))?,
+            amount: r.amount()?,
+            metadata: r.metadata()?,
+        },
+        TAG_TRANSFER_REFUND => EventBody::TransferRefund {
+            transfer_id: r.uuid()?,
+            to: AccountId::parse(r.str8()?).map_err(|_| bad("account id"))?,
+            amount: r.amount()?,
+            failure: TransferFailure::from_tag(r.u8()?).ok_or(bad("transfer failure"))?,
+        },
         _ => return Err(bad("unknown event tag")),
     };
     if !r.bytes.is_empty() {
@@ -469,13 +563,31 @@ mod tests {
                 hold_id,
                 amount: Amount::new(150).expect("valid"),
                 amount_given: true,
-                metadata: meta,
+                metadata: meta.clone(),
             },
             EventBody::Release {
                 hold_id,
                 metadata: Metadata::empty(),
             },
             EventBody::Expire { hold_id },
+            EventBody::TransferOut {
+                transfer_id: hold_id,
+                to: AccountId::parse("house").expect("valid id"),
+                amount: Amount::new(25).expect("valid"),
+                metadata: meta.clone(),
+            },
+            EventBody::TransferIn {
+                transfer_id: hold_id,
+                from: AccountId::parse("house").expect("valid id"),
+                amount: Amount::new(25).expect("valid"),
+                metadata: Metadata::empty(),
+            },
+            EventBody::TransferRefund {
+                transfer_id: hold_id,
+                to: AccountId::parse("house").expect("valid id"),
+                amount: Amount::new(25).expect("valid"),
+                failure: TransferFailure::BalanceLimitExceeded,
+            },
         ];
         bodies
             .into_iter()

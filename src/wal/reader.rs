@@ -173,7 +173,7 @@ pub fn replay_after(
                     // Records the snapshot covers are checksummed (decode_frame) but not
                     // decoded: nothing reads them.
                     if frame.lsn > after_lsn {
-                        let event = codec::decode_event(frame.lsn, frame.payload)
+                        let event = codec::decode_frame_event(&frame)
                             .map_err(|e| corrupt(offset, e.to_string()))?;
                         on_event(event).map_err(|reason| corrupt(offset, reason))?;
                         outcome.records += 1;
@@ -299,12 +299,12 @@ mod tests {
         // Goal: a record a newer coffer wrote on purpose stops recovery (a downgrade), while
         // the same bytes with a broken CRC would be a torn tail.
         assert_eq!(
-            codec::decode_frame(&frame_of_version(1, 2)).map(|_| ()),
+            codec::decode_frame(&frame_of_version(1, codec::FRAME_VERSION + 1)).map(|_| ()),
             Err(DecodeError::Unsupported)
         );
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join(segment_name(1));
-        std::fs::write(&path, frame_of_version(1, 2)).expect("write");
+        std::fs::write(&path, frame_of_version(1, codec::FRAME_VERSION + 1)).expect("write");
         let result = replay(dir.path(), true, |_| Ok(()));
         assert!(
             matches!(result, Err(WalError::Corrupt { offset: 0, .. })),
@@ -313,7 +313,7 @@ mod tests {
         let len = std::fs::metadata(&path).expect("metadata").len();
         assert_eq!(
             len as usize,
-            frame_of_version(1, 2).len(),
+            frame_of_version(1, codec::FRAME_VERSION + 1).len(),
             "nothing was cut"
         );
     }
