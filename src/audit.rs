@@ -34,13 +34,18 @@ pub struct Verified {
     pub open_holds: usize,
     /// Sum of all balances at the end of the log.
     pub total_balance: i128,
+    /// Transfers remembered.
+    pub transfers: usize,
+    /// Transfers half done (the server finishes them at its next start), and their sum.
+    pub transfers_pending: (usize, u128),
     /// A torn tail the server would cut at its next start.
     pub tail_cut: Option<TailCut>,
 }
 
 /// Recovers `data_dir` exactly as the server would (newest valid snapshot, then every WAL
 /// record after it, every checksum checked and every event applied with the server's own
-/// `apply`, which asserts every invariant), without writing anything. An error names the
+/// `apply`, which asserts every invariant, and money conserved over all accounts), without
+/// writing anything. An error names the
 /// file and offset of the first bad record.
 pub fn verify(data_dir: &Path) -> Result<Verified, OpenError> {
     let segments = reader::list_segments(&FileStorage, &wal_dir(data_dir)?)?.len();
@@ -62,6 +67,8 @@ pub fn verify(data_dir: &Path) -> Result<Verified, OpenError> {
             .values()
             .map(|a| i128::from(a.view().balance))
             .sum(),
+        transfers: recovered.transfers.len(),
+        transfers_pending: recovered.transfers.in_flight(),
         tail_cut: recovered.outcome.tail_cut,
     })
 }

@@ -57,6 +57,10 @@ fn wal_tool(command: &WalCommand) -> ExitCode {
                     found.open_holds,
                     found.total_balance
                 );
+                println!(
+                    "transfers: {} remembered, {} half done ({} in flight; the server finishes them at its next start); money conserved",
+                    found.transfers, found.transfers_pending.0, found.transfers_pending.1
+                );
                 for damaged in &found.damaged_snapshots {
                     println!("warning: skipped a damaged snapshot: {damaged}");
                 }

@@ -19,6 +19,8 @@ const ROUTES: &[(&str, &[&str])] = &[
     ("/v1/accounts/{id}/holds/{hold_id}/release", &["post"]),
     ("/v1/accounts/{id}/transactions", &["get"]),
     ("/v1/batch", &["post"]),
+    ("/v1/transfers", &["post"]),
+    ("/v1/transfers/{id}", &["get"]),
     ("/v1/accounts/{id}/idempotency-keys/{key}", &["get"]),
     ("/healthz", &["get"]),
     ("/readyz", &["get"]),
@@ -33,6 +35,7 @@ const MONEY_MOVING: &[&str] = &[
     "/v1/accounts/{id}/holds",
     "/v1/accounts/{id}/holds/{hold_id}/capture",
     "/v1/accounts/{id}/holds/{hold_id}/release",
+    "/v1/transfers",
 ];
 
 const HTTP_METHODS: &[&str] = &[

@@ -461,3 +461,79 @@ async fn transfers_and_their_keys_survive_a_restart() {
     assert_eq!(again.body, first.body);
     assert!(ts.engine().conservation().holds());
 }
+
+/// Cuts the last record of the WAL in `data_dir`, as a crash that tore the last group commit
+/// would; returns the LSN cut.
+fn cut_last_record(data_dir: &std::path::Path) -> u64 {
+    let mut segments: Vec<_> = std::fs::read_dir(data_dir.join("wal"))
+        .expect("wal dir")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|x| x == "wal"))
+        .collect();
+    segments.sort();
+    let last = segments.last().expect("a segment");
+    let bytes = std::fs::read(last).expect("read the segment");
+    let mut offset = 0;
+    let mut last_frame = None;
+    while let Ok((frame, size)) = coffer::wal::codec::decode_frame(&bytes[offset..]) {
+        last_frame = Some((offset, frame.lsn));
+        offset += size;
+    }
+    let (start, lsn) = last_frame.expect("the last segment has a record");
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(last)
+        .expect("open the segment");
+    file.set_len(start as u64).expect("cut");
+    lsn
+}
+
+#[tokio::test]
+async fn recovery_finishes_a_transfer_whose_second_half_was_lost() {
+    // Goal: a crash between the two halves (the log has the debit and not the credit, or
+    // not the refund) is finished by recovery before the server is ready: completed, or
+    // failed with the source refunded; the retry answers as the first answer did.
+    for refused in [false, true] {
+        let mut ts = TestServer::start_with(|config| {
+            config.snapshot_every_records = None;
+            config.snapshot_interval = None;
+        })
+        .await;
+        open(&ts, "alice", "GEM").await;
+        open(&ts, "bob", "GEM").await;
+        credit(&ts, "alice", 100).await;
+        if refused {
+            credit(&ts, "bob", MAX - 10).await;
+        }
+        let first = transfer(&ts, "half", "alice", "bob", 30).await;
+        assert_eq!(
+            first.status,
+            if refused { 409 } else { 201 },
+            "{}",
+            first.body
+        );
+        ts.stop().await;
+
+        cut_last_record(ts.dir.path());
+        let verified = coffer::audit::verify(ts.dir.path()).expect("the cut log verifies");
+        assert_eq!(verified.transfers_pending, (1, 30), "refused: {refused}");
+
+        ts.resume().await;
+        assert_eq!(metric(&ts, "coffer_transfers_in_flight").await, 0);
+        let again = transfer(&ts, "half", "alice", "bob", 30).await;
+        assert!(again.replayed);
+        assert_eq!(again.status, first.status);
+        assert_eq!(again.body, first.body, "refused: {refused}");
+        let (alice, bob) = (numbers(&ts, "alice").await, numbers(&ts, "bob").await);
+        if refused {
+            assert_eq!(alice, (100, 3));
+            assert_eq!(bob, ((MAX - 10) as i64, 1));
+        } else {
+            assert_eq!(alice, (70, 2));
+            assert_eq!(bob, (30, 1));
+        }
+        assert!(ts.engine().conservation().holds());
+        let verified = coffer::audit::verify(ts.dir.path()).expect("verifies");
+        assert_eq!(verified.transfers_pending, (0, 0));
+    }
+}

@@ -1712,3 +1712,283 @@ fn replay_with_the_same_retention_rebuilds_the_same_memory() {
     assert!(live.idempotency_entry(&key("k29")).is_some());
     assert!(live.idempotency_entry(&key("k0")).is_none());
 }
+
+// ---------------------------------------------------------------------------------------
+// Transfers
+
+fn other_id() -> AccountId {
+    AccountId::parse("house").expect("a valid account id")
+}
+
+fn transfer_request(to: &AccountId, amount: i128) -> Request {
+    Request::Transfer {
+        to: to.clone(),
+        amount,
+        metadata: meta(&[("prize", "weekly")]),
+    }
+}
+
+fn transfer_uuid(n: u128) -> Uuid {
+    Uuid::from_u128(0x0193_0000_0000_7000_b000_0000_0000_0000 + n)
+}
+
+/// Debits `account` by a transfer to "house" under key `k`; returns the event.
+fn transfer_out(account: &mut Account, k: &str, amount: i128, id: Uuid) -> Event {
+    let request = transfer_request(&other_id(), amount);
+    let Ok(Decision::Apply(body)) = account.decide_transfer(Some(&key(k)), &request, id, &gem())
+    else {
+        panic!("the transfer is refused");
+    };
+    let event = next_event(account, Some(k), body, T0);
+    account.apply(&event).expect("apply the debit");
+    event
+}
+
+/// "house", opened at lsn 100 with the given balance credited.
+fn house(balance: i128) -> Account {
+    let mut house = Account::open(&Event {
+        lsn: 100,
+        account: other_id(),
+        seq: 0,
+        at_ms: T0,
+        tx_id: Uuid::nil(),
+        idempotency_key: None,
+        body: EventBody::Opened {
+            currency: gem(),
+            overdraft_limit: 0,
+            metadata: Metadata::empty(),
+        },
+    })
+    .expect("open house");
+    if balance > 0 {
+        exec(&mut house, None, credit(balance));
+    }
+    house
+}
+
+#[test]
+fn a_transfer_checks_in_api_order_and_debits_once() {
+    // Goal: validation, then the same-account rule, then currency, then funds; the debit
+    // is one transfer_out transaction naming the transfer, and a retry is a replay.
+    let mut a = open(0);
+    exec(&mut a, None, credit(100));
+    let usd = Currency::parse("USD").expect("currency");
+    let decide = |a: &Account, request: &Request, currency: &Currency| {
+        a.decide_transfer(Some(&key("t")), request, transfer_uuid(1), currency)
+    };
+    let huge = transfer_request(&other_id(), i128::from(AMOUNT_MAX) + 1);
+    assert!(matches!(
+        decide(&a, &huge, &usd),
+        Err(OpError::Validation(_))
+    ));
+    let to_self = transfer_request(&account_id(), 5);
+    assert!(matches!(
+        decide(&a, &to_self, &gem()),
+        Err(OpError::Validation(_))
+    ));
+    assert!(matches!(
+        decide(&a, &transfer_request(&other_id(), 500), &usd),
+        Err(OpError::CurrencyMismatch { .. })
+    ));
+    assert!(matches!(
+        decide(&a, &transfer_request(&other_id(), 101), &gem()),
+        Err(OpError::InsufficientFunds { .. })
+    ));
+    let event = transfer_out(&mut a, "t", 30, transfer_uuid(1));
+    assert_eq!(a.balance(), 70);
+    assert_eq!(a.seq(), 2);
+    let tx = &a.history()[1];
+    assert_eq!(tx.kind, TxKind::TransferOut);
+    assert_eq!(tx.transfer_id, Some(transfer_uuid(1)));
+    assert_eq!(tx.amount, 30);
+    assert_eq!(a.external_net(), 100, "a transfer is not external money");
+    match decide(&a, &transfer_request(&other_id(), 30), &gem()) {
+        Ok(Decision::Replay(entry)) => {
+            assert_eq!(entry.lsn, event.lsn);
+            assert_eq!(
+                entry.receipt.transaction.transfer_id,
+                Some(transfer_uuid(1))
+            );
+        }
+        other => panic!("expected a replay, got {other:?}"),
+    }
+    assert_eq!(
+        decide(&a, &transfer_request(&other_id(), 31), &gem()).err(),
+        Some(OpError::IdempotencyKeyReused)
+    );
+    // `decide` alone cannot decide a transfer: it needs the destination's currency.
+    assert!(matches!(
+        refuse(&a, None, &transfer_request(&other_id(), 1)),
+        OpError::Validation(_)
+    ));
+}
+
+#[test]
+fn transfer_events_keep_the_invariants_and_refuse_what_cannot_follow() {
+    // Goal: check() refuses transfer events that would break a rule, without changing
+    // anything; a destination at the limit refuses the credit, and the refund restores
+    // the source.
+    let mut a = open(0);
+    exec(&mut a, None, credit(100));
+    let id = transfer_uuid(2);
+    transfer_out(&mut a, "t2", 60, id);
+    let mut h = house(i128::from(AMOUNT_MAX) - 10);
+    let amount = Amount::new(60).expect("amount");
+    assert_eq!(
+        h.decide_transfer_in(id, a.id(), &gem(), amount, &Metadata::empty()),
+        Err(TransferFailure::BalanceLimitExceeded)
+    );
+    let usd = Currency::parse("USD").expect("currency");
+    assert_eq!(
+        h.decide_transfer_in(id, a.id(), &usd, amount, &Metadata::empty()),
+        Err(TransferFailure::CurrencyMismatch)
+    );
+    // A forced credit over the limit is refused by check.
+    let forced = next_event(
+        &h,
+        None,
+        EventBody::TransferIn {
+            transfer_id: id,
+            from: account_id(),
+            amount,
+            metadata: Metadata::empty(),
+        },
+        T0,
+    );
+    assert!(h.apply(&forced).is_err());
+    assert_eq!(h.seq(), 1, "nothing changed");
+    // A transfer event with a key other than the debit, or from the account to itself.
+    let keyed = Event {
+        idempotency_key: Some(key("k")),
+        ..forced.clone()
+    };
+    assert!(h.check(&keyed).is_err());
+    let from_self = next_event(
+        &h,
+        None,
+        EventBody::TransferIn {
+            transfer_id: id,
+            from: other_id(),
+            amount: Amount::new(1).expect("amount"),
+            metadata: Metadata::empty(),
+        },
+        T0,
+    );
+    assert!(h.check(&from_self).is_err());
+    let unkeyed_out = next_event(
+        &a,
+        None,
+        EventBody::TransferOut {
+            transfer_id: transfer_uuid(3),
+            to: other_id(),
+            amount: Amount::new(1).expect("amount"),
+            metadata: Metadata::empty(),
+        },
+        T0,
+    );
+    assert!(
+        a.check(&unkeyed_out).is_err(),
+        "a debit needs its request's key"
+    );
+    // The refund.
+    let body = a
+        .decide_transfer_refund(
+            id,
+            &other_id(),
+            amount,
+            TransferFailure::BalanceLimitExceeded,
+        )
+        .expect("the refund fits");
+    let refund = next_event(&a, None, body, T0 + 1);
+    a.apply(&refund).expect("apply the refund");
+    assert_eq!((a.balance(), a.seq()), (100, 3));
+    let tx = &a.history()[2];
+    assert_eq!(tx.kind, TxKind::TransferIn);
+    assert_eq!(tx.transfer_id, Some(id));
+    let parts = a.parts();
+    assert_eq!(parts.transfers_net, 0);
+    assert_eq!(
+        Account::from_parts(parts).expect("parts").balance(),
+        100,
+        "parts round-trip with the transfer totals"
+    );
+}
+
+#[test]
+fn the_transfer_book_records_each_event_once_and_refuses_repeats() {
+    // Goal: the book is idempotent by LSN (replay over a fuzzy snapshot) and refuses an id
+    // used twice, an end without a start, and a second end.
+    let mut a = open(0);
+    exec(&mut a, None, credit(100));
+    let id = transfer_uuid(4);
+    let out = transfer_out(&mut a, "t4", 25, id);
+    let mut book = TransferBook::default();
+    book.record(&out, Some(a.view())).expect("debit");
+    book.record(&out, None)
+        .expect("the same debit again is a no-op");
+    assert_eq!(book.in_flight(), (1, 25));
+    assert_eq!(book.pending(), vec![id]);
+    let again = Event {
+        lsn: out.lsn + 50,
+        ..out.clone()
+    };
+    assert!(
+        book.record(&again, Some(a.view())).is_err(),
+        "id used twice"
+    );
+
+    let mut h = house(0);
+    let body = h
+        .decide_transfer_in(
+            id,
+            a.id(),
+            &gem(),
+            Amount::new(25).expect("amount"),
+            &Metadata::empty(),
+        )
+        .expect("credit");
+    let inn = next_event(&h, None, body, T0 + 2);
+    h.apply(&inn).expect("apply the credit");
+    let ended_before = Event {
+        lsn: out.lsn,
+        ..inn.clone()
+    };
+    assert!(book.record(&ended_before, Some(h.view())).is_err());
+    book.record(&inn, Some(h.view())).expect("credit");
+    book.record(&inn, None)
+        .expect("the same credit again is a no-op");
+    let record = book.get(&id).expect("the transfer");
+    assert_eq!(record.status, TransferStatus::Completed);
+    assert_eq!(record.to_account.as_ref().map(|v| v.balance), Some(25));
+    assert_eq!((record.out_lsn, record.end_lsn), (out.lsn, inn.lsn));
+    assert_eq!(book.in_flight(), (0, 0));
+    let twice = Event {
+        lsn: inn.lsn + 1,
+        ..inn.clone()
+    };
+    assert!(book.record(&twice, Some(h.view())).is_err(), "ended twice");
+    let unknown = EventBody::TransferIn {
+        transfer_id: transfer_uuid(99),
+        from: account_id(),
+        amount: Amount::new(1).expect("amount"),
+        metadata: Metadata::empty(),
+    };
+    let unknown = Event {
+        body: unknown,
+        ..twice
+    };
+    assert!(
+        book.record(&unknown, Some(h.view())).is_err(),
+        "never started"
+    );
+
+    // Records round-trip through from_records; a pending one is never pruned.
+    let records: Vec<TransferRecord> = book.records().map(|r| (**r).clone()).collect();
+    let mut copy = TransferBook::from_records(records).expect("valid records");
+    assert_eq!(
+        copy.get(&id).map(|r| r.status),
+        Some(TransferStatus::Completed)
+    );
+    assert_eq!(copy.prune(|_| true), 1);
+    assert!(copy.is_empty());
+}

@@ -151,6 +151,16 @@ pub enum OpenError {
     /// A snapshot could not be read (a damaged one is skipped; this is I/O or a duplicate).
     #[error(transparent)]
     Snapshot(#[from] crate::snapshot::SnapshotError),
+    /// The recovered state does not conserve money (invariant 3 over all accounts).
+    #[error("money is not conserved: balances {balances} + in flight {in_flight} != credits - debits - captures {external}")]
+    NotConserved {
+        /// Sum of the balances.
+        balances: i128,
+        /// Sum of the pending transfers.
+        in_flight: i128,
+        /// Sum of credits minus debits and captures.
+        external: i128,
+    },
 }
 
 /// What recovery found.

@@ -110,6 +110,17 @@ pub(crate) fn recover_state(
             retention,
         )
     })?;
+    // Invariant 3 over the whole engine: transfers only move money between accounts.
+    let balances: i128 = accounts.values().map(|a| i128::from(a.balance())).sum();
+    let external: i128 = accounts.values().map(|a| a.external_net()).sum();
+    let in_flight = i128::try_from(transfers.in_flight().1).unwrap_or(i128::MAX);
+    if balances.checked_add(in_flight) != Some(external) {
+        return Err(OpenError::NotConserved {
+            balances,
+            in_flight,
+            external,
+        });
+    }
     Ok(Recovered {
         accounts,
         outcome,
