@@ -1954,9 +1954,18 @@ fn the_transfer_book_records_each_event_once_and_refuses_repeats() {
         ..inn.clone()
     };
     assert!(book.record(&ended_before, Some(h.view())).is_err());
+    assert_eq!(book.check_new(&inn), Ok(()), "the credit may be written");
+    assert!(
+        book.check_new(&out).is_err(),
+        "a second debit with the id may not"
+    );
     book.record(&inn, Some(h.view())).expect("credit");
     book.record(&inn, None)
         .expect("the same credit again is a no-op");
+    assert!(
+        book.check_new(&inn).is_err(),
+        "a second end may not be written"
+    );
     let record = book.get(&id).expect("the transfer");
     assert_eq!(record.status, TransferStatus::Completed);
     assert_eq!(record.to_account.as_ref().map(|v| v.balance), Some(25));

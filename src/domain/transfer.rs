@@ -166,6 +166,44 @@ impl TransferBook {
         before - self.records.len()
     }
 
+    /// Checks, without changing anything, that a new transfer event (not yet in the log)
+    /// can be recorded: a debit's id is new; an end names a pending transfer with the same
+    /// accounts and amount. The live path checks before writing the event.
+    pub fn check_new(&self, event: &Event) -> Result<(), ApplyError> {
+        let (id, from, to, amount) = match &event.body {
+            EventBody::TransferOut { transfer_id, .. } => {
+                return match self.records.contains_key(transfer_id) {
+                    true => Err(ApplyError("transfer id used twice")),
+                    false => Ok(()),
+                };
+            }
+            EventBody::TransferIn {
+                transfer_id,
+                from,
+                amount,
+                ..
+            } => (transfer_id, from, &event.account, amount),
+            EventBody::TransferRefund {
+                transfer_id,
+                to,
+                amount,
+                ..
+            } => (transfer_id, &event.account, to, amount),
+            _ => return Ok(()),
+        };
+        let known = self
+            .records
+            .get(id)
+            .ok_or(ApplyError("a transfer ends that never started"))?;
+        if known.status != TransferStatus::Pending {
+            return Err(ApplyError("a transfer ended twice"));
+        }
+        if known.from != *from || known.to != *to || known.amount != *amount {
+            return Err(ApplyError("a transfer ends with other accounts or amount"));
+        }
+        Ok(())
+    }
+
     /// Records a transfer event that was just applied to its account; `view` is that
     /// account just after it. Idempotent by LSN, so that a replay over a fuzzy snapshot (whose
     /// book may already hold events after the snapshot's LSN) records each event once; any

@@ -714,6 +714,13 @@ impl Inner {
             // decide() accepted this request under the same lock: a refusal here is a bug.
             panic!("decided event refused by check: {error}");
         }
+        if event.body.is_transfer() {
+            // The transfer steps re-check the book under this lock: a refusal is a bug too,
+            // and must stop before the log holds an event replay would refuse.
+            if let Err(error) = self.transfers.lock().check_new(&event) {
+                panic!("transfer event refused by the book: {error}");
+            }
+        }
         event.lsn = self.append(&event)?;
         let receipt = account
             .apply_checked(&event)
