@@ -537,3 +537,105 @@ async fn recovery_finishes_a_transfer_whose_second_half_was_lost() {
         assert_eq!(verified.transfers_pending, (0, 0));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousands_of_accounts_paying_one_hot_account_at_once_all_finish() {
+    // Goal: no deadlock and no lost wake-up when 2,000 accounts transfer to one account
+    // at the same time while it also pays some of them back; every transfer finishes
+    // exactly once, within a bounded time.
+    use coffer::domain::{AccountId, Currency, IdempotencyKey, Metadata, Request};
+    let ts = TestServer::start().await;
+    let engine = ts.engine().clone();
+    let senders = 2000u32;
+    let id = |text: String| AccountId::parse(&text).expect("id");
+    let gem = Currency::parse("GEM").expect("currency");
+    engine
+        .open_account(id("hot".into()), gem.clone(), 0, Metadata::empty())
+        .await
+        .expect("open hot");
+    let mut setup = tokio::task::JoinSet::new();
+    for i in 0..senders {
+        let engine = engine.clone();
+        let gem = gem.clone();
+        setup.spawn(async move {
+            let account = id(format!("s{i}"));
+            engine
+                .open_account(account.clone(), gem, 0, Metadata::empty())
+                .await
+                .expect("open");
+            let credit = Request::Credit {
+                amount: 10,
+                metadata: Default::default(),
+            };
+            engine
+                .execute(
+                    &account,
+                    Some(IdempotencyKey::parse("c").expect("key")),
+                    credit,
+                )
+                .await
+                .expect("credit");
+        });
+    }
+    setup.join_all().await;
+    let started = std::time::Instant::now();
+    let mut transfers = tokio::task::JoinSet::new();
+    for i in 0..senders {
+        let sender = engine.clone();
+        transfers.spawn(async move {
+            let engine = sender;
+            let from = id(format!("s{i}"));
+            let pay = Request::Transfer {
+                to: id("hot".into()),
+                amount: 10,
+                metadata: Default::default(),
+            };
+            let key = IdempotencyKey::parse("pay").expect("key");
+            engine
+                .transfer(&from, Some(key), pay)
+                .await
+                .expect("transfer")
+        });
+        if i % 4 == 0 {
+            // The hot account pays back some of them meanwhile: transfers cross.
+            let engine = engine.clone();
+            transfers.spawn(async move {
+                let back = Request::Transfer {
+                    to: id(format!("s{i}")),
+                    amount: 1,
+                    metadata: Default::default(),
+                };
+                let key = IdempotencyKey::parse(&format!("back-{i}")).expect("key");
+                loop {
+                    match engine
+                        .transfer(&id("hot".into()), Some(key.clone()), back.clone())
+                        .await
+                    {
+                        Ok(outcome) => return outcome,
+                        // Until the hot account has received something.
+                        Err(_) => tokio::time::sleep(std::time::Duration::from_millis(1)).await,
+                    }
+                }
+            });
+        }
+    }
+    let outcomes = tokio::time::timeout(std::time::Duration::from_secs(60), transfers.join_all())
+        .await
+        .expect("every transfer finishes (no deadlock, no lost wake-up)");
+    assert!(outcomes
+        .iter()
+        .all(|o| o.record.status.as_str() == "completed"));
+    let paid_back = u64::from(senders.div_ceil(4));
+    assert_eq!(outcomes.len() as u64, u64::from(senders) + paid_back);
+    let hot = engine.account(&id("hot".into())).await.expect("hot");
+    assert_eq!(hot.balance, i64::from(senders) * 10 - paid_back as i64);
+    assert_eq!(hot.seq, u64::from(senders) + paid_back);
+    let conservation = engine.conservation();
+    assert!(conservation.holds(), "{conservation:?}");
+    assert_eq!(conservation.external, i128::from(senders) * 10);
+    eprintln!(
+        "{} transfers to and from one hot account in {:?}",
+        outcomes.len(),
+        started.elapsed()
+    );
+}
