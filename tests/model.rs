@@ -1,11 +1,16 @@
 //! Property tests against a reference model: random command sequences (credits, debits,
 //! holds, full, partial and over-large captures, releases, clock moves with expiry, retries
 //! with earlier keys, invalid values, bursts of one request) run through the pure account
-//! state machine (`decide` + `apply`) and through the engine. After every step the outcome
-//! and the state must match a plain-integer model and the invariants of DESIGN.md. At the
-//! end the domain's events are written as a WAL segment and replayed into fresh accounts,
-//! and the engine is shut down and reopened (twice, with time passing while it is down):
-//! the recovered state must equal what was acknowledged.
+//! state machine (`decide` + `apply`) and through the engine. Transfers between the accounts
+//! (of two currencies) are in the mix: completed ones, refused ones (same account, unknown
+//! destination, currency mismatch, insufficient funds, invalid values), ones the destination
+//! refuses at its balance limit (failed, the source refunded), retried ones, and at the
+//! domain level ones whose second half comes a step later. After every step the outcome and
+//! the state must match a plain-integer model and the invariants of DESIGN.md, money
+//! conservation over all accounts included. At the end the domain's events are written as a
+//! WAL segment and replayed into fresh accounts and a fresh transfer book, and the engine is
+//! shut down and reopened (twice, with time passing while it is down): the recovered state
+//! must equal what was acknowledged.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -13,11 +18,12 @@ use std::sync::Arc;
 use coffer::clock::ManualClock;
 use coffer::domain::{
     Account, AccountId, AccountView, Currency, Decision, Event, EventBody, Fresh, Hold, HoldStatus,
-    IdempotencyEntry, IdempotencyKey, Metadata, Receipt, Request, Transaction, TxKind, AMOUNT_MAX,
+    IdempotencyEntry, IdempotencyKey, Metadata, OpError, Receipt, Request, Transaction,
+    TransferBook, TransferFailure, TransferRecord, TransferStatus, TxKind, AMOUNT_MAX,
     HOLD_EXPIRES_SECS_DEFAULT, HOLD_EXPIRES_SECS_MAX,
 };
-use coffer::engine::EngineError;
-use coffer::sim::model::{self, normalize, Expect, Model};
+use coffer::engine::{EngineError, TransferOutcome};
+use coffer::sim::model::{self, different, normalize, Expect, Model, TransferEnd};
 use coffer::wal::codec::{encode_event, encode_frame};
 use coffer::wal::reader::segment_name;
 use coffer::{Engine, EngineConfig};
@@ -30,6 +36,8 @@ use uuid::Uuid;
 const T_START: u64 = 1_767_225_600_000;
 /// A hold id no account ever has.
 const UNKNOWN_HOLD: Uuid = Uuid::from_u128(0x0bad_0000_0000_7000_8000_0000_0000_0001);
+/// An account id no run opens.
+const UNKNOWN_ACCOUNT: &str = "nobody";
 
 // ---------------------------------------------------------------------------------------
 // Commands
@@ -88,6 +96,19 @@ enum HoldPick {
     Unknown,
 }
 
+/// Which account a transfer goes to.
+#[derive(Clone, Copy, Debug)]
+enum ToPick {
+    /// One of the other accounts (of the same currency or not).
+    Other(Index),
+    /// The source itself (validation_failed).
+    Same,
+    /// An account that does not exist (account_not_found).
+    Unknown,
+    /// This account (for scenarios written by hand).
+    Exactly(usize),
+}
+
 /// How a retry changes an earlier keyed request.
 #[derive(Clone, Copy, Debug)]
 enum Change {
@@ -132,12 +153,28 @@ enum Cmd {
         keyed: bool,
         meta: MetaShape,
     },
+    Transfer {
+        from: usize,
+        to: ToPick,
+        amount: i128,
+        keyed: bool,
+        meta: MetaShape,
+        /// At the domain level: the second half (credit or refund) comes after the next
+        /// step's command, which may change either side in between. The engine always runs
+        /// both halves at once.
+        delay: bool,
+    },
+    /// A keyed credit that brings the balance to `slack` below the limit, so that
+    /// transfers to the account fail (and its refunds may have to wait).
+    Fill { acct: usize, slack: u64 },
     /// Move the clock. Eager: expire every due hold at once. Lazy: the next request's
     /// account expires its due holds before deciding (as the engine's actor does), and the
     /// others are expired after that request.
     Advance { ms: u64, lazy: bool },
     /// Send an earlier keyed request again.
     Retry { pick: Index, change: Change },
+    /// Send an earlier keyed transfer again (if there was one).
+    RetryTransfer { pick: Index, change: Change },
     /// The same request sent three times at once (the domain level sends them one after
     /// the other).
     Burst(Box<Cmd>),
@@ -197,6 +234,14 @@ fn hold_pick_strategy() -> impl Strategy<Value = HoldPick> {
     ]
 }
 
+fn to_pick_strategy() -> impl Strategy<Value = ToPick> {
+    prop_oneof![
+        10 => any::<Index>().prop_map(ToPick::Other),
+        1 => Just(ToPick::Same),
+        1 => Just(ToPick::Unknown),
+    ]
+}
+
 fn change_strategy() -> impl Strategy<Value = Change> {
     prop_oneof![
         3 => Just(Change::Same),
@@ -237,12 +282,32 @@ fn base_cmd_strategy(accounts: usize) -> impl Strategy<Value = Cmd> {
             }),
         5 => (acct.clone(), hold_pick_strategy(), cap_amount_strategy(), keyed)
             .prop_map(|(acct, hold, amount, keyed)| Cmd::Capture { acct, hold, amount, keyed }),
-        3 => (acct, hold_pick_strategy(), keyed, meta_strategy())
+        3 => (acct.clone(), hold_pick_strategy(), keyed, meta_strategy())
             .prop_map(|(acct, hold, keyed, meta)| Cmd::Release { acct, hold, keyed, meta }),
+        6 => (
+            acct.clone(),
+            to_pick_strategy(),
+            amount_strategy(200),
+            keyed,
+            meta_strategy(),
+            prop::bool::weighted(0.3)
+        )
+            .prop_map(|(from, to, amount, keyed, meta, delay)| Cmd::Transfer {
+                from,
+                to,
+                amount,
+                keyed,
+                meta,
+                delay
+            }),
+        1 => (acct, prop_oneof![Just(0u64), 0u64..=400])
+            .prop_map(|(acct, slack)| Cmd::Fill { acct, slack }),
         3 => (prop_oneof![0u64..=2_000, 1_000u64..=70_000], any::<bool>())
             .prop_map(|(ms, lazy)| Cmd::Advance { ms, lazy }),
         4 => (any::<Index>(), change_strategy())
             .prop_map(|(pick, change)| Cmd::Retry { pick, change }),
+        2 => (any::<Index>(), change_strategy())
+            .prop_map(|(pick, change)| Cmd::RetryTransfer { pick, change }),
     ]
 }
 
@@ -338,7 +403,13 @@ fn target(models: &[Model], acct: usize, pick: HoldPick) -> (usize, Uuid) {
     (owner, pick_hold(&models[owner], pick))
 }
 
-fn resolve(cmd: &Cmd, models: &[Model], sent: &Sent, next_key: &mut u64) -> Step {
+fn resolve(
+    cmd: &Cmd,
+    ids: &[AccountId],
+    models: &[Model],
+    sent: &Sent,
+    next_key: &mut u64,
+) -> Step {
     let mut fresh_key = |keyed: bool| {
         keyed.then(|| {
             *next_key += 1;
@@ -437,7 +508,48 @@ fn resolve(cmd: &Cmd, models: &[Model], sent: &Sent, next_key: &mut u64) -> Step
                 },
             }
         }
-        Cmd::Burst(inner) => match resolve(inner, models, sent, next_key) {
+        Cmd::Transfer {
+            from,
+            to,
+            amount,
+            keyed,
+            meta,
+            ..
+        } => {
+            let to = match to {
+                ToPick::Other(index) => {
+                    let others: Vec<usize> = (0..ids.len()).filter(|i| i != from).collect();
+                    match others.get(index.index(others.len().max(1))) {
+                        Some(&other) => ids[other].clone(),
+                        None => ids[*from].clone(),
+                    }
+                }
+                ToPick::Same => ids[*from].clone(),
+                ToPick::Exactly(to) => ids[*to].clone(),
+                ToPick::Unknown => AccountId::parse(UNKNOWN_ACCOUNT).expect("a valid account id"),
+            };
+            Step::Op {
+                acct: *from,
+                key: fresh_key(*keyed),
+                request: Request::Transfer {
+                    to,
+                    amount: *amount,
+                    metadata: meta.build(),
+                },
+            }
+        }
+        Cmd::Fill { acct, slack } => {
+            let room = i128::from(AMOUNT_MAX) - models[*acct].balance - i128::from(*slack);
+            Step::Op {
+                acct: *acct,
+                key: fresh_key(true),
+                request: Request::Credit {
+                    amount: room.min(i128::from(AMOUNT_MAX)),
+                    metadata: BTreeMap::new(),
+                },
+            }
+        }
+        Cmd::Burst(inner) => match resolve(inner, ids, models, sent, next_key) {
             Step::Op { acct, key, request } => Step::Burst { acct, key, request },
             other => other,
         },
@@ -445,11 +557,16 @@ fn resolve(cmd: &Cmd, models: &[Model], sent: &Sent, next_key: &mut u64) -> Step
             ms: *ms,
             lazy: *lazy,
         },
-        Cmd::Retry { pick, change } => {
+        Cmd::Retry { pick, change } | Cmd::RetryTransfer { pick, change } => {
+            let transfers_only = matches!(cmd, Cmd::RetryTransfer { .. });
+            let sent: Vec<&(usize, String, Request)> = sent
+                .iter()
+                .filter(|(_, _, r)| !transfers_only || matches!(r, Request::Transfer { .. }))
+                .collect();
             if sent.is_empty() {
                 return Step::Nothing;
             }
-            let (acct, key, request) = &sent[pick.index(sent.len())];
+            let (acct, key, request) = sent[pick.index(sent.len())];
             let (acct, request) = match change {
                 Change::Same => (*acct, request.clone()),
                 Change::Different => (*acct, different(request, &models[*acct])),
@@ -461,67 +578,6 @@ fn resolve(cmd: &Cmd, models: &[Model], sent: &Sent, next_key: &mut u64) -> Step
                 request,
             }
         }
-    }
-}
-
-/// A request that differs from `request`, often only in an optional field being absent
-/// rather than given explicitly with its default.
-fn different(request: &Request, model: &Model) -> Request {
-    match request.clone() {
-        Request::Transfer {
-            to,
-            amount,
-            metadata,
-        } => Request::Transfer {
-            to,
-            amount: amount.checked_add(1).unwrap_or(amount - 1),
-            metadata,
-        },
-        Request::Credit { amount, metadata } => Request::Credit {
-            amount: amount.checked_add(1).unwrap_or(amount - 1),
-            metadata,
-        },
-        Request::Debit { amount, metadata } => Request::Debit {
-            amount: amount.checked_add(1).unwrap_or(amount - 1),
-            metadata,
-        },
-        Request::Hold {
-            amount,
-            expires_in_secs,
-            metadata,
-        } => Request::Hold {
-            amount,
-            expires_in_secs: match expires_in_secs {
-                None => Some(i128::from(HOLD_EXPIRES_SECS_DEFAULT)),
-                Some(_) => None,
-            },
-            metadata,
-        },
-        Request::Capture {
-            hold_id,
-            amount,
-            metadata,
-        } => Request::Capture {
-            hold_id,
-            amount: match amount {
-                None => Some(
-                    model
-                        .holds
-                        .get(&hold_id)
-                        .map_or(1, |h| i128::from(h.amount)),
-                ),
-                Some(_) => None,
-            },
-            metadata,
-        },
-        Request::Release { hold_id, metadata } => Request::Release {
-            hold_id,
-            metadata: if metadata.is_empty() {
-                MetaShape::Note.build()
-            } else {
-                BTreeMap::new()
-            },
-        },
     }
 }
 
@@ -546,6 +602,53 @@ fn account_ids(n: usize) -> Vec<AccountId> {
 
 fn gem() -> Currency {
     Currency::parse("GEM").expect("a valid currency")
+}
+
+/// Currencies of the accounts: the last one of three or more is in USD, the others in GEM,
+/// so that some transfers are refused for their currencies.
+fn currencies(n: usize) -> Vec<Currency> {
+    (0..n)
+        .map(|i| {
+            if n >= 3 && i == n - 1 {
+                Currency::parse("USD").expect("a valid currency")
+            } else {
+                gem()
+            }
+        })
+        .collect()
+}
+
+/// What the model says a transfer from account `from` does: `None` for 404 (the destination
+/// does not exist), else what the source's model says given the destination.
+fn expect_transfer(
+    ids: &[AccountId],
+    currencies: &[Currency],
+    models: &[Model],
+    from: usize,
+    key: Option<&str>,
+    request: &Request,
+) -> Option<(Expect, usize)> {
+    let Request::Transfer { to, .. } = request else {
+        return None;
+    };
+    let to = ids.iter().position(|id| id == to)?;
+    let expect = models[from].evaluate_transfer(
+        key,
+        request,
+        to == from,
+        &currencies[from],
+        &currencies[to],
+    );
+    Some((expect, to))
+}
+
+/// Money conservation over the whole engine or state machine against the models.
+fn check_conservation(
+    models: &[Model],
+    in_flight: u64,
+    got: &coffer::engine::Conservation,
+) -> Result<(), TestCaseError> {
+    model::check_conservation(models, in_flight, got).map_err(fail)
 }
 
 fn parse_key(text: &str) -> IdempotencyKey {
@@ -621,13 +724,23 @@ struct DomainRun {
     next_key: u64,
     sent: Sent,
     receipts: HashMap<(usize, String), Arc<Receipt>>,
+    currencies: Vec<Currency>,
+    /// The transfer book, fed every applied event as the engine feeds it.
+    book: TransferBook,
+    /// Transfers whose source was debited and whose second half has not happened yet:
+    /// (id, from, to), oldest first.
+    pending: Vec<(Uuid, usize, usize)>,
 }
 
 impl DomainRun {
     fn new(overdrafts: &[u64]) -> Result<DomainRun, TestCaseError> {
         let ids = account_ids(overdrafts.len());
+        let currencies = currencies(overdrafts.len());
         let mut run = DomainRun {
             ids: ids.clone(),
+            currencies: currencies.clone(),
+            book: TransferBook::default(),
+            pending: Vec::new(),
             accounts: Vec::new(),
             models: Vec::new(),
             events: Vec::new(),
@@ -638,7 +751,7 @@ impl DomainRun {
             sent: Vec::new(),
             receipts: HashMap::new(),
         };
-        for (id, overdraft) in ids.into_iter().zip(overdrafts) {
+        for ((id, overdraft), currency) in ids.into_iter().zip(overdrafts).zip(currencies) {
             let event = Event {
                 lsn: run.next_lsn(),
                 account: id,
@@ -647,7 +760,7 @@ impl DomainRun {
                 tx_id: Uuid::nil(),
                 idempotency_key: None,
                 body: EventBody::Opened {
-                    currency: gem(),
+                    currency,
                     overdraft_limit: *overdraft,
                     metadata: Metadata::empty(),
                 },
@@ -688,12 +801,18 @@ impl DomainRun {
         let receipt = account
             .apply(&event)
             .map_err(|e| fail(format!("apply refused a checked event: {e}")))?;
+        self.book
+            .record(&event, Some(account.view()))
+            .map_err(|e| fail(format!("the transfer book refused {event:?}: {e}")))?;
         self.events.push(event);
         Ok(receipt)
     }
 
     fn step(&mut self, cmd: &Cmd) -> Result<(), TestCaseError> {
-        match resolve(cmd, &self.models, &self.sent, &mut self.next_key) {
+        // Transfers delayed by the step before end after this step's command.
+        let due = std::mem::take(&mut self.pending);
+        let delay = matches!(cmd, Cmd::Transfer { delay: true, .. });
+        match resolve(cmd, &self.ids, &self.models, &self.sent, &mut self.next_key) {
             Step::Nothing => Ok(()),
             Step::Advance { ms, lazy } => {
                 self.now_ms += ms;
@@ -708,7 +827,7 @@ impl DomainRun {
                 if self.lazy {
                     self.expire_account(acct)?;
                 }
-                self.op(acct, key, request)?;
+                self.send(acct, key, request, delay)?;
                 self.lazy = false;
                 self.expire_all()
             }
@@ -717,13 +836,202 @@ impl DomainRun {
                     self.expire_account(acct)?;
                 }
                 for _ in 0..3 {
-                    self.op(acct, key.clone(), request.clone())?;
+                    self.send(acct, key.clone(), request.clone(), delay)?;
                 }
                 self.lazy = false;
                 self.expire_all()
             }
         }?;
+        self.finish_transfers(due)?;
         self.check_all()
+    }
+
+    fn send(
+        &mut self,
+        acct: usize,
+        key: Option<String>,
+        request: Request,
+        delay: bool,
+    ) -> Result<(), TestCaseError> {
+        match request {
+            Request::Transfer { .. } => self.transfer(acct, key, request, delay),
+            _ => self.op(acct, key, request),
+        }
+    }
+
+    /// The source's half of a transfer through `decide_transfer` (the engine answers 404 for
+    /// an unknown destination before it asks the state machine), then, unless delayed, the
+    /// second half.
+    fn transfer(
+        &mut self,
+        from: usize,
+        key: Option<String>,
+        request: Request,
+        delay: bool,
+    ) -> Result<(), TestCaseError> {
+        let Some((expect, to)) = expect_transfer(
+            &self.ids,
+            &self.currencies,
+            &self.models,
+            from,
+            key.as_deref(),
+            &request,
+        ) else {
+            // 404: nothing is decided, nothing is remembered.
+            return Ok(());
+        };
+        let transfer_id =
+            Uuid::from_u128(0x0193_0000_0000_7000_a000_0000_0000_0000 + self.next_hold);
+        self.next_hold += 1;
+        let parsed_key = key.as_deref().map(parse_key);
+        let decision = self.accounts[from].decide_transfer(
+            parsed_key.as_ref(),
+            &request,
+            transfer_id,
+            &self.currencies[to],
+        );
+        match (expect, decision) {
+            (Expect::Replay, Ok(Decision::Replay(entry))) => {
+                let k = key.clone().ok_or_else(|| fail("replay without a key"))?;
+                let stored = self
+                    .receipts
+                    .get(&(from, k))
+                    .ok_or_else(|| fail("replay of an unknown receipt"))?;
+                prop_assert_eq!(&*entry.receipt, &**stored, "replay of a transfer");
+                prop_assert_eq!(&entry.request, &request);
+            }
+            (Expect::Refuse(want), Err(got)) => {
+                prop_assert_eq!(normalize(want), normalize(got), "refusal of {:?}", request);
+            }
+            (Expect::Apply, Ok(Decision::Apply(body))) => {
+                prop_assert!(
+                    matches!(&body, EventBody::TransferOut { transfer_id: id, .. } if *id == transfer_id),
+                    "a transfer decided as {:?}",
+                    body
+                );
+                let before = self.models[from].clone();
+                let receipt = self.apply(from, key.as_deref(), body)?;
+                let model = &mut self.models[from];
+                let (kind, amount) = model.commit(key.as_deref(), &request, None, self.now_ms);
+                check_receipt(&receipt, model, kind, amount, None)?;
+                prop_assert_eq!(receipt.transaction.transfer_id, Some(transfer_id));
+                let record = self
+                    .book
+                    .get(&transfer_id)
+                    .ok_or_else(|| fail("a debited transfer missing from the book"))?;
+                prop_assert_eq!(record.status, TransferStatus::Pending);
+                prop_assert_eq!(&record.from_account, &receipt.account);
+                prop_assert_eq!(&record.key, &parsed_key);
+                if let Some(k) = &key {
+                    self.receipts.insert((from, k.clone()), receipt);
+                }
+                if delay {
+                    self.pending.push((transfer_id, from, to));
+                } else {
+                    self.finish_transfers(vec![(transfer_id, from, to)])?;
+                    let status = self.book.get(&transfer_id).map(|r| r.status);
+                    if let Some(TransferStatus::Failed(_)) = status {
+                        // Refunded at once: the balance is back, and seq moved by two.
+                        let after = &self.models[from];
+                        prop_assert_eq!(after.balance, before.balance);
+                        prop_assert_eq!(after.seq, before.seq + 2);
+                        prop_assert_eq!(self.accounts[from].view().seq, before.seq + 2);
+                    }
+                }
+            }
+            (expect, got) => {
+                prop_assert!(
+                    false,
+                    "{:?} from account {}: model expected {:?}, state machine said {:?}",
+                    request,
+                    from,
+                    expect,
+                    got
+                );
+            }
+        }
+        if let Some(k) = key {
+            self.sent.push((from, k, request));
+        }
+        Ok(())
+    }
+
+    /// The second half of these pending transfers, oldest first: `decide_transfer_in` on
+    /// the destination, else `decide_transfer_refund` on the source, as the model says; one
+    /// that neither side can take stays pending.
+    fn finish_transfers(
+        &mut self,
+        transfers: Vec<(Uuid, usize, usize)>,
+    ) -> Result<(), TestCaseError> {
+        for (id, from, to) in transfers {
+            let record = self
+                .book
+                .get(&id)
+                .cloned()
+                .ok_or_else(|| fail("a pending transfer missing from the book"))?;
+            prop_assert_eq!(record.status, TransferStatus::Pending);
+            let amount = record.amount.get();
+            let end = TransferEnd::decide(&self.models[from], &self.models[to], amount);
+            let credit = self.accounts[to].decide_transfer_in(
+                id,
+                &self.ids[from],
+                &self.currencies[from],
+                record.amount,
+                &record.metadata,
+            );
+            let (receiver, body) = match (end, credit) {
+                (TransferEnd::Completed, Ok(body)) => (to, body),
+                (TransferEnd::Refunded | TransferEnd::Stuck, Err(failure)) => {
+                    prop_assert_eq!(failure, TransferFailure::BalanceLimitExceeded);
+                    let refund = self.accounts[from].decide_transfer_refund(
+                        id,
+                        &self.ids[to],
+                        record.amount,
+                        failure,
+                    );
+                    match (end, refund) {
+                        (TransferEnd::Refunded, Ok(body)) => (from, body),
+                        (TransferEnd::Stuck, Err(OpError::BalanceLimitExceeded { .. })) => {
+                            // Neither side can take the money now: it stays in flight.
+                            self.pending.push((id, from, to));
+                            continue;
+                        }
+                        (end, got) => {
+                            return Err(fail(format!(
+                                "refund of {id}: model said {end:?}, state machine {got:?}"
+                            )))
+                        }
+                    }
+                }
+                (end, got) => {
+                    return Err(fail(format!(
+                        "transfer {id}: model said {end:?}, state machine {got:?}"
+                    )))
+                }
+            };
+            let receipt = self.apply(receiver, None, body)?;
+            self.models[receiver].receive(amount);
+            check_receipt(
+                &receipt,
+                &self.models[receiver],
+                TxKind::TransferIn,
+                amount,
+                None,
+            )?;
+            prop_assert_eq!(receipt.transaction.transfer_id, Some(id));
+            let ended = self
+                .book
+                .get(&id)
+                .ok_or_else(|| fail("an ended transfer missing from the book"))?;
+            prop_assert_eq!(ended.status, end.status());
+            match end {
+                TransferEnd::Completed => {
+                    prop_assert_eq!(ended.to_account.as_ref(), Some(&receipt.account))
+                }
+                _ => prop_assert_eq!(ended.to_account.as_ref(), None),
+            }
+        }
+        Ok(())
     }
 
     fn op(
@@ -848,7 +1156,23 @@ impl DomainRun {
                 .count();
             prop_assert_eq!(view.seq, events as u64, "invariant 4: seq counts events");
         }
-        Ok(())
+        // Money is conserved over all accounts, the pending transfers' money in flight.
+        let in_flight: u64 = self
+            .pending
+            .iter()
+            .filter_map(|(id, ..)| self.book.get(id))
+            .map(|r| r.amount.get())
+            .sum();
+        prop_assert_eq!(
+            self.book.in_flight(),
+            (self.pending.len(), u128::from(in_flight))
+        );
+        let got = coffer::engine::Conservation {
+            balances: self.accounts.iter().map(|a| i128::from(a.balance())).sum(),
+            in_flight: i128::from(in_flight),
+            external: self.accounts.iter().map(Account::external_net).sum(),
+        };
+        check_conservation(&self.models, in_flight, &got)
     }
 
     /// Writes the events as one WAL segment, replays it into fresh accounts and compares.
@@ -863,6 +1187,7 @@ impl DomainRun {
         std::fs::write(dir.path().join(segment_name(1)), &bytes).map_err(fail)?;
 
         let mut replayed: HashMap<AccountId, Account> = HashMap::new();
+        let mut book = TransferBook::default();
         let mut decoded = Vec::new();
         let outcome = coffer::wal::replay(dir.path(), true, |event| {
             decoded.push(event.clone());
@@ -874,7 +1199,9 @@ impl DomainRun {
             let account = replayed
                 .get_mut(&event.account)
                 .ok_or_else(|| format!("event for unknown account {}", event.account))?;
-            account.apply(&event).map(|_| ()).map_err(|e| e.to_string())
+            account.apply(&event).map_err(|e| e.to_string())?;
+            book.record(&event, Some(account.view()))
+                .map_err(|e| e.to_string())
         })
         .map_err(|e| fail(format!("replay failed: {e}")))?;
         prop_assert_eq!(outcome.records, self.events.len() as u64);
@@ -882,6 +1209,17 @@ impl DomainRun {
         prop_assert!(outcome.tail_cut.is_none());
         prop_assert_eq!(&decoded, &self.events, "decode(encode(event)) is the event");
 
+        // The transfer book rebuilt from the log is the live one, pending transfers included.
+        prop_assert_eq!(book.in_flight(), self.book.in_flight());
+        prop_assert_eq!(book.len(), self.book.len());
+        for record in self.book.records() {
+            prop_assert_eq!(
+                book.get(&record.id),
+                Some(record),
+                "transfer {} replayed",
+                record.id
+            );
+        }
         let keys = all_keys(&self.sent);
         for (acct, live) in self.accounts.iter().enumerate() {
             let back = replayed
@@ -928,6 +1266,65 @@ fn run_domain(overdrafts: &[u64], cmds: &[Cmd]) -> Result<(), TestCaseError> {
     run.replay_and_compare()
 }
 
+/// A transfer whose destination refuses (at its balance limit) while its source cannot take
+/// the refund either (credited to the limit between the two halves) stays pending, with its
+/// money in flight, until a debit makes room; then the refund goes through. Replay of the
+/// log gives back the same book.
+#[test]
+fn a_refund_that_does_not_fit_waits_in_flight() {
+    let transfer = Cmd::Transfer {
+        from: 0,
+        to: ToPick::Exactly(1),
+        amount: 50,
+        keyed: true,
+        meta: MetaShape::Empty,
+        delay: true,
+    };
+    let cmds = [
+        Cmd::Credit {
+            acct: 0,
+            amount: 100,
+            keyed: true,
+            meta: MetaShape::Empty,
+        },
+        Cmd::Fill { acct: 1, slack: 0 },
+        transfer,
+        Cmd::Fill { acct: 0, slack: 0 },
+    ];
+    let mut run = DomainRun::new(&[0, 0, 0, 0]).expect("accounts");
+    for cmd in &cmds {
+        run.step(cmd).expect("a step");
+    }
+    run.step(&Cmd::Advance { ms: 0, lazy: false })
+        .expect("a step");
+    assert_eq!(
+        run.pending.len(),
+        1,
+        "the refund does not fit: still in flight"
+    );
+    assert_eq!(run.book.in_flight(), (1, 50));
+    run.replay_and_compare()
+        .expect("replay with a transfer in flight");
+    run.step(&Cmd::Debit {
+        acct: 0,
+        amount: 100,
+        keyed: true,
+        meta: MetaShape::Empty,
+    })
+    .expect("a debit");
+    run.step(&Cmd::Advance { ms: 0, lazy: false })
+        .expect("a step");
+    assert!(run.pending.is_empty(), "refunded once there was room");
+    assert_eq!(run.book.in_flight(), (0, 0));
+    let record = run.book.records().next().expect("the transfer");
+    assert_eq!(
+        record.status,
+        TransferStatus::Failed(TransferFailure::BalanceLimitExceeded)
+    );
+    assert_eq!(run.models[0].balance, i128::from(AMOUNT_MAX) - 50);
+    run.replay_and_compare().expect("replay");
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(1024))]
 
@@ -935,8 +1332,8 @@ proptest! {
     /// the invariants, and replaying the written WAL gives back exactly the live state.
     #[test]
     fn domain_matches_model_and_replay(
-        overdrafts in overdrafts_strategy(3),
-        cmds in scenario_strategy(3, 1..60),
+        overdrafts in overdrafts_strategy(4),
+        cmds in scenario_strategy(4, 1..60),
     ) {
         run_domain(&overdrafts, &cmds)?;
     }
@@ -1011,11 +1408,16 @@ struct EngineRun {
     receipts: HashMap<(usize, String), Arc<Receipt>>,
     /// Every acknowledged new outcome: account and receipt.
     acked: Vec<(usize, Arc<Receipt>)>,
+    currencies: Vec<Currency>,
+    /// Acknowledged transfers by source and key.
+    transfers: HashMap<(usize, String), Arc<TransferRecord>>,
+    /// Every acknowledged transfer, keyed or not.
+    acked_transfers: Vec<Arc<TransferRecord>>,
 }
 
 impl EngineRun {
     async fn step(&mut self, engine: &Engine, cmd: &Cmd) -> Result<(), TestCaseError> {
-        match resolve(cmd, &self.models, &self.sent, &mut self.next_key) {
+        match resolve(cmd, &self.ids, &self.models, &self.sent, &mut self.next_key) {
             Step::Nothing => {}
             Step::Advance { ms, lazy } => {
                 self.clock.advance_ms(ms);
@@ -1046,10 +1448,13 @@ impl EngineRun {
                         model.expire(&hold_id);
                     }
                 }
-                match key {
-                    Some(key) => self.burst(engine, acct, key, request).await?,
+                match (key, &request) {
+                    (Some(key), Request::Transfer { .. }) => {
+                        self.burst_transfer(engine, acct, key, request).await?
+                    }
+                    (Some(key), _) => self.burst(engine, acct, key, request).await?,
                     // Without a key the copies are independent requests.
-                    None => self.op(engine, acct, None, request).await?,
+                    (None, _) => self.op(engine, acct, None, request).await?,
                 }
                 if self.lazy {
                     self.lazy = false;
@@ -1057,6 +1462,8 @@ impl EngineRun {
                 }
             }
         }
+        // Money is conserved (nothing is in flight between steps); expiry moves no money.
+        check_conservation(&self.models, 0, &engine.conservation())?;
         if self.lazy {
             // Other accounts' due holds may be expired by the background sweeper at any
             // moment: only their durable views are checked, after the next expiry.
@@ -1186,6 +1593,223 @@ impl EngineRun {
         Ok(())
     }
 
+    /// Records an acknowledged new transfer in the models and checks its record: the source
+    /// just after the debit, how it ended (completed, or failed with the source refunded,
+    /// as the model says), the destination just after the credit, the key's stored receipt.
+    async fn accept_transfer(
+        &mut self,
+        engine: &Engine,
+        (from, to): (usize, usize),
+        key: Option<&str>,
+        request: &Request,
+        record: Arc<TransferRecord>,
+    ) -> Result<(), TestCaseError> {
+        let before = self.models[from].clone();
+        let (kind, amount) = self.models[from].commit(key, request, None, self.now_ms);
+        prop_assert_eq!(kind, TxKind::TransferOut);
+        prop_assert_eq!(&record.from, &self.ids[from]);
+        prop_assert_eq!(&record.to, &self.ids[to]);
+        prop_assert_eq!(record.amount.get(), amount);
+        prop_assert_eq!(record.created_at_ms, self.now_ms);
+        prop_assert_eq!(record.key.clone(), key.map(parse_key));
+        check_view(&record.from_account, &self.models[from])?;
+        let end = TransferEnd::decide(&self.models[from], &self.models[to], amount);
+        prop_assert_eq!(record.status, end.status(), "transfer {:?}", request);
+        match end {
+            TransferEnd::Completed => {
+                self.models[to].receive(amount);
+                let view = record
+                    .to_account
+                    .as_ref()
+                    .ok_or_else(|| fail("a completed transfer without its destination"))?;
+                if self.lazy {
+                    // The sweeper may or may not have expired the destination's due holds.
+                    prop_assert_eq!(i128::from(view.balance), self.models[to].balance);
+                } else {
+                    check_view(view, &self.models[to])?;
+                }
+            }
+            TransferEnd::Refunded => {
+                self.models[from].receive(amount);
+                prop_assert!(record.to_account.is_none());
+                // Refused by the destination: the source has its money back, two
+                // transactions later.
+                prop_assert_eq!(self.models[from].balance, before.balance);
+                prop_assert_eq!(self.models[from].seq, before.seq + 2);
+            }
+            TransferEnd::Stuck => {
+                return Err(fail(
+                    "a refund refused right after its debit (nothing ran in between)",
+                ))
+            }
+        }
+        let by_id = engine
+            .transfer_record(&record.id)
+            .await
+            .map_err(|e| fail(format!("{e:?}")))?;
+        prop_assert_eq!(&*by_id, &*record);
+        if let Some(k) = key {
+            let entry = engine
+                .idempotency_entry(&self.ids[from], &parse_key(k))
+                .await
+                .map_err(|e| fail(format!("{e:?}")))?
+                .ok_or_else(|| fail("the key of a transfer is not remembered"))?;
+            prop_assert_eq!(&entry.request, request);
+            let tx = &entry.receipt.transaction;
+            prop_assert_eq!(tx.kind, TxKind::TransferOut);
+            prop_assert_eq!(tx.transfer_id, Some(record.id));
+            prop_assert_eq!(tx.amount, amount);
+            prop_assert_eq!(&entry.receipt.account, &record.from_account);
+            self.receipts
+                .insert((from, k.to_string()), entry.receipt.clone());
+            self.acked.push((from, entry.receipt));
+            self.transfers.insert((from, k.to_string()), record.clone());
+        }
+        self.acked_transfers.push(record);
+        Ok(())
+    }
+
+    /// A transfer through `Engine::transfer`, checked against the model.
+    async fn transfer(
+        &mut self,
+        engine: &Engine,
+        from: usize,
+        key: Option<String>,
+        request: Request,
+    ) -> Result<(), TestCaseError> {
+        let expect = expect_transfer(
+            &self.ids,
+            &self.currencies,
+            &self.models,
+            from,
+            key.as_deref(),
+            &request,
+        );
+        let got = engine
+            .transfer(
+                &self.ids[from],
+                key.as_deref().map(parse_key),
+                request.clone(),
+            )
+            .await;
+        self.check_transfer_answer(engine, from, key.as_deref(), &request, expect, got)
+            .await?;
+        if let Some(k) = key {
+            self.sent.push((from, k, request));
+        }
+        Ok(())
+    }
+
+    async fn check_transfer_answer(
+        &mut self,
+        engine: &Engine,
+        from: usize,
+        key: Option<&str>,
+        request: &Request,
+        expect: Option<(Expect, usize)>,
+        got: Result<TransferOutcome, EngineError>,
+    ) -> Result<(), TestCaseError> {
+        match (expect, got) {
+            (None, Err(EngineError::AccountNotFound(_))) => {}
+            (Some((Expect::Replay, _)), Ok(outcome)) if outcome.replayed => {
+                let k = key.ok_or_else(|| fail("replay without a key"))?;
+                let stored = self
+                    .transfers
+                    .get(&(from, k.to_string()))
+                    .ok_or_else(|| fail("replay of a transfer never acknowledged"))?;
+                prop_assert_eq!(&*outcome.record, &**stored, "replayed transfer");
+            }
+            (Some((Expect::Refuse(want), _)), Err(EngineError::Op(got))) => {
+                prop_assert_eq!(normalize(want), normalize(got), "refusal of {:?}", request);
+            }
+            (Some((Expect::Apply, to)), Ok(outcome)) if !outcome.replayed => {
+                self.accept_transfer(engine, (from, to), key, request, outcome.record)
+                    .await?;
+            }
+            (expect, got) => {
+                prop_assert!(
+                    false,
+                    "{:?} from account {}: model expected {:?}, engine said {:?}",
+                    request,
+                    from,
+                    expect,
+                    got
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Three copies of a keyed transfer at once: exactly one debits, the others answer
+    /// with the same transfer as replays (or all get the same refusal).
+    async fn burst_transfer(
+        &mut self,
+        engine: &Engine,
+        from: usize,
+        key: String,
+        request: Request,
+    ) -> Result<(), TestCaseError> {
+        let expect = expect_transfer(
+            &self.ids,
+            &self.currencies,
+            &self.models,
+            from,
+            Some(&key),
+            &request,
+        );
+        let tasks: Vec<_> = (0..3)
+            .map(|_| {
+                let engine = engine.clone();
+                let id = self.ids[from].clone();
+                let key = parse_key(&key);
+                let request = request.clone();
+                tokio::spawn(async move { engine.transfer(&id, Some(key), request).await })
+            })
+            .collect();
+        let mut results = Vec::new();
+        for task in tasks {
+            results.push(task.await.map_err(|e| fail(format!("task: {e}")))?);
+        }
+        if let Some((Expect::Apply, to)) = expect {
+            let mut fresh = Vec::new();
+            let mut replayed = Vec::new();
+            for result in results {
+                let outcome = result.map_err(|e| fail(format!("{e:?}")))?;
+                if outcome.replayed {
+                    replayed.push(outcome.record);
+                } else {
+                    fresh.push(outcome.record);
+                }
+            }
+            prop_assert_eq!(fresh.len(), 1, "exactly one copy debits");
+            let record = fresh.remove(0);
+            for other in &replayed {
+                prop_assert_eq!(
+                    &**other,
+                    &*record,
+                    "the copies answer with the one transfer"
+                );
+            }
+            self.accept_transfer(engine, (from, to), Some(&key), &request, record)
+                .await?;
+        } else {
+            for result in results {
+                let expect = expect_transfer(
+                    &self.ids,
+                    &self.currencies,
+                    &self.models,
+                    from,
+                    Some(&key),
+                    &request,
+                );
+                self.check_transfer_answer(engine, from, Some(&key), &request, expect, result)
+                    .await?;
+            }
+        }
+        self.sent.push((from, key, request));
+        Ok(())
+    }
+
     async fn op(
         &mut self,
         engine: &Engine,
@@ -1193,6 +1817,9 @@ impl EngineRun {
         key: Option<String>,
         request: Request,
     ) -> Result<(), TestCaseError> {
+        if let Request::Transfer { .. } = request {
+            return self.transfer(engine, acct, key, request).await;
+        }
         let expect = self.models[acct].evaluate(key.as_deref(), &request);
         let got = engine
             .execute(
@@ -1298,6 +1925,16 @@ impl EngineRun {
                 .ok_or_else(|| fail(format!("acknowledged key {k} forgotten")))?;
             prop_assert_eq!(&*entry.receipt, &**receipt);
         }
+        // Every acknowledged transfer is in the recovered book as it was answered, and
+        // money is conserved with nothing in flight.
+        for record in &self.acked_transfers {
+            let back = engine
+                .transfer_record(&record.id)
+                .await
+                .map_err(|e| fail(format!("transfer {} after reopen: {e:?}", record.id)))?;
+            prop_assert_eq!(&*back, &**record);
+        }
+        check_conservation(&self.models, 0, &engine.conservation())?;
         // Holds whose deadline passed while the engine was down expire before serving.
         let expired = engine
             .finish_recovery()
@@ -1348,10 +1985,11 @@ async fn run_engine(
         .map_err(|e| fail(format!("{e:?}")))?;
 
     let ids = account_ids(overdrafts.len());
+    let currencies = currencies(overdrafts.len());
     let mut models = Vec::new();
-    for (id, overdraft) in ids.iter().zip(overdrafts) {
+    for ((id, overdraft), currency) in ids.iter().zip(overdrafts).zip(&currencies) {
         let (created, view) = engine
-            .open_account(id.clone(), gem(), *overdraft, Metadata::empty())
+            .open_account(id.clone(), currency.clone(), *overdraft, Metadata::empty())
             .await
             .map_err(|e| fail(format!("{e:?}")))?;
         prop_assert!(created);
@@ -1368,6 +2006,9 @@ async fn run_engine(
         sent: Vec::new(),
         receipts: HashMap::new(),
         acked: Vec::new(),
+        currencies,
+        transfers: HashMap::new(),
+        acked_transfers: Vec::new(),
     };
 
     for cmd in before_restart {
@@ -1393,9 +2034,9 @@ proptest! {
     /// down expire at recovery, and work goes on from there.
     #[test]
     fn engine_matches_model_across_restarts(
-        overdrafts in overdrafts_strategy(2),
-        before_restart in scenario_strategy(2, 1..30),
-        after_restart in prop::collection::vec(cmd_strategy(2), 0..30),
+        overdrafts in overdrafts_strategy(3),
+        before_restart in scenario_strategy(3, 1..30),
+        after_restart in prop::collection::vec(cmd_strategy(3), 0..30),
         downtimes in (downtime_strategy(), downtime_strategy()),
     ) {
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -1404,5 +2045,55 @@ proptest! {
             .build()
             .map_err(fail)?;
         runtime.block_on(run_engine(&overdrafts, &before_restart, &after_restart, downtimes))?;
+    }
+}
+
+/// Regression: `Engine::transfer` without an idempotency key panicked ("decided event
+/// refused by check": `decide_transfer` accepted what `check` refuses). It is refused as
+/// invalid now, and nothing moves.
+#[test]
+fn a_transfer_without_a_key_is_refused_and_moves_nothing() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    runtime.block_on(async {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let (engine, _) = Engine::open(EngineConfig::new(dir.path())).expect("open");
+        engine.finish_recovery().await.expect("recovery");
+        let ids = account_ids(2);
+        for id in &ids {
+            engine
+                .open_account(id.clone(), gem(), 0, Metadata::empty())
+                .await
+                .expect("open an account");
+        }
+        engine
+            .execute(&ids[0], Some(parse_key("fund")), credit_request(50))
+            .await
+            .expect("a credit");
+        let request = Request::Transfer {
+            to: ids[1].clone(),
+            amount: 10,
+            metadata: BTreeMap::new(),
+        };
+        let got = engine.transfer(&ids[0], None, request).await;
+        assert!(
+            matches!(got, Err(EngineError::Op(OpError::Validation(_)))),
+            "{got:?}"
+        );
+        let from = engine.account(&ids[0]).await.expect("the source");
+        let to = engine.account(&ids[1]).await.expect("the destination");
+        assert_eq!((from.balance, from.seq), (50, 1));
+        assert_eq!((to.balance, to.seq), (0, 0));
+        assert!(engine.conservation().holds());
+        engine.shutdown();
+    });
+}
+
+fn credit_request(amount: i128) -> Request {
+    Request::Credit {
+        amount,
+        metadata: BTreeMap::new(),
     }
 }

@@ -927,6 +927,8 @@ impl Account {
     /// Decides the first half of a transfer from this account: the same idempotency rules
     /// as [`Account::decide`], then validation (amount, metadata, a different destination),
     /// the destination's currency (`to_currency`, which the caller read from it), funds.
+    /// A transfer needs a key (its answer is kept under it, and `check` refuses a
+    /// `TransferOut` without one): without one it is refused as invalid.
     pub fn decide_transfer(
         &self,
         key: Option<&IdempotencyKey>,
@@ -949,7 +951,12 @@ impl Account {
                 },
             );
         };
-        if let Some(entry) = key.and_then(|k| self.ex().idempotency.get(k)) {
+        let Some(key) = key else {
+            return Err(OpError::Validation(
+                "a transfer needs an idempotency key".to_string(),
+            ));
+        };
+        if let Some(entry) = self.ex().idempotency.get(key) {
             if entry.request == *request {
                 return Ok(Decision::Replay(entry.clone()));
             }

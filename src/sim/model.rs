@@ -7,9 +7,11 @@ use std::collections::{BTreeMap, HashMap};
 use uuid::Uuid;
 
 use crate::domain::{
-    AccountView, Hold, HoldStatus, OpError, Receipt, Request, Transaction, TxKind, AMOUNT_MAX,
-    HOLD_EXPIRES_SECS_DEFAULT, HOLD_EXPIRES_SECS_MAX,
+    AccountView, Currency, Hold, HoldStatus, OpError, Receipt, Request, Transaction,
+    TransferFailure, TransferStatus, TxKind, AMOUNT_MAX, HOLD_EXPIRES_SECS_DEFAULT,
+    HOLD_EXPIRES_SECS_MAX,
 };
+use crate::engine::Conservation;
 
 /// A hold as the model sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -212,12 +214,66 @@ impl Model {
         }
     }
 
+    /// What a transfer from this account would do now (API.md): the key first (a transfer
+    /// without one is refused: every POST that moves money needs one; replay or reuse),
+    /// then validation (amount, metadata, a destination other than the source), then
+    /// the currencies, then the funds. `to_currency` is the destination's currency; the
+    /// caller answers 404 first when either account does not exist.
+    pub fn evaluate_transfer(
+        &self,
+        key: Option<&str>,
+        request: &Request,
+        same_account: bool,
+        from_currency: &Currency,
+        to_currency: &Currency,
+    ) -> Expect {
+        let Some(key) = key else {
+            return Expect::Refuse(invalid());
+        };
+        if let Some(previous) = self.keys.get(key) {
+            return if previous == request {
+                Expect::Replay
+            } else {
+                Expect::Refuse(OpError::IdempotencyKeyReused)
+            };
+        }
+        let Request::Transfer {
+            amount, metadata, ..
+        } = request
+        else {
+            return self.evaluate(Some(key), request);
+        };
+        let Some(amount) = valid_amount(*amount) else {
+            return Expect::Refuse(invalid());
+        };
+        if !valid_metadata(metadata) || same_account {
+            return Expect::Refuse(invalid());
+        }
+        if from_currency != to_currency {
+            return Expect::Refuse(OpError::CurrencyMismatch {
+                from: from_currency.clone(),
+                to: to_currency.clone(),
+            });
+        }
+        match self.funds(amount) {
+            Ok(()) => Expect::Apply,
+            Err(error) => Expect::Refuse(error),
+        }
+    }
+
+    /// Credits minus debits and captures: the money this account brought in from outside
+    /// (transfers only move money between accounts).
+    pub fn external(&self) -> i128 {
+        self.credits - self.debits - self.captures
+    }
+
     /// Whether this account can receive `amount` by a transfer (the balance limit).
     pub fn can_receive(&self, amount: u64) -> bool {
         self.balance + i128::from(amount) <= i128::from(AMOUNT_MAX)
     }
 
-    /// The destination's half of a transfer.
+    /// The destination's half of a transfer, or the refund of a failed one to its source:
+    /// one `transfer_in` transaction.
     pub fn receive(&mut self, amount: u64) {
         self.balance += i128::from(amount);
         self.transfers_net += i128::from(amount);
@@ -339,6 +395,104 @@ impl Model {
     }
 }
 
+/// How the model says a transfer whose source was debited ends (API.md, DESIGN.md): the
+/// destination is credited unless that would push its balance over the limit; then the
+/// source is refunded, unless even that would push the source's balance over the limit
+/// (credits since the debit), and the money stays in flight until a retry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TransferEnd {
+    /// `transfer_in` on the destination.
+    Completed,
+    /// `transfer_in` (the refund) on the source; the transfer failed.
+    Refunded,
+    /// Neither side can take the money now.
+    Stuck,
+}
+
+impl TransferEnd {
+    /// What the second half of a transfer of `amount` does now.
+    pub fn decide(from: &Model, to: &Model, amount: u64) -> TransferEnd {
+        if to.can_receive(amount) {
+            TransferEnd::Completed
+        } else if from.can_receive(amount) {
+            TransferEnd::Refunded
+        } else {
+            TransferEnd::Stuck
+        }
+    }
+
+    /// The transfer status this end shows.
+    pub fn status(self) -> TransferStatus {
+        match self {
+            TransferEnd::Completed => TransferStatus::Completed,
+            TransferEnd::Refunded => TransferStatus::Failed(TransferFailure::BalanceLimitExceeded),
+            TransferEnd::Stuck => TransferStatus::Pending,
+        }
+    }
+}
+
+/// A request that differs from `request` under the same key (a reuse the engine must
+/// refuse), often only in an optional field being absent rather than given explicitly with
+/// its default. `model` is the account's, for the hold a capture names.
+pub fn different(request: &Request, model: &Model) -> Request {
+    match request.clone() {
+        Request::Transfer {
+            to,
+            amount,
+            metadata,
+        } => Request::Transfer {
+            to,
+            amount: amount.checked_add(1).unwrap_or(amount - 1),
+            metadata,
+        },
+        Request::Credit { amount, metadata } => Request::Credit {
+            amount: amount.checked_add(1).unwrap_or(amount - 1),
+            metadata,
+        },
+        Request::Debit { amount, metadata } => Request::Debit {
+            amount: amount.checked_add(1).unwrap_or(amount - 1),
+            metadata,
+        },
+        Request::Hold {
+            amount,
+            expires_in_secs,
+            metadata,
+        } => Request::Hold {
+            amount,
+            expires_in_secs: match expires_in_secs {
+                None => Some(i128::from(HOLD_EXPIRES_SECS_DEFAULT)),
+                Some(_) => None,
+            },
+            metadata,
+        },
+        Request::Capture {
+            hold_id,
+            amount,
+            metadata,
+        } => Request::Capture {
+            hold_id,
+            amount: match amount {
+                None => Some(
+                    model
+                        .holds
+                        .get(&hold_id)
+                        .map_or(1, |h| i128::from(h.amount)),
+                ),
+                Some(_) => None,
+            },
+            metadata,
+        },
+        Request::Release { hold_id, metadata } => Request::Release {
+            hold_id,
+            metadata: if metadata.is_empty() {
+                BTreeMap::from([("note".to_string(), "n".to_string())])
+            } else {
+                BTreeMap::new()
+            },
+        },
+    }
+}
+
 /// Fails with a message unless the condition holds.
 macro_rules! ensure {
     ($cond:expr, $($fmt:tt)+) => {
@@ -381,9 +535,36 @@ pub fn check_view(view: &AccountView, model: &Model) -> Result<(), String> {
     ensure_eq!(view.seq, model.seq, "seq");
     ensure_eq!(
         model.balance,
-        model.credits - model.debits - model.captures,
+        model.external() + model.transfers_net,
         "invariant 3 in the model"
     );
+    Ok(())
+}
+
+/// Money conservation (invariant 3) over all accounts: in the models themselves (the sum
+/// of balances plus the money in flight equals the sum of credits minus debits and
+/// captures), and the engine's sums against the models'. `in_flight` is the sum of the
+/// amounts of the transfers the model has debited and not yet ended.
+pub fn check_conservation<'a>(
+    models: impl IntoIterator<Item = &'a Model>,
+    in_flight: u64,
+    got: &Conservation,
+) -> Result<(), String> {
+    let (mut balances, mut external) = (0i128, 0i128);
+    for model in models {
+        balances += model.balance;
+        external += model.external();
+    }
+    let in_flight = i128::from(in_flight);
+    ensure_eq!(
+        balances + in_flight,
+        external,
+        "invariant 3 in the model: balances + in flight = credits - debits - captures"
+    );
+    ensure_eq!(got.balances, balances, "sum of balances");
+    ensure_eq!(got.in_flight, in_flight, "money in flight");
+    ensure_eq!(got.external, external, "credits - debits - captures");
+    ensure!(got.holds(), "invariant 3: money is not conserved: {got:?}");
     Ok(())
 }
 
