@@ -1,6 +1,7 @@
 //! Deterministic simulation (see `coffer::sim`): the real engine on a simulated disk, with
-//! crashes, torn writes, failed writes and syncs and flipped bits on read, checked against a
-//! reference model after every answer and at every quiet point.
+//! crashes (also between the two halves of a transfer), torn writes, failed writes and syncs
+//! and flipped bits on read, checked against a reference model after every answer and at
+//! every quiet point.
 //!
 //! `cargo test` runs 200 seeds. `COFFER_SIM_SEEDS=N` runs N seeds; `COFFER_SIM_SEED=S` runs
 //! seed S alone (a failure prints the command that reproduces it); `COFFER_SIM_BYTES=FILE`
@@ -50,6 +51,14 @@ fn crashes_and_storage_faults_lose_nothing_acknowledged_and_apply_nothing_twice(
             "{total:?}"
         );
         assert!(total.restarts > 0, "{total:?}");
+        // Transfers completed and failed (refunded), and some a crash tore between their
+        // debit and their credit, finished by recovery.
+        assert!(
+            total.transfers_completed > 0
+                && total.transfers_failed > 0
+                && total.transfers_finished_by_recovery > 0,
+            "{total:?}"
+        );
     }
 }
 

@@ -11,7 +11,9 @@
 //!
 //! What a run does, step by step (each choice drawn from the source):
 //! - clients submit requests (single or batched, valid and invalid, fresh keys, retries of
-//!   earlier keys with the same or a different request) and open accounts;
+//!   earlier keys with the same or a different request), transfers between the accounts
+//!   (completed, refused, failed at the destination's balance limit and refunded) and open
+//!   accounts;
 //! - the driver lets tasks run, and commits the WAL (one group commit for what is queued);
 //! - the clock moves and due holds expire;
 //! - a write or sync fails (the engine must stop writing and acknowledge nothing more);
@@ -20,11 +22,15 @@
 //!   (which it must detect);
 //! - after a crash, every request that was not answered is sent again with its key, in the
 //!   order first sent: whether it survived or not, the model then agrees with the engine.
+//!   Both halves of a transfer are queued before one group commit, so a crash can keep its
+//!   debit and lose its credit: recovery must then finish it (credit, or refund), and the
+//!   model learns the debit and the end each at its place in the log.
 //!
 //! Checked: every answer against the model (applied, refused with the right error, replayed
-//! with the byte-identical receipt); at quiet points, every account, hold, history and
-//! idempotency entry against the model (invariants 1-4 of DESIGN.md); replay of the log
-//! equals the live state; nothing acknowledged is lost and nothing is applied twice
+//! with the byte-identical receipt); at quiet points, every account, hold, history,
+//! idempotency entry and transfer against the model (invariants 1-4 of DESIGN.md), money
+//! conservation over all accounts, no transfer half done; replay of the log (accounts and
+//! transfer book) equals the live state; nothing acknowledged is lost and nothing is applied twice
 //! (invariant 5: a lost or doubled operation shows as a wrong balance, seq or receipt).
 
 pub mod model;
@@ -40,15 +46,16 @@ use uuid::Uuid;
 use crate::clock::{Clock, ManualClock};
 use crate::domain::{
     Account, AccountId, AccountView, Currency, FastMap, IdempotencyKey, Metadata, Receipt, Request,
-    Retention, AMOUNT_MAX, HOLD_EXPIRES_SECS_MAX,
+    Retention, TransferBook, TransferRecord, TransferStatus, TxKind, AMOUNT_MAX,
+    HOLD_EXPIRES_SECS_MAX,
 };
-use crate::engine::{EngineError, Executed};
+use crate::engine::{EngineError, Executed, TransferOutcome};
 use crate::storage::sim::{Fault, SimStorage};
 use crate::wal::WriterMode;
 use crate::{Engine, EngineConfig};
 use model::{
-    check_history, check_holds, check_receipt, check_view, ensure, ensure_eq, normalize, Expect,
-    Model,
+    check_conservation, check_history, check_holds, check_receipt, check_view, different, ensure,
+    ensure_eq, normalize, Expect, Model, TransferEnd,
 };
 
 /// A source of choices.
@@ -182,6 +189,12 @@ pub struct SimReport {
     pub snapshots: u64,
     /// Full state checks against the model and against a replay of the log.
     pub checks: u64,
+    /// Transfers that ended completed (answered, or learned after a crash).
+    pub transfers_completed: u64,
+    /// Transfers that ended failed, the source refunded.
+    pub transfers_failed: u64,
+    /// Transfers a crash left half done (debited, not credited) that recovery finished.
+    pub transfers_finished_by_recovery: u64,
 }
 
 impl SimReport {
@@ -200,6 +213,9 @@ impl SimReport {
         self.expired += other.expired;
         self.snapshots += other.snapshots;
         self.checks += other.checks;
+        self.transfers_completed += other.transfers_completed;
+        self.transfers_failed += other.transfers_failed;
+        self.transfers_finished_by_recovery += other.transfers_finished_by_recovery;
     }
 }
 
@@ -223,6 +239,9 @@ pub fn run(choices: &mut dyn Choices, options: &SimOptions) -> Result<SimReport,
         sent: Vec::new(),
         inflight: VecDeque::new(),
         unresolved: Vec::new(),
+        transfers: HashMap::new(),
+        in_flight: BTreeMap::new(),
+        recovered_lsn: 0,
         next_key: 0,
         report: SimReport::default(),
         trace: std::env::var_os("COFFER_SIM_TRACE").is_some(),
@@ -270,11 +289,37 @@ enum Job {
         /// Through `execute_batch` (else `execute`, one op).
         batch: bool,
     },
+    /// `Engine::transfer`: `op.account` is the source (the key's scope).
+    Transfer { op: Op },
+}
+
+impl Job {
+    /// Whether the job names this account.
+    fn touches(&self, name: &str) -> bool {
+        match self {
+            Job::Open { account, .. } => account == name,
+            Job::Ops { ops, .. } => ops.iter().any(|op| op.account == name),
+            Job::Transfer { op } => {
+                op.account == name
+                    || matches!(&op.request, Request::Transfer { to, .. } if to.as_str() == name)
+            }
+        }
+    }
 }
 
 enum Output {
     Open(Result<(bool, AccountView), EngineError>),
     Ops(Vec<Result<Executed, EngineError>>),
+    Transfer(Result<TransferOutcome, EngineError>),
+}
+
+/// What recovery shows of an unanswered request, learned in log order.
+enum Learned {
+    Op(Op, Arc<Receipt>),
+    /// A transfer's debit survived.
+    TransferOut(Op, Arc<TransferRecord>),
+    /// A transfer ended (in the log before the crash, or finished by recovery).
+    TransferEnd(Arc<TransferRecord>),
 }
 
 struct InFlight {
@@ -310,6 +355,13 @@ struct Sim<'c> {
     inflight: VecDeque<InFlight>,
     /// Jobs a crash or a storage failure left unanswered, in the order first sent.
     unresolved: Vec<Job>,
+    /// Transfers acknowledged or learned, as they ended, by (source, key).
+    transfers: HashMap<(String, String), Arc<TransferRecord>>,
+    /// Transfers the model has debited and not ended: id to (from, to, amount). Only a
+    /// transfer whose refund does not fit either (after a crash) stays here.
+    in_flight: BTreeMap<Uuid, (String, String, u64)>,
+    /// The last LSN recovery found in the log (what it writes itself comes after).
+    recovered_lsn: u64,
     next_key: u64,
     report: SimReport,
     /// Print each step to stderr (`COFFER_SIM_TRACE=1`).
@@ -411,26 +463,26 @@ impl Sim<'_> {
         };
         let flipped = self.disk.stats().faults > faults_before;
         self.disk.disarm();
-        let engine = match opened {
+        let (engine, recovered) = match opened {
             // A flipped bit in a snapshot is detected by skipping it for the one before.
             Ok((engine, report)) if flipped && report.damaged_snapshots > 0 => {
                 self.report.read_flips_detected += 1;
-                engine
+                (engine, report)
             }
             Ok((engine, _)) if flipped => {
                 drop(engine);
                 return Err("recovery read a flipped bit and did not notice".into());
             }
-            Ok((engine, _)) => engine,
+            Ok(opened) => opened,
             Err(_) if flipped => {
                 self.report.read_flips_detected += 1;
                 let _context = rt.enter();
                 Engine::open(config)
                     .map_err(|e| format!("recovery failed after a transient read fault: {e}"))?
-                    .0
             }
             Err(error) => return Err(format!("recovery failed: {error}")),
         };
+        self.recovered_lsn = recovered.last_lsn;
         self.life = Some(Life { rt, engine });
         let engine = self.engine()?;
         let recovery = self.spawn_task(async move { engine.finish_recovery().await })?;
@@ -439,8 +491,10 @@ impl Sim<'_> {
         let unresolved = std::mem::take(&mut self.unresolved);
         self.report.resent_after_crash += unresolved.len() as u64;
         self.learn_survivors(&unresolved)?;
+        // No transfer is half done now; money is conserved.
+        self.check_conservation()?;
         for job in unresolved {
-            self.spawn(job, true)?;
+            self.spawn_in_order(job, true)?;
         }
         self.drain()?;
         ensure!(
@@ -456,7 +510,11 @@ impl Sim<'_> {
     /// sent twice may have been refused the first time and applied the second, after a
     /// credit sent in between); each must be exactly what the model computes at that point.
     /// A refused request left no trace either way. Sent again afterwards, a survivor must
-    /// come back as a replay and a lost one be applied fresh.
+    /// come back as a replay and a lost one be applied fresh. A transfer whose debit survived
+    /// is learned in two places of that order: its debit, and its end (the credit or refund,
+    /// in the log before the crash, or written by recovery after everything replayed), read
+    /// from the transfer book; recovery must have ended it unless neither side can take the
+    /// money.
     fn learn_survivors(&mut self, unresolved: &[Job]) -> Result<(), String> {
         let engine = self.engine()?;
         // Accounts first: every change of an account comes after its opening.
@@ -486,10 +544,25 @@ impl Sim<'_> {
                 }
             }
         }
-        let mut survivors: BTreeMap<u64, (Op, Arc<Receipt>)> = BTreeMap::new();
+        let mut survivors: BTreeMap<u64, Learned> = BTreeMap::new();
         let mut seen = std::collections::HashSet::new();
+        // Transfers whose refund did not fit before: recovery tried them again.
+        for id in self.in_flight.keys() {
+            let record = self
+                .life()?
+                .rt
+                .block_on(engine.transfer_record(id))
+                .map_err(|e| format!("transfer {id} in flight: {e}"))?;
+            if record.end_lsn != 0 {
+                survivors.insert(record.end_lsn, Learned::TransferEnd(record));
+            }
+        }
         for job in unresolved {
-            let Job::Ops { ops, .. } = job else { continue };
+            let ops = match job {
+                Job::Ops { ops, .. } => ops.as_slice(),
+                Job::Transfer { op } => std::slice::from_ref(op),
+                Job::Open { .. } => continue,
+            };
             for op in ops {
                 let Some(acct) = self.accounts.get(&op.account) else {
                     continue;
@@ -512,17 +585,169 @@ impl Sim<'_> {
                     seen.remove(&(op.account.clone(), op.key.clone()));
                     continue;
                 }
-                survivors.insert(entry.lsn, (op.clone(), entry.receipt.clone()));
+                let transfer = match (&op.request, entry.receipt.transaction.transfer_id) {
+                    (Request::Transfer { .. }, Some(id)) => id,
+                    (Request::Transfer { .. }, None) => {
+                        return Err(format!("{op:?}: remembered without a transfer id"))
+                    }
+                    _ => {
+                        survivors.insert(entry.lsn, Learned::Op(op.clone(), entry.receipt));
+                        continue;
+                    }
+                };
+                // The debit survived. Recovery has finished the transfer: its end is in
+                // the log, before the crash or just after recovery.
+                let record = self
+                    .life()?
+                    .rt
+                    .block_on(engine.transfer_record(&transfer))
+                    .map_err(|e| format!("{op:?}: its transfer {transfer}: {e}"))?;
+                ensure_eq!(record.out_lsn, entry.lsn, "the debit's LSN in the book");
+                if record.end_lsn != 0 {
+                    survivors.insert(record.end_lsn, Learned::TransferEnd(record.clone()));
+                }
+                survivors.insert(entry.lsn, Learned::TransferOut(op.clone(), record));
             }
         }
-        for (_, (op, receipt)) in survivors {
-            self.trace(|| format!("survived: {op:?}"));
-            let executed = Executed {
-                receipt,
-                replayed: false,
-            };
-            self.verify_op(op, Ok(executed))
-                .map_err(|e| format!("a request that survived a crash: {e}"))?;
+        let recovered_lsn = self.recovered_lsn;
+        for (lsn, learned) in survivors {
+            match learned {
+                Learned::Op(op, receipt) => {
+                    self.trace(|| format!("survived: {op:?}"));
+                    let executed = Executed {
+                        receipt,
+                        replayed: false,
+                    };
+                    self.verify_op(op, Ok(executed))
+                        .map_err(|e| format!("a request that survived a crash: {e}"))?;
+                }
+                Learned::TransferOut(op, record) => {
+                    self.trace(|| format!("survived: {op:?}"));
+                    self.learn_transfer_out(&op, record)
+                        .map_err(|e| format!("a transfer that survived a crash: {e}"))?;
+                }
+                Learned::TransferEnd(record) => {
+                    let by_recovery = lsn > recovered_lsn;
+                    self.trace(|| {
+                        format!(
+                            "transfer {} ended {:?}{}",
+                            record.id,
+                            record.status,
+                            if by_recovery { " by recovery" } else { "" }
+                        )
+                    });
+                    if by_recovery {
+                        self.report.transfers_finished_by_recovery += 1;
+                    }
+                    self.learn_transfer_end(record)?;
+                }
+            }
+        }
+        // What is still in flight is what recovery could not finish either.
+        for (id, (from, to, amount)) in &self.in_flight {
+            let (from, to) = (self.acct(from)?, self.acct(to)?);
+            ensure_eq!(
+                TransferEnd::decide(&from.model, &to.model, *amount),
+                TransferEnd::Stuck,
+                format!("transfer {id} left half done by recovery")
+            );
+        }
+        Ok(())
+    }
+
+    fn acct(&self, name: &str) -> Result<&Acct, String> {
+        self.accounts
+            .get(name)
+            .ok_or_else(|| format!("account {name} unknown to the model"))
+    }
+
+    fn acct_mut(&mut self, name: &str) -> Result<&mut Acct, String> {
+        self.accounts
+            .get_mut(name)
+            .ok_or_else(|| format!("account {name} unknown to the model"))
+    }
+
+    /// A transfer's debit, acknowledged or learned: the model must accept it (the source's
+    /// rules), and the record show the source just after it.
+    fn learn_transfer_out(&mut self, op: &Op, record: Arc<TransferRecord>) -> Result<(), String> {
+        let Request::Transfer { to, .. } = &op.request else {
+            return Err(format!("{op:?} is not a transfer"));
+        };
+        let to_currency = Currency::parse(&self.acct(to.as_str())?.currency).map_err(|e| e.0)?;
+        let acct = self.acct_mut(&op.account)?;
+        let from_currency = Currency::parse(&acct.currency).map_err(|e| e.0)?;
+        let expect = acct.model.evaluate_transfer(
+            Some(&op.key),
+            &op.request,
+            op.account == to.as_str(),
+            &from_currency,
+            &to_currency,
+        );
+        ensure!(
+            matches!(expect, Expect::Apply),
+            "{op:?} debited, the model expected {expect:?}"
+        );
+        let (kind, amount) = acct.model.commit(Some(&op.key), &op.request, None, 0);
+        ensure_eq!(kind, TxKind::TransferOut, "kind");
+        check_view(&record.from_account, &acct.model)
+            .map_err(|e| format!("{op:?}: the source after the debit: {e}"))?;
+        ensure_eq!(record.from.as_str(), op.account.as_str(), "transfer source");
+        ensure_eq!(&record.to, to, "transfer destination");
+        ensure_eq!(record.amount.get(), amount, "transfer amount");
+        ensure_eq!(
+            record.key.as_ref().map(|k| k.as_str()),
+            Some(op.key.as_str()),
+            "transfer key"
+        );
+        self.in_flight.insert(
+            record.id,
+            (op.account.clone(), to.as_str().to_string(), amount),
+        );
+        self.transfers
+            .insert((op.account.clone(), op.key.clone()), record);
+        Ok(())
+    }
+
+    /// A transfer's end, answered or learned: the model decides it from the two accounts as
+    /// they are at that point of the log (credit, else refund, else still in flight).
+    fn learn_transfer_end(&mut self, record: Arc<TransferRecord>) -> Result<(), String> {
+        let (from, to, amount) = self
+            .in_flight
+            .get(&record.id)
+            .cloned()
+            .ok_or_else(|| format!("transfer {} ended, never debited", record.id))?;
+        let end = TransferEnd::decide(&self.acct(&from)?.model, &self.acct(&to)?.model, amount);
+        ensure_eq!(
+            record.status,
+            end.status(),
+            format!("how transfer {} ended", record.id)
+        );
+        match end {
+            TransferEnd::Completed => {
+                let to_model = &mut self.acct_mut(&to)?.model;
+                to_model.receive(amount);
+                let view = record
+                    .to_account
+                    .as_ref()
+                    .ok_or("a completed transfer without its destination")?;
+                check_view(view, to_model)
+                    .map_err(|e| format!("transfer {}: the destination: {e}", record.id))?;
+                self.report.transfers_completed += 1;
+            }
+            TransferEnd::Refunded => {
+                self.acct_mut(&from)?.model.receive(amount);
+                ensure!(
+                    record.to_account.is_none(),
+                    "a failed transfer with a destination"
+                );
+                self.report.transfers_failed += 1;
+            }
+            TransferEnd::Stuck => return Ok(()),
+        }
+        self.in_flight.remove(&record.id);
+        if let Some(key) = record.key.as_ref() {
+            self.transfers
+                .insert((from, key.as_str().to_string()), record.clone());
         }
         Ok(())
     }
@@ -776,6 +1001,14 @@ impl Sim<'_> {
                     })?
                 }
             }
+            Job::Transfer { op } => {
+                let from = AccountId::parse(&op.account).map_err(|e| e.0)?;
+                let key = IdempotencyKey::parse(&op.key).map_err(|e| e.0)?;
+                let request = op.request.clone();
+                self.spawn_task(async move {
+                    Output::Transfer(engine.transfer(&from, Some(key), request).await)
+                })?
+            }
         };
         self.trace(|| format!("send{}: {job:?}", if resent { " (again)" } else { "" }));
         self.inflight.push_back(InFlight {
@@ -802,7 +1035,75 @@ impl Sim<'_> {
         )
     }
 
+    /// Sends a job so that each account sees it in the order sent. Requests reach an
+    /// account's actor through its mailbox, but a transfer takes both accounts' locks
+    /// directly when its task first runs (tasks start in the order sent): one sent while an
+    /// earlier job on either account may still wait in a mailbox could overtake it, and the
+    /// answers, checked in the order sent, would disagree with the model. Such a transfer
+    /// waits until the jobs before it are answered.
+    fn spawn_in_order(&mut self, job: Job, resent: bool) -> Result<(), String> {
+        if let Job::Transfer { op } = &job {
+            let to = match &op.request {
+                Request::Transfer { to, .. } => to.as_str().to_string(),
+                _ => op.account.clone(),
+            };
+            if self
+                .inflight
+                .iter()
+                .any(|f| f.job.touches(&op.account) || f.job.touches(&to))
+            {
+                self.drain()?;
+            }
+        }
+        self.spawn(job, resent)
+    }
+
+    /// A transfer: mostly between accounts that exist, sometimes to itself or to one never
+    /// opened; now and then a retry of an earlier transfer's key (same or another amount).
+    fn submit_transfer(&mut self) -> Result<(), String> {
+        let earlier: Vec<usize> = (0..self.sent.len())
+            .filter(|&i| matches!(self.sent[i].request, Request::Transfer { .. }))
+            .collect();
+        let op = if !earlier.is_empty() && self.below(5) == 0 {
+            let pick = earlier[self.below(earlier.len() as u64) as usize];
+            let mut op = self.sent[pick].clone();
+            if self.below(3) == 0 {
+                let model = self
+                    .accounts
+                    .get(&op.account)
+                    .map(|a| a.model.clone())
+                    .unwrap_or_default();
+                op.request = different(&op.request, &model);
+            }
+            op
+        } else {
+            let opened: Vec<String> = self.accounts.keys().cloned().collect();
+            let pick = |sim: &mut Self| {
+                if opened.is_empty() || sim.below(12) == 0 {
+                    NAMES[sim.below(NAMES.len() as u64) as usize].to_string()
+                } else {
+                    opened[sim.below(opened.len() as u64) as usize].clone()
+                }
+            };
+            let from = pick(self);
+            let mut to = pick(self);
+            if to == from && self.below(4) != 0 {
+                to = pick(self);
+            }
+            let request = Request::Transfer {
+                to: AccountId::parse(&to).map_err(|e| e.0)?,
+                amount: self.amount(),
+                metadata: self.metadata(),
+            };
+            self.fresh_op(from, request)
+        };
+        self.spawn_in_order(Job::Transfer { op }, false)
+    }
+
     fn submit_ops(&mut self) -> Result<(), String> {
+        if self.below(4) == 0 {
+            return self.submit_transfer();
+        }
         let count = if self.below(4) == 0 {
             1 + self.below(6)
         } else {
@@ -831,10 +1132,18 @@ impl Sim<'_> {
         if !self.sent.is_empty() && self.below(6) == 0 {
             let pick = self.below(self.sent.len() as u64) as usize;
             let mut op = self.sent[pick].clone();
-            if self.below(3) == 0 {
-                op.request = different(&op.request);
+            // Transfers are retried as transfers (`submit_transfer`), not in a batch.
+            if !matches!(op.request, Request::Transfer { .. }) {
+                if self.below(3) == 0 {
+                    let model = self
+                        .accounts
+                        .get(&op.account)
+                        .map(|a| a.model.clone())
+                        .unwrap_or_default();
+                    op.request = different(&op.request, &model);
+                }
+                return op;
             }
-            return op;
         }
         let opened: Vec<String> = self.accounts.keys().cloned().collect();
         let account = if opened.is_empty() || self.below(12) == 0 {
@@ -962,6 +1271,13 @@ impl Sim<'_> {
                 }
                 Ok(())
             }
+            (Job::Transfer { op }, Output::Transfer(result)) => {
+                if unanswered(&result) {
+                    self.unresolved.push(Job::Transfer { op });
+                    return Ok(());
+                }
+                self.verify_transfer(op, result)
+            }
             _ => Err("a job got another job's answer".into()),
         }
     }
@@ -1012,6 +1328,91 @@ impl Sim<'_> {
             }
             (_, got) => Err(format!("open {account}: unexpected answer {got:?}")),
         }
+    }
+
+    /// A transfer's answer against the model: 404 when either account is unknown, then the
+    /// source's rules with the destination (`evaluate_transfer`); a new transfer ends as the
+    /// model says, with both halves done.
+    fn verify_transfer(
+        &mut self,
+        op: Op,
+        result: Result<TransferOutcome, EngineError>,
+    ) -> Result<(), String> {
+        let Request::Transfer { to, .. } = &op.request else {
+            return Err(format!("{op:?} sent as a transfer"));
+        };
+        let (Some(from_acct), Some(to_acct)) = (
+            self.accounts.get(&op.account),
+            self.accounts.get(to.as_str()),
+        ) else {
+            ensure!(
+                matches!(result, Err(EngineError::AccountNotFound(_))),
+                "{op:?} with an account never opened: {result:?}"
+            );
+            self.report.refused += 1;
+            return Ok(());
+        };
+        let from_currency = Currency::parse(&from_acct.currency).map_err(|e| e.0)?;
+        let to_currency = Currency::parse(&to_acct.currency).map_err(|e| e.0)?;
+        let expect = from_acct.model.evaluate_transfer(
+            Some(&op.key),
+            &op.request,
+            op.account == to.as_str(),
+            &from_currency,
+            &to_currency,
+        );
+        match (expect, result) {
+            (Expect::Replay, Ok(outcome)) => {
+                ensure!(outcome.replayed, "{op:?}: a replay not marked as one");
+                if self.in_flight.contains_key(&outcome.record.id) {
+                    // Its refund did not fit before; a retry drives it again.
+                    self.learn_transfer_end(outcome.record.clone())?;
+                }
+                let stored = self
+                    .transfers
+                    .get(&(op.account.clone(), op.key.clone()))
+                    .ok_or_else(|| format!("{op:?}: replay of a transfer never acknowledged"))?;
+                ensure_eq!(*outcome.record, **stored, "replayed transfer");
+                self.report.replayed += 1;
+                Ok(())
+            }
+            (Expect::Refuse(want), Err(EngineError::Op(got))) => {
+                ensure_eq!(
+                    normalize(want),
+                    normalize(got),
+                    format!("refusal of {op:?}")
+                );
+                self.report.refused += 1;
+                Ok(())
+            }
+            (Expect::Apply, Ok(outcome)) => {
+                ensure!(
+                    !outcome.replayed,
+                    "{op:?}: a fresh transfer answered as a replay"
+                );
+                ensure!(
+                    outcome.record.status != TransferStatus::Pending,
+                    "{op:?}: answered half done"
+                );
+                self.learn_transfer_out(&op, outcome.record.clone())
+                    .map_err(|e| format!("{op:?}: {e}"))?;
+                self.learn_transfer_end(outcome.record)
+                    .map_err(|e| format!("{op:?}: {e}"))?;
+                self.report.applied += 1;
+                Ok(())
+            }
+            (expect, got) => Err(format!(
+                "{op:?}: the model expected {expect:?}, the engine answered {got:?}"
+            )),
+        }
+    }
+
+    /// Money conservation over all accounts, against the model's sums and what it has in
+    /// flight. Only at quiet points.
+    fn check_conservation(&self) -> Result<(), String> {
+        let in_flight: u64 = self.in_flight.values().map(|(_, _, amount)| amount).sum();
+        let got = self.engine()?.conservation();
+        check_conservation(self.accounts.values().map(|a| &a.model), in_flight, &got)
     }
 
     fn verify_op(&mut self, op: Op, result: Result<Executed, EngineError>) -> Result<(), String> {
@@ -1088,8 +1489,28 @@ impl Sim<'_> {
             "state checked while requests are in flight"
         );
         self.report.checks += 1;
-        let replayed = replay_disk(&self.disk)?;
+        let (replayed, book) = replay_disk(&self.disk)?;
+        self.check_conservation()?;
         let rt = &self.life()?.rt;
+        // Every transfer as it ended (or still in flight, if its refund does not fit), live
+        // and in the book a fresh recovery rebuilds.
+        let in_flight: u64 = self.in_flight.values().map(|(_, _, amount)| amount).sum();
+        ensure_eq!(
+            book.in_flight(),
+            (self.in_flight.len(), u128::from(in_flight)),
+            "transfers in flight after a replay of the log"
+        );
+        for ((from, key), stored) in &self.transfers {
+            let live = rt
+                .block_on(engine.transfer_record(&stored.id))
+                .map_err(|e| format!("transfer under {from}/{key}: {e}"))?;
+            ensure_eq!(*live, **stored, format!("transfer under {from}/{key}"));
+            ensure_eq!(
+                book.get(&stored.id).map(|r| &**r),
+                Some(&**stored),
+                format!("transfer under {from}/{key} replayed from the log")
+            );
+        }
         for name in NAMES {
             let id = AccountId::parse(name).map_err(|e| e.0)?;
             let found = rt.block_on(engine.account(&id));
@@ -1124,6 +1545,26 @@ impl Sim<'_> {
                     .map_err(|e| e.to_string())?
                     .ok_or_else(|| format!("account {name}: key {key} forgotten"))?;
                 ensure_eq!(&entry.request, request, format!("request under {key}"));
+                if let Request::Transfer { .. } = request {
+                    // A transfer's key keeps its debit; the answer is the transfer.
+                    let stored = self
+                        .transfers
+                        .get(&(name.to_string(), key.clone()))
+                        .ok_or_else(|| format!("transfer key {key} without a transfer"))?;
+                    let tx = &entry.receipt.transaction;
+                    ensure_eq!(tx.kind, TxKind::TransferOut, format!("kind under {key}"));
+                    ensure_eq!(
+                        tx.transfer_id,
+                        Some(stored.id),
+                        format!("transfer under {key}")
+                    );
+                    ensure_eq!(
+                        &entry.receipt.account,
+                        &stored.from_account,
+                        format!("source under {key}")
+                    );
+                    continue;
+                }
                 let stored = self
                     .receipts
                     .get(&(name.to_string(), key.clone()))
@@ -1159,44 +1600,13 @@ fn credit(amount: i128) -> Request {
     }
 }
 
-/// Another request for the same key: a reuse the engine must refuse.
-fn different(request: &Request) -> Request {
-    match request.clone() {
-        Request::Credit { amount, metadata } => Request::Debit { amount, metadata },
-        Request::Debit { amount, metadata } => Request::Credit { amount, metadata },
-        Request::Hold {
-            amount,
-            expires_in_secs,
-            metadata,
-        } => Request::Hold {
-            amount: amount + 1,
-            expires_in_secs,
-            metadata,
-        },
-        Request::Capture {
-            hold_id, metadata, ..
-        } => Request::Release { hold_id, metadata },
-        Request::Release { hold_id, metadata } => Request::Capture {
-            hold_id,
-            amount: None,
-            metadata,
-        },
-        Request::Transfer {
-            to,
-            amount,
-            metadata,
-        } => Request::Transfer {
-            to,
-            amount: amount + 1,
-            metadata,
-        },
-    }
-}
-
-/// The accounts as a fresh recovery from the disk (snapshot and log) sees them.
-fn replay_disk(disk: &SimStorage) -> Result<FastMap<AccountId, Box<Account>>, String> {
+/// The accounts and transfers as a fresh recovery from the disk (snapshot and log) sees
+/// them.
+fn replay_disk(
+    disk: &SimStorage,
+) -> Result<(FastMap<AccountId, Box<Account>>, TransferBook), String> {
     crate::engine::recover_state(disk, Path::new(DATA_DIR), SIM_RETENTION, false)
-        .map(|recovered| recovered.accounts)
+        .map(|recovered| (recovered.accounts, recovered.transfers))
         .map_err(|e| format!("recovery from the disk: {e}"))
 }
 
