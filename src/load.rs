@@ -36,6 +36,17 @@ pub enum Workload {
     HoldRelease,
     /// 40% debits, 30% credits, 20% hold+capture, 10% hold+release.
     Mixed,
+    /// Transfers of 1 (`POST /v1/transfers`) between random pairs of distinct accounts.
+    /// Every account starts with a balance no run can spend, so a refusal is a finding.
+    Transfer,
+    /// Transfers of 1 from a random account to one hot destination (account 0).
+    TransferHot,
+}
+
+impl Workload {
+    fn is_transfer(self) -> bool {
+        matches!(self, Workload::Transfer | Workload::TransferHot)
+    }
 }
 
 /// Flags of `coffer load`.
@@ -200,6 +211,16 @@ struct WorkerResult {
     /// Keys whose outcome is unknown (transport error), with the account and balance effect
     /// if they happened.
     unknown: Vec<(u64, String, i64)>,
+    /// Transfers whose outcome is unknown (transport error, 5xx, or 202 still in flight).
+    unknown_transfers: Vec<UnknownTransfer>,
+}
+
+/// A transfer of 1 whose outcome the worker did not learn; the check looks its key up on
+/// the source account.
+struct UnknownTransfer {
+    from: u64,
+    to: u64,
+    key: String,
 }
 
 /// Runs the load and the final balance check.
@@ -209,6 +230,18 @@ pub async fn run(args: LoadArgs) -> Result<LoadReport, LoadError> {
     } else {
         args.accounts.max(1)
     };
+    if args.workload.is_transfer() {
+        if accounts < 2 {
+            return Err(LoadError(
+                "the transfer workloads need at least 2 accounts".into(),
+            ));
+        }
+        if args.batch > 1 {
+            return Err(LoadError(
+                "--batch applies to debits only (POST /v1/batch has no transfers)".into(),
+            ));
+        }
+    }
     let before = setup(&args, accounts).await?;
     let run_id = format!(
         "{:x}",
@@ -257,6 +290,7 @@ pub async fn run(args: LoadArgs) -> Result<LoadReport, LoadError> {
     let mut errors: HashMap<String, u64> = HashMap::new();
     let mut delta: HashMap<u64, i64> = HashMap::new();
     let mut unknown = Vec::new();
+    let mut unknown_transfers = Vec::new();
     for r in results {
         histogram
             .add(&r.histogram)
@@ -270,8 +304,10 @@ pub async fn run(args: LoadArgs) -> Result<LoadReport, LoadError> {
             *delta.entry(account).or_default() += d;
         }
         unknown.extend(r.unknown);
+        unknown_transfers.extend(r.unknown_transfers);
     }
-    let (verified, mismatched) = verify(&args, &before, &delta, &unknown).await?;
+    let (verified, mismatched) =
+        verify(&args, &before, &delta, &unknown, &unknown_transfers).await?;
     let ms = |q: f64| histogram.value_at_quantile(q) as f64 / 1000.0;
     Ok(LoadReport {
         workload: args.workload,
@@ -459,6 +495,7 @@ async fn worker_loop(ctx: WorkerCtx, mut conn: Conn) -> WorkerResult {
         errors: HashMap::new(),
         balance_delta: HashMap::new(),
         unknown: Vec::new(),
+        unknown_transfers: Vec::new(),
     };
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (ctx.worker + 1).wrapping_mul(0xA24B_AED4_963E_E407));
     let interval = ctx.args.rate.map(|rate| {
@@ -480,6 +517,8 @@ async fn worker_loop(ctx: WorkerCtx, mut conn: Conn) -> WorkerResult {
         };
         let account = match ctx.args.workload {
             Workload::Hot => 0,
+            // The source; the destination is drawn below.
+            Workload::TransferHot => 1 + rng.below(ctx.accounts - 1),
             _ => rng.below(ctx.accounts),
         };
         let path = account_path(&ctx.args.prefix, account);
@@ -487,6 +526,7 @@ async fn worker_loop(ctx: WorkerCtx, mut conn: Conn) -> WorkerResult {
             Workload::Uniform | Workload::Hot => 0,
             Workload::HoldCapture => 2,
             Workload::HoldRelease => 3,
+            Workload::Transfer | Workload::TransferHot => 4,
             Workload::Mixed => match rng.below(10) {
                 0..=3 => 0,
                 4..=6 => 1,
@@ -541,6 +581,30 @@ async fn worker_loop(ctx: WorkerCtx, mut conn: Conn) -> WorkerResult {
                     account,
                     "credits",
                     1,
+                    key(),
+                    intended,
+                )
+                .await
+            }
+            4 => {
+                let to = match ctx.args.workload {
+                    Workload::TransferHot => 0,
+                    // Uniform over the other accounts: draw among n - 1 and skip the source.
+                    _ => {
+                        let to = rng.below(ctx.accounts - 1);
+                        if to >= account {
+                            to + 1
+                        } else {
+                            to
+                        }
+                    }
+                };
+                transfer(
+                    &mut conn,
+                    &mut result,
+                    &ctx.args.prefix,
+                    account,
+                    to,
                     key(),
                     intended,
                 )
@@ -608,6 +672,52 @@ async fn move_money(
         Ok(_) => false,
         Err(_) => {
             result.unknown.push((account, key, sign));
+            false
+        }
+    }
+}
+
+/// Sends one transfer of 1 from `from` to `to`; true when it completed (201).
+async fn transfer(
+    conn: &mut Conn,
+    result: &mut WorkerResult,
+    prefix: &str,
+    from: u64,
+    to: u64,
+    key: String,
+    started: Instant,
+) -> bool {
+    let body = format!(r#"{{"from":"{prefix}-{from}","to":"{prefix}-{to}","amount":1}}"#);
+    let outcome = conn
+        .call(Method::POST, "/v1/transfers", Some(&key), body)
+        .await;
+    record(result, started, &outcome);
+    match outcome {
+        Ok((201, _)) => {
+            *result.balance_delta.entry(from).or_default() -= 1;
+            *result.balance_delta.entry(to).or_default() += 1;
+            true
+        }
+        // 202: accepted but its credit is still in flight (the server finishes it); the
+        // check looks it up like an unanswered one.
+        Ok((status, _)) if status == 202 || status >= 500 => {
+            if status == 202 {
+                *result
+                    .errors
+                    .entry("transfer_in_flight".to_string())
+                    .or_default() += 1;
+            }
+            result
+                .unknown_transfers
+                .push(UnknownTransfer { from, to, key });
+            false
+        }
+        // A refusal (409 insufficient_funds, ...) moved nothing; `record` counted its code.
+        Ok(_) => false,
+        Err(_) => {
+            result
+                .unknown_transfers
+                .push(UnknownTransfer { from, to, key });
             false
         }
     }
@@ -748,6 +858,7 @@ async fn verify(
     before: &[i64],
     delta: &HashMap<u64, i64>,
     unknown: &[(u64, String, i64)],
+    unknown_transfers: &[UnknownTransfer],
 ) -> Result<(u64, u64), LoadError> {
     let mut conn = Conn::open(args.target).await?;
     let mut expected: HashMap<u64, i64> = HashMap::new();
@@ -766,6 +877,28 @@ async fn verify(
         if status == 200 {
             *entry += d;
         }
+    }
+    for t in unknown_transfers {
+        // A transfer's key belongs to its source; the stored answer's status says whether
+        // it completed (201), is still crediting the destination (202) or was refunded.
+        let path = format!(
+            "{}/idempotency-keys/{}",
+            account_path(&args.prefix, t.from),
+            t.key
+        );
+        let (status, body) = conn.call(Method::GET, &path, None, String::new()).await?;
+        let stored = if status == 200 {
+            json_i64(&body, &["status"])
+        } else {
+            None
+        };
+        let (from_delta, to_delta) = match stored {
+            Some(201) => (-1, 1),
+            Some(202) => (-1, 0),
+            _ => (0, 0),
+        };
+        *expected.entry(t.from).or_insert(before[t.from as usize]) += from_delta;
+        *expected.entry(t.to).or_insert(before[t.to as usize]) += to_delta;
     }
     let mut mismatched = 0;
     for (&account, &want) in &expected {
