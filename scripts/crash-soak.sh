@@ -1,9 +1,16 @@
 #!/usr/bin/env bash
 # Crash soak of the release binary: CYCLES times (default 50), 8 concurrent clients drive
-# credits, debits, holds, captures and releases, the server is SIGKILLed at a random moment
-# and restarted on the same data directory; after every restart every acknowledged operation
-# is verified (idempotency-key lookup with its original answer, balances, holds, transaction
-# seq) and every request left unanswered by the kill is resolved by a key lookup and retried.
+# credits, debits, holds, captures, releases and transfers (random pairs, and to a whale
+# account that refuses them, so they fail and refund the source) while 8 more transfer to one
+# hot account; the server is SIGKILLed at a random moment and restarted on the same data
+# directory. After every kill `coffer wal verify` counts the transfers left half done, and the
+# recovery must finish exactly those before /readyz is 200. After every restart every
+# acknowledged operation is verified (idempotency-key lookup with its original answer,
+# balances, holds, transaction seq), every transfer too (GET /v1/transfers/{id}, one
+# transfer_out and one transfer_in naming it in the two histories), money is conserved (sum of
+# balances = credits - debits - captures) with coffer_transfers_in_flight 0, and every request
+# left unanswered by the kill is resolved by a key lookup (on `from` for a transfer) and
+# retried.
 #
 # The harness is the ignored test `soak` in tests/crash.rs, the crash test's own kill cycle;
 # this script builds, runs it against target/release/coffer and prints its summary.
@@ -74,6 +81,25 @@ rows = [
     ("requests sent", f'{s["requests"]} ({s["refused"]} refused for funds, {s["retried"]} resent after restarts)'),
     ("rechecked at the end", f'{s["rechecked_at_end"]} applied operations on the last recovered state'),
     ("holds", s["holds"]),
+]
+if "transfers" in s:
+    rows += [
+        ("transfers",
+         f'{s["transfers"]} happened: {s["transfers_completed"]} completed, '
+         f'{s["transfers_failed_refunded"]} failed with the source refunded'),
+        ("transfers verified",
+         f'{s["transfers_verified"]} after the SIGKILL that followed them (GET, both histories, key '
+         f'lookup, conservation, in-flight 0); {s["transfers_rechecked_at_end"]} rechecked at the end'),
+        ("transfers answered",
+         f'{s["transfers_acknowledged"]} 201, {s["transfers_failed_answered"]} failed (refunded) under load'),
+        ("transfers unanswered",
+         f'{s["transfers_unanswered"]} at a kill: {s["transfers_resolved_happened"]} had happened '
+         f'(lookup on from), {s["transfers_resolved_not_happened"]} had not'),
+        ("finished by recovery",
+         f'{s["transfers_finished_by_recovery"]} transfers half done at a kill (wal verify), '
+         f'finished before /readyz'),
+    ]
+rows += [
     ("duration", f'{s["duration_secs"]:.1f} s'),
     ("seed", f'{s["seed"]} (COFFER_CRASH_SEED replays the choices)'),
     ("binary", s["binary"]),
@@ -93,6 +119,10 @@ elif command -v jq >/dev/null; then
     "  acknowledged ops verified  \(.acknowledged_verified) of \(.acknowledged)",
     "  lost                       \(.lost)",
     "  unanswered resolved        \(.unanswered_resolved) of \(.unanswered)",
+    "  transfers                  \(.transfers) (\(.transfers_failed_refunded) failed and refunded)",
+    "  transfers verified         \(.transfers_verified)",
+    "  transfers unanswered       \(.transfers_unanswered) (\(.transfers_resolved_happened) had happened)",
+    "  finished by recovery       \(.transfers_finished_by_recovery)",
     "  duration                   \(.duration_secs) s",
     "  seed                       \(.seed)",
     (if .kept_dir then "  data kept in               \(.kept_dir)" else empty end),

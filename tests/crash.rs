@@ -5,14 +5,27 @@
 //! A second test checks that SIGTERM shuts down gracefully with exit status 0 and loses
 //! nothing.
 //!
+//! The mix includes transfers (`POST /v1/transfers`): between random pairs of the accounts,
+//! many to one hot account, and some to a "whale" account kept near the balance limit, which
+//! refuses them, so those end `failed` with the source refunded. A transfer is two log events
+//! (transfer_out, transfer_in), so a kill can land between them; recovery must finish it
+//! before `/readyz` is 200. After every restart each applied transfer is looked up with
+//! `GET /v1/transfers/{id}`, both accounts' histories must name it exactly once per side,
+//! money is conserved (the sum of all balances is what the credits, debits and captures
+//! imply) and `coffer_transfers_in_flight` is 0.
+//!
 //! The seed of the random choices is printed; set `COFFER_CRASH_SEED` to replay a run's
 //! choices (the kill moment still depends on timing).
+//!
+//! After every kill, `coffer wal verify` counts the transfers the killed server left half done
+//! (transfer_out without its end); the restarted server must log that it finished exactly
+//! those, and each must belong to a request that got no answer and is found applied.
 //!
 //! `soak` (ignored; `scripts/crash-soak.sh` runs it) is the same kill cycle, many times:
 //! `COFFER_SOAK_CYCLES` (default 50) cycles of the binary `COFFER_BIN` (default the one cargo
 //! built for this test), writing its summary as JSON to `COFFER_SOAK_SUMMARY` when set.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::net::TcpListener;
 use std::os::unix::process::ExitStatusExt;
@@ -28,10 +41,28 @@ use serde_json::{json, Value};
 const KILL_CYCLES: usize = 8;
 /// WAL segment size in the crash test: small, so kills also land around segment rotation.
 const CRASH_SEGMENT_BYTES: u64 = 256 * 1024;
-/// Concurrent clients driving load.
+/// Concurrent clients driving the mixed load.
 const CLIENTS: usize = 8;
-/// Accounts the load is spread over.
-const ACCOUNTS: usize = 4;
+/// Concurrent clients that only transfer small amounts to the hot account, so that many
+/// transfers are in flight (some between their two halves) when the server is killed.
+const HOT_CLIENTS: usize = 8;
+/// Bounds of the amount of a hot client's transfer.
+const HOT_TRANSFER_MAX: u64 = 50;
+/// Accounts the load is spread over (credits, debits, holds, transfers between them).
+const ACCOUNTS: usize = 6;
+/// The account many clients transfer to at once.
+const HOT: usize = 0;
+/// An account beyond the load's, credited once up to near the balance limit: every transfer
+/// to it is refused by the destination after the source was debited, so the source is
+/// refunded and the transfer ends `failed`.
+const WHALE: usize = ACCOUNTS;
+/// 2^53 - 1, the largest amount and balance.
+const AMOUNT_MAX: u64 = 9_007_199_254_740_991;
+/// The whale's balance: any transfer of more than `AMOUNT_MAX - WHALE_BALANCE` to it fails.
+const WHALE_BALANCE: u64 = AMOUNT_MAX - 100;
+/// Bounds of the amount of a transfer to the whale (all above its room).
+const WHALE_TRANSFER_MIN: u64 = 101;
+const WHALE_TRANSFER_MAX: u64 = 400;
 /// Bounds of the random time the load runs before the kill.
 const KILL_AFTER_MS_MIN: u64 = 100;
 const KILL_AFTER_MS_MAX: u64 = 600;
@@ -246,7 +277,11 @@ async fn start_server(
 // Operations, their outcomes, and the model of what they imply.
 
 fn account_name(index: usize) -> String {
-    format!("crash-acct-{index}")
+    if index == WHALE {
+        "crash-whale".to_string()
+    } else {
+        format!("crash-acct-{index}")
+    }
 }
 
 /// A hold the model knows about.
@@ -265,6 +300,12 @@ enum Op {
     /// `None` captures the whole hold.
     Capture(HoldRef, Option<u64>),
     Release(HoldRef),
+    /// From the `Sent`'s account to `to`; `note` adds metadata to the request.
+    Transfer {
+        to: usize,
+        amount: u64,
+        note: bool,
+    },
 }
 
 impl Op {
@@ -282,6 +323,7 @@ impl Op {
             Op::Hold(_) => "hold",
             Op::Capture(..) => "capture",
             Op::Release(_) => "release",
+            Op::Transfer { .. } => "transfer",
         }
     }
 
@@ -303,15 +345,55 @@ impl Op {
                 format!("/v1/accounts/{acct}/holds/{}/release", h.id),
                 json!({}),
             ),
+            Op::Transfer { to, amount, note } => {
+                let mut body = json!({"from": acct, "to": account_name(*to), "amount": amount});
+                if *note {
+                    body["metadata"] = transfer_note();
+                }
+                ("/v1/transfers".to_string(), body)
+            }
         }
     }
 
     fn success_status(&self) -> u16 {
         match self {
-            Op::Credit(_) | Op::Debit(_) | Op::Hold(_) => 201,
+            Op::Credit(_) | Op::Debit(_) | Op::Hold(_) | Op::Transfer { .. } => 201,
             Op::Capture(..) | Op::Release(_) => 200,
         }
     }
+}
+
+/// The metadata of a transfer sent with `note`.
+fn transfer_note() -> Value {
+    json!({"purpose": "crash-test"})
+}
+
+/// Whether an answer is that of a transfer the destination refused after the source was
+/// debited: it happened (the key is remembered with this answer) and ended `failed`.
+fn is_failed_transfer(op: &Op, status: u16, body: &Value) -> bool {
+    matches!(op, Op::Transfer { .. }) && status == 409 && body["code"] == "balance_limit_exceeded"
+}
+
+/// Whether an answer says the request left no trace (the only refusal this load provokes).
+fn is_refusal_for_funds(status: u16, body: &Value) -> bool {
+    status == 409 && body["code"] == "insufficient_funds"
+}
+
+/// The transfer id a failed transfer's problem names in its detail ("transfer ID failed and
+/// its N went back to ...").
+fn failed_transfer_id(body: &Value) -> Option<String> {
+    let detail = body["detail"].as_str()?;
+    let mut words = detail.split_whitespace();
+    while let Some(word) = words.next() {
+        if word == "transfer" {
+            if let Some(id) = words.next() {
+                if uuid::Uuid::parse_str(id).is_ok() {
+                    return Some(id.to_string());
+                }
+            }
+        }
+    }
+    None
 }
 
 #[derive(Clone, Debug)]
@@ -359,11 +441,32 @@ struct AccountModel {
     kinds: BTreeMap<&'static str, u64>,
 }
 
+/// A transfer that happened (acknowledged, found by the key lookup, or applied by a retry).
+#[derive(Clone, Debug)]
+struct TransferModel {
+    id: String,
+    from: usize,
+    to: usize,
+    amount: u64,
+    /// Refused by the destination, the source refunded.
+    failed: bool,
+    metadata: Value,
+    /// The `transfer` of the answer (completed transfers): `GET /v1/transfers/{id}` must
+    /// return exactly this.
+    answer: Option<Value>,
+}
+
 /// What the applied operations imply.
 #[derive(Default)]
 struct Model {
     accounts: Vec<AccountModel>,
     holds: BTreeMap<String, (HoldRef, HoldState)>,
+    /// Applied transfers, in the order the model learnt them.
+    transfers: Vec<TransferModel>,
+    transfer_ids: BTreeSet<String>,
+    /// Money that came in or went out: credits minus debits and captures. Transfers move
+    /// money between accounts, so the sum of all balances must equal this.
+    external: i128,
     /// Every applied key: account, key, status, response body.
     applied: Vec<(usize, String, u16, Value)>,
     /// Keys answered with an error: the lookup must not know them.
@@ -373,12 +476,19 @@ struct Model {
     resolved_happened: usize,
     resolved_not_happened: usize,
     retried: usize,
+    /// Transfers answered 201 / answered as failed (refunded) under load.
+    transfers_acked: usize,
+    transfers_failed: usize,
+    /// Transfers without an answer at a kill, and what the lookup on `from` found.
+    transfers_unanswered: usize,
+    transfers_resolved_happened: usize,
+    transfers_resolved_not_happened: usize,
 }
 
 impl Model {
     fn new() -> Model {
         Model {
-            accounts: vec![AccountModel::default(); ACCOUNTS],
+            accounts: vec![AccountModel::default(); ACCOUNTS + 1],
             ..Model::default()
         }
     }
@@ -386,6 +496,10 @@ impl Model {
     /// Records that `sent` was applied exactly once with this answer; checks that the answer
     /// is consistent with the request and that nothing is applied twice.
     fn apply(&mut self, sent: &Sent, status: u16, body: &Value) {
+        if let Op::Transfer { to, amount, note } = &sent.op {
+            self.apply_transfer(sent, *to, *amount, *note, status, body);
+            return;
+        }
         let what = sent.describe();
         assert_eq!(
             status,
@@ -408,10 +522,12 @@ impl Model {
             Op::Credit(a) => {
                 assert_eq!(tx["amount"], *a, "{what}: amount in {body}");
                 account.balance += *a as i64;
+                self.external += i128::from(*a);
             }
             Op::Debit(a) => {
                 assert_eq!(tx["amount"], *a, "{what}: amount in {body}");
                 account.balance -= *a as i64;
+                self.external -= i128::from(*a);
             }
             Op::Hold(a) => {
                 assert_eq!(tx["amount"], *a, "{what}: amount in {body}");
@@ -442,8 +558,10 @@ impl Model {
                 );
                 entry.1 = HoldState::Captured(captured);
                 account.balance -= captured as i64;
+                self.external -= i128::from(captured);
                 account.held -= hold.amount;
             }
+            Op::Transfer { .. } => unreachable!("transfers are applied above"),
             Op::Release(hold) => {
                 let entry = self
                     .holds
@@ -462,6 +580,103 @@ impl Model {
         *account.kinds.entry(sent.op.kind()).or_default() += 1;
         self.applied
             .push((sent.account, sent.key.clone(), status, body.clone()));
+    }
+
+    /// Records that the transfer `sent` happened exactly once with this answer: 201 and
+    /// `completed`, or the destination's refusal (the source refunded, `failed`).
+    fn apply_transfer(
+        &mut self,
+        sent: &Sent,
+        to: usize,
+        amount: u64,
+        note: bool,
+        status: u16,
+        body: &Value,
+    ) {
+        let what = sent.describe();
+        let from = sent.account;
+        let metadata = if note { transfer_note() } else { json!({}) };
+        let (id, failed, answer) = if status == 201 {
+            let t = &body["transfer"];
+            assert_eq!(t["status"], "completed", "{what}: status in {body}");
+            assert_eq!(t["from"], account_name(from), "{what}: from in {body}");
+            assert_eq!(t["to"], account_name(to), "{what}: to in {body}");
+            assert_eq!(t["amount"], amount, "{what}: amount in {body}");
+            assert_eq!(t["metadata"], metadata, "{what}: metadata in {body}");
+            assert_eq!(
+                body["from_account"]["id"],
+                account_name(from),
+                "{what}: from_account in {body}"
+            );
+            assert_eq!(
+                body["to_account"]["id"],
+                account_name(to),
+                "{what}: to_account in {body}"
+            );
+            let id = t["id"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{what}: no transfer id in {body}"))
+                .to_string();
+            (id, false, Some(t.clone()))
+        } else if is_failed_transfer(&sent.op, status, body) {
+            assert_eq!(
+                to, WHALE,
+                "{what}: only transfers to the whale can be refused by the destination: {body}"
+            );
+            let id = failed_transfer_id(body)
+                .unwrap_or_else(|| panic!("{what}: no transfer id in the refusal {body}"));
+            (id, true, None)
+        } else {
+            panic!("{what}: unexpected answer {status} {body}");
+        };
+        assert!(
+            self.transfer_ids.insert(id.clone()),
+            "{what}: transfer id {id} applied twice: {body}"
+        );
+        let source = &mut self.accounts[from];
+        source.seq += 1;
+        *source.kinds.entry("transfer_out").or_default() += 1;
+        if failed {
+            // Debited, then refunded: the refund is listed as a transfer_in of the source.
+            source.seq += 1;
+            *source.kinds.entry("transfer_in").or_default() += 1;
+        } else {
+            source.balance -= amount as i64;
+            let destination = &mut self.accounts[to];
+            destination.balance += amount as i64;
+            destination.seq += 1;
+            *destination.kinds.entry("transfer_in").or_default() += 1;
+        }
+        self.transfers.push(TransferModel {
+            id,
+            from,
+            to,
+            amount,
+            failed,
+            metadata,
+            answer,
+        });
+        self.applied
+            .push((from, sent.key.clone(), status, body.clone()));
+    }
+
+    /// Per account, per transfer id, the (kind, amount) of the transactions the applied
+    /// transfers imply, sorted.
+    fn transfer_transactions(&self) -> Vec<BTreeMap<String, Vec<(String, u64)>>> {
+        let mut expected = vec![BTreeMap::<String, Vec<(String, u64)>>::new(); ACCOUNTS + 1];
+        for t in &self.transfers {
+            let out = (String::from("transfer_out"), t.amount);
+            let inn = (String::from("transfer_in"), t.amount);
+            if t.failed {
+                let mut both = vec![out, inn];
+                both.sort();
+                expected[t.from].insert(t.id.clone(), both);
+            } else {
+                expected[t.from].insert(t.id.clone(), vec![out]);
+                expected[t.to].insert(t.id.clone(), vec![inn]);
+            }
+        }
+        expected
     }
 
     fn open_holds(&self) -> Vec<HoldRef> {
@@ -485,13 +700,15 @@ impl Model {
 
 /// One client: sends random operations one after another until the server stops answering,
 /// `stop` is set, or its bounds are reached. Holds it is given (and those it creates) are its
-/// own: no other client captures or releases them.
+/// own: no other client captures or releases them. A `hot_only` client only transfers small
+/// amounts from random accounts to the hot one.
 async fn client_load(
     base: String,
     client_id: usize,
     cycle: usize,
     mut rng: Rng,
     mut holds: Vec<HoldRef>,
+    hot_only: bool,
     stop: Arc<AtomicBool>,
 ) -> Vec<Sent> {
     let http = http_client();
@@ -501,14 +718,40 @@ async fn client_load(
         if stop.load(Ordering::Relaxed) || started.elapsed() > LOAD_DEADLINE {
             break;
         }
-        let account = rng.index(ACCOUNTS);
+        let mut account = rng.index(ACCOUNTS);
         let roll = rng.range(0, 99);
-        let op = if roll < 35 || (roll >= 75 && holds.is_empty()) {
+        let op = if hot_only {
+            account = (HOT + 1 + rng.index(ACCOUNTS - 1)) % ACCOUNTS;
+            Op::Transfer {
+                to: HOT,
+                amount: rng.range(1, HOT_TRANSFER_MAX),
+                note: roll == 0,
+            }
+        } else if roll < 28 || (roll >= 80 && holds.is_empty()) {
             Op::Credit(rng.range(1, 1000))
-        } else if roll < 55 {
+        } else if roll < 42 {
             Op::Debit(rng.range(1, 800))
-        } else if roll < 75 {
+        } else if roll < 56 {
             Op::Hold(rng.range(1, 300))
+        } else if roll < 80 {
+            // Transfers: many to the hot account, random pairs, a few to the whale (refused
+            // by it, so refunded).
+            let kind = rng.range(0, 9);
+            let (to, amount) = if kind < 4 {
+                (HOT, rng.range(1, 300))
+            } else if kind < 9 {
+                (rng.index(ACCOUNTS), rng.range(1, 500))
+            } else {
+                (WHALE, rng.range(WHALE_TRANSFER_MIN, WHALE_TRANSFER_MAX))
+            };
+            if account == to {
+                account = (to + 1 + rng.index(ACCOUNTS - 1)) % ACCOUNTS;
+            }
+            Op::Transfer {
+                to,
+                amount,
+                note: rng.range(0, 3) == 0,
+            }
         } else {
             let hold = holds.swap_remove(rng.index(holds.len()));
             if roll < 83 {
@@ -587,7 +830,7 @@ async fn run_load_until(
     end: impl FnOnce(&mut ServerProcess),
 ) -> Vec<Sent> {
     let stop = Arc::new(AtomicBool::new(false));
-    let mut holds: Vec<Vec<HoldRef>> = vec![Vec::new(); CLIENTS];
+    let mut holds: Vec<Vec<HoldRef>> = vec![Vec::new(); CLIENTS + HOT_CLIENTS];
     for (i, hold) in model.open_holds().into_iter().enumerate() {
         holds[i % CLIENTS].push(hold);
     }
@@ -599,6 +842,7 @@ async fn run_load_until(
             cycle,
             Rng(rng.next()),
             holds,
+            client_id >= CLIENTS,
             stop.clone(),
         )));
     }
@@ -634,18 +878,34 @@ fn record_answers(model: &mut Model, sent: Vec<Sent>, rng: &mut Rng) -> (Vec<Sen
                 let (status, body) = (*status, body.clone());
                 model.apply(&s, status, &body);
                 model.acked += 1;
+                if matches!(s.op, Op::Transfer { .. }) {
+                    model.transfers_acked += 1;
+                }
+                acked.push(s);
+            }
+            Outcome::Refused { status, body } if is_failed_transfer(&s.op, *status, body) => {
+                // The destination refused after the debit: it happened, and the source was
+                // refunded. Its key is remembered with this answer.
+                let (status, body) = (*status, body.clone());
+                model.apply(&s, status, &body);
+                model.transfers_failed += 1;
                 acked.push(s);
             }
             Outcome::Refused { status, body } => {
-                // Under this load the only refusal that can happen is a lack of funds.
+                // Under this load the only other refusal that can happen is a lack of funds.
                 assert!(
-                    *status == 409 && body["code"] == "insufficient_funds",
+                    is_refusal_for_funds(*status, body),
                     "{}: unexpected refusal {status} {body}",
                     s.describe()
                 );
                 model.refused.push((s.account, s.key.clone()));
             }
-            Outcome::Unanswered(_) => unanswered.push(s),
+            Outcome::Unanswered(_) => {
+                if matches!(s.op, Op::Transfer { .. }) {
+                    model.transfers_unanswered += 1;
+                }
+                unanswered.push(s)
+            }
         }
     }
     let mut sample = Vec::new();
@@ -661,8 +921,9 @@ async fn replay_acknowledged(server: &ServerProcess, model: &mut Model, acked: V
     let http = http_client();
     for s in acked {
         let what = s.describe();
-        let Outcome::Acked { status, body } = &s.outcome else {
-            panic!("{what} was not acknowledged");
+        let (Outcome::Acked { status, body } | Outcome::Refused { status, body }) = &s.outcome
+        else {
+            panic!("{what} was not answered");
         };
         let (path, request) = s.op.request(s.account);
         let response = http
@@ -746,6 +1007,9 @@ async fn resolve_unanswered(
                     .unwrap_or_else(|| panic!("lookup without status: {body}"));
                 model.apply(&s, original as u16, &body["response"]);
                 model.resolved_happened += 1;
+                if matches!(s.op, Op::Transfer { .. }) {
+                    model.transfers_resolved_happened += 1;
+                }
                 resolved.push((s, true));
             }
             404 => {
@@ -756,6 +1020,9 @@ async fn resolve_unanswered(
                     s.describe()
                 );
                 model.resolved_not_happened += 1;
+                if matches!(s.op, Op::Transfer { .. }) {
+                    model.transfers_resolved_not_happened += 1;
+                }
                 resolved.push((s, false));
             }
             other => panic!("lookup of {}: unexpected {other} {body}", s.describe()),
@@ -816,12 +1083,12 @@ async fn retry_unanswered(server: &ServerProcess, model: &mut Model, resolved: V
                 !replayed,
                 "retry of {what} that never happened was answered as a replay ({status} {answer})"
             );
-            if (200..300).contains(&status) {
+            if (200..300).contains(&status) || is_failed_transfer(&s.op, status, &answer) {
                 model.apply(&s, status, &answer);
                 expect_replay = true;
             } else {
                 assert!(
-                    status == 409 && answer["code"] == "insufficient_funds",
+                    is_refusal_for_funds(status, &answer),
                     "retry of {what}: unexpected {status} {answer}"
                 );
                 model.refused.push((s.account, s.key.clone()));
@@ -881,9 +1148,16 @@ fn assert_none_failed(errors: &[String]) {
 }
 
 /// Every account's balance, held, available, open holds and seq equal the model, and its
-/// transaction list has exactly `seq` entries numbered `seq..1` with the model's kinds.
+/// transaction list has exactly `seq` entries numbered `seq..1` with the model's kinds; each
+/// applied transfer is named by exactly one transfer_out of its source and one transfer_in of
+/// its destination (a failed one: a transfer_out and the refund's transfer_in, both of the
+/// source) with its amount, and no other transaction names a transfer. Then money is
+/// conserved: the balances add up to the credits minus the debits and captures, and no
+/// transfer is in flight.
 async fn check_accounts(server: &ServerProcess, model: &Model, when: &str) {
     let http = http_client();
+    let expected_transfers = model.transfer_transactions();
+    let mut balances: i128 = 0;
     for (index, expected) in model.accounts.iter().enumerate() {
         let name = account_name(index);
         let (status, account) = get_json(&http, &server.url(&format!("/v1/accounts/{name}"))).await;
@@ -917,7 +1191,14 @@ async fn check_accounts(server: &ServerProcess, model: &Model, when: &str) {
             "{when}: seq of {name}: {account}"
         );
 
+        balances += i128::from(
+            account["balance"]
+                .as_i64()
+                .unwrap_or_else(|| panic!("{when}: balance of {name}: {account}")),
+        );
+
         let mut kinds: BTreeMap<&'static str, u64> = BTreeMap::new();
+        let mut transfers: BTreeMap<String, Vec<(String, u64)>> = BTreeMap::new();
         let mut next_seq = expected.seq;
         let mut before: Option<u64> = None;
         for _page in 0..10_000 {
@@ -940,9 +1221,26 @@ async fn check_accounts(server: &ServerProcess, model: &Model, when: &str) {
                     Some("hold") => "hold",
                     Some("capture") => "capture",
                     Some("release") => "release",
+                    Some("transfer_out") => "transfer_out",
+                    Some("transfer_in") => "transfer_in",
                     other => panic!("{when}: unexpected transaction kind {other:?} on {name}"),
                 };
                 *kinds.entry(kind).or_default() += 1;
+                match (kind, tx["transfer_id"].as_str()) {
+                    ("transfer_out" | "transfer_in", Some(id)) => {
+                        let amount = tx["amount"]
+                            .as_u64()
+                            .unwrap_or_else(|| panic!("{when}: amount of {tx}"));
+                        let entry = transfers.entry(id.to_string()).or_default();
+                        entry.push((kind.to_string(), amount));
+                        entry.sort();
+                    }
+                    ("transfer_out" | "transfer_in", None) => {
+                        panic!("{when}: {kind} of {name} without a transfer_id: {tx}")
+                    }
+                    (_, None) => {}
+                    (_, Some(_)) => panic!("{when}: {kind} of {name} names a transfer: {tx}"),
+                }
             }
             match page["next"].as_str() {
                 Some(cursor) => before = Some(cursor.parse().expect("numeric cursor")),
@@ -956,6 +1254,59 @@ async fn check_accounts(server: &ServerProcess, model: &Model, when: &str) {
         assert_eq!(
             kinds, expected.kinds,
             "{when}: transaction kinds of {name} differ from the acknowledged operations"
+        );
+        let want = &expected_transfers[index];
+        if &transfers != want {
+            let missing: Vec<String> = want
+                .iter()
+                .filter(|(id, txs)| transfers.get(*id) != Some(*txs))
+                .take(5)
+                .map(|(id, txs)| format!("{id}: want {txs:?}, listed {:?}", transfers.get(id)))
+                .collect();
+            let unknown: Vec<&String> = transfers
+                .keys()
+                .filter(|id| !want.contains_key(*id))
+                .take(5)
+                .collect();
+            panic!(
+                "{when}: the transfer transactions of {name} differ from the applied transfers: \
+                 {} listed, {} applied; differing: {missing:?}; unknown to the model: {unknown:?}",
+                transfers.len(),
+                want.len()
+            );
+        }
+    }
+
+    // Conservation: transfers move money but never create or destroy it.
+    let model_balances: i128 = model.accounts.iter().map(|a| i128::from(a.balance)).sum();
+    assert_eq!(
+        model_balances, model.external,
+        "{when}: the model itself does not conserve money"
+    );
+    assert_eq!(
+        balances, model.external,
+        "{when}: the sum of all balances is not the acknowledged credits minus debits and captures"
+    );
+    let metrics = http
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{when}: GET /metrics: {e}"))
+        .text()
+        .await
+        .unwrap_or_else(|e| panic!("{when}: GET /metrics body: {e}"));
+    for gauge in [
+        "coffer_transfers_in_flight",
+        "coffer_transfers_in_flight_amount",
+    ] {
+        let value = metrics
+            .lines()
+            .find_map(|line| line.strip_prefix(&format!("{gauge} ")))
+            .unwrap_or_else(|| panic!("{when}: no {gauge} in /metrics"));
+        assert_eq!(
+            value.trim(),
+            "0",
+            "{when}: {gauge} is not 0 once the server is ready and quiet"
         );
     }
 }
@@ -997,6 +1348,118 @@ async fn check_holds(server: &ServerProcess, model: &Model, when: &str) {
     })
     .await;
     assert_none_failed(&errors);
+}
+
+/// `GET /v1/transfers/{id}` of every transfer in `transfers`: a completed one returns exactly
+/// the `transfer` of its answer, a failed one says `failed` with the destination's refusal.
+/// Returns how many were checked.
+async fn check_transfers(
+    server: &ServerProcess,
+    transfers: Vec<TransferModel>,
+    when: &str,
+) -> usize {
+    let base = server.base.clone();
+    let count = transfers.len();
+    let when = when.to_string();
+    let errors = check_all(transfers, move |http, t| {
+        let base = base.clone();
+        let when = when.clone();
+        async move {
+            let url = format!("{base}/v1/transfers/{}", t.id);
+            let response = http
+                .get(&url)
+                .send()
+                .await
+                .map_err(|e| format!("GET {url}: {e}"))?;
+            let status = response.status().as_u16();
+            let body: Value = response
+                .json()
+                .await
+                .map_err(|e| format!("GET {url}: {e}"))?;
+            let what = format!(
+                "{when}: transfer {} of {} from {} to {}",
+                t.id,
+                t.amount,
+                account_name(t.from),
+                account_name(t.to)
+            );
+            if status != 200 {
+                return Err(format!("{what}: GET answered {status} {body}"));
+            }
+            if let Some(answer) = &t.answer {
+                if &body != answer {
+                    return Err(format!(
+                        "{what}: GET {body} differs from the answer {answer}"
+                    ));
+                }
+            }
+            let (status_name, failure) = if t.failed {
+                ("failed", json!("balance_limit_exceeded"))
+            } else {
+                ("completed", Value::Null)
+            };
+            if body["id"] != t.id.as_str()
+                || body["status"] != status_name
+                || body["from"] != account_name(t.from)
+                || body["to"] != account_name(t.to)
+                || body["amount"] != t.amount
+                || body["metadata"] != t.metadata
+                || body["failure_code"] != failure
+            {
+                return Err(format!(
+                    "{what}: should be {status_name}, GET answered {body}"
+                ));
+            }
+            Ok(())
+        }
+    })
+    .await;
+    assert_none_failed(&errors);
+    count
+}
+
+/// How many transfers the recovery logged in `log` it finished ("finishing transfers a crash
+/// left half done transfers=N").
+fn finished_by_recovery(log: &str) -> usize {
+    log.lines()
+        .filter(|line| line.contains("finishing transfers a crash left half done"))
+        .map(|line| {
+            line.split_whitespace()
+                .find_map(|word| word.strip_prefix("transfers="))
+                .and_then(|n| n.parse::<usize>().ok())
+                .unwrap_or_else(|| panic!("no transfer count in the log line {line:?}"))
+        })
+        .sum()
+}
+
+/// Runs `bin wal verify` on the data directory of a killed server (an offline recovery of it
+/// that writes nothing) and returns how many transfers it found half done: transfer_out in
+/// the log without its end. Panics if the log does not verify.
+async fn half_done_transfers(bin: &Path, data_dir: &Path) -> usize {
+    let mut command = Command::new(bin);
+    command.args(["wal", "verify", "--data-dir"]).arg(data_dir);
+    let output = tokio::task::spawn_blocking(move || command.output())
+        .await
+        .expect("the wal verify task")
+        .unwrap_or_else(|e| panic!("run {} wal verify: {e}", bin.display()));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "wal verify of the killed server's data failed ({}):\n{stdout}{stderr}",
+        output.status
+    );
+    // "transfers: N remembered, M half done (...)"
+    stdout
+        .lines()
+        .filter_map(|line| line.strip_prefix("transfers: "))
+        .find_map(|line| {
+            let (before, _) = line.split_once(" half done")?;
+            before.rsplit(' ').next()?.parse().ok()
+        })
+        .unwrap_or_else(|| {
+            panic!("no count of half-done transfers in wal verify's output:\n{stdout}")
+        })
 }
 
 /// What the idempotency-key lookups found.
@@ -1126,9 +1589,11 @@ async fn check_keys(
     check
 }
 
-async fn create_accounts(server: &ServerProcess) {
+/// Creates the load's accounts and the whale, and credits the whale up to near the balance
+/// limit (an operation the model applies like any other).
+async fn create_accounts(server: &ServerProcess, model: &mut Model) {
     let http = http_client();
-    for index in 0..ACCOUNTS {
+    for index in 0..=WHALE {
         let name = account_name(index);
         let response = http
             .put(server.url(&format!("/v1/accounts/{name}")))
@@ -1138,39 +1603,79 @@ async fn create_accounts(server: &ServerProcess) {
             .expect("create an account");
         assert_eq!(response.status(), 201, "create {name}");
     }
+    let op = Op::Credit(WHALE_BALANCE);
+    let key = "setup-whale".to_string();
+    let outcome = send(&http, &server.base, WHALE, &key, &op).await;
+    let Outcome::Acked { status, body } = &outcome else {
+        panic!("credit of the whale: {outcome:?}");
+    };
+    let (status, body) = (*status, body.clone());
+    let sent = Sent {
+        account: WHALE,
+        key,
+        op,
+        outcome,
+    };
+    model.apply(&sent, status, &body);
+}
+
+/// Where the model stood before a cycle's load: what `verify_after_restart` checks is what
+/// came after.
+#[derive(Clone, Copy, Debug, Default)]
+struct Marks {
+    applied: usize,
+    refused: usize,
+    transfers: usize,
+}
+
+impl Marks {
+    fn of(model: &Model) -> Marks {
+        Marks {
+            applied: model.applied.len(),
+            refused: model.refused.len(),
+            transfers: model.transfers.len(),
+        }
+    }
 }
 
 /// After a restart: resolves the unanswered requests, looks up the keys applied since
-/// `applied_before` and refused since `refused_before`, checks the accounts and holds, retries
-/// the unanswered requests and checks the accounts again. Panics on a discrepancy, except
-/// when a key lookup failed: then it returns at once with the lookups, so that the caller can
-/// count what was lost before it fails.
+/// `marks.applied` and refused since `marks.refused`, checks the accounts (with every
+/// transfer's transactions and money conservation), the holds and `GET /v1/transfers/{id}`
+/// of the transfers applied since `marks.transfers`, retries the unanswered requests and
+/// checks the accounts again (and the transfers the retries applied). Panics on a
+/// discrepancy, except when a key lookup failed: then it returns at once with the lookups,
+/// so that the caller can count what was lost before it fails. Also returns how many
+/// transfers were verified.
 async fn verify_after_restart(
     server: &ServerProcess,
     model: &mut Model,
     unanswered: Vec<Sent>,
     acked_sample: Vec<Sent>,
-    applied_before: usize,
-    refused_before: usize,
+    marks: Marks,
     when: &str,
-) -> KeyCheck {
+) -> (KeyCheck, usize) {
     let resolved = resolve_unanswered(server, model, unanswered).await;
     let keys = check_keys(
         server,
-        model.applied[applied_before..].to_vec(),
-        model.refused[refused_before..].to_vec(),
+        model.applied[marks.applied..].to_vec(),
+        model.refused[marks.refused..].to_vec(),
         when,
     )
     .await;
     if !keys.is_ok() {
-        return keys;
+        return (keys, 0);
     }
     check_accounts(server, model, when).await;
     check_holds(server, model, when).await;
+    let before_retries = model.transfers.len();
+    let mut transfers =
+        check_transfers(server, model.transfers[marks.transfers..].to_vec(), when).await;
     retry_unanswered(server, model, resolved).await;
     replay_acknowledged(server, model, acked_sample).await;
-    check_accounts(server, model, &format!("{when}, after the retries")).await;
-    keys
+    let when = format!("{when}, after the retries");
+    check_accounts(server, model, &when).await;
+    transfers += check_transfers(server, model.transfers[before_retries..].to_vec(), &when).await;
+    (keys, transfers)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1205,6 +1710,25 @@ struct CrashStats {
     rechecked_at_end: usize,
     /// Applied operations whose key the lookup no longer knew after a restart.
     lost: usize,
+    /// Transfers that happened (acknowledged, found applied, or applied by a retry), and of
+    /// them those that ended `failed` with the source refunded.
+    transfers: usize,
+    transfers_failed: usize,
+    /// Transfers answered under load: 201, and failed (the destination refused).
+    transfers_acknowledged: usize,
+    transfers_failed_answered: usize,
+    /// Transfers without an answer at a kill, and what the lookup on `from` found.
+    transfers_unanswered: usize,
+    transfers_resolved_happened: usize,
+    transfers_resolved_not_happened: usize,
+    /// Transfers verified after the restart that followed them (`GET /v1/transfers/{id}`
+    /// besides the key lookup, histories and conservation that every restart checks).
+    transfers_verified: usize,
+    /// Transfers the recovery found half done (transfer_out without its end) and finished
+    /// before `/readyz` turned 200, as its log says.
+    transfers_finished_by_recovery: usize,
+    /// Transfers checked with `GET /v1/transfers/{id}` once more at the end.
+    transfers_rechecked_at_end: usize,
     /// The first failure messages.
     failures: Vec<String>,
 }
@@ -1218,6 +1742,13 @@ impl CrashStats {
         self.resolved_not_happened = model.resolved_not_happened;
         self.retried = model.retried;
         self.holds = model.holds.len();
+        self.transfers = model.transfers.len();
+        self.transfers_failed = model.transfers.iter().filter(|t| t.failed).count();
+        self.transfers_acknowledged = model.transfers_acked;
+        self.transfers_failed_answered = model.transfers_failed;
+        self.transfers_unanswered = model.transfers_unanswered;
+        self.transfers_resolved_happened = model.transfers_resolved_happened;
+        self.transfers_resolved_not_happened = model.transfers_resolved_not_happened;
     }
 
     /// Counts the lost keys of `keys` and keeps the first failure messages.
@@ -1262,9 +1793,10 @@ async fn run_kill_cycles(
     let mut model = Model::new();
     let mut unanswered: Vec<Sent> = Vec::new();
     let mut acked_sample: Vec<Sent> = Vec::new();
-    let mut applied_mark = 0;
-    let mut refused_mark = 0;
+    let mut marks = Marks::default();
     let mut acked_last_cycle = 0;
+    let mut finished_by_recovery_total = 0;
+    let mut half_done_at_kill = 0;
     let mut in_flight_at_kill = 0;
     let segment_bytes = CRASH_SEGMENT_BYTES.to_string();
     for cycle in 0..=cycles {
@@ -1272,27 +1804,52 @@ async fn run_kill_cycles(
             start_server(&bin, &data, &logs, &["--wal-segment-bytes", &segment_bytes]).await;
         let when = format!("after restart {cycle}");
         if cycle == 0 {
-            create_accounts(&server).await;
+            create_accounts(&server, &mut model).await;
         } else {
-            let keys = verify_after_restart(
+            // Transfers the recovery finished can only be ones whose request got no answer
+            // (an answer waits for both halves to be durable), and each must be found applied.
+            let finished = finished_by_recovery(&server.log_text());
+            assert_eq!(
+                finished,
+                half_done_at_kill,
+                "{when}: wal verify found {half_done_at_kill} transfer(s) half done in the \
+                 killed server's log, the recovery says it finished {finished}; log:\n{}",
+                server.log_text()
+            );
+            let happened_before = model.transfers_resolved_happened;
+            let (keys, transfers_verified) = verify_after_restart(
                 &server,
                 &mut model,
                 std::mem::take(&mut unanswered),
                 std::mem::take(&mut acked_sample),
-                applied_mark,
-                refused_mark,
+                marks,
                 &when,
             )
             .await;
+            finished_by_recovery_total += finished;
             update_stats(&stats, |s| {
                 s.take_counts(&model);
                 s.take_key_failures(&keys);
+                s.transfers_finished_by_recovery = finished_by_recovery_total;
                 if keys.is_ok() {
                     s.cycles = cycle;
                     s.acknowledged_verified += acked_last_cycle;
+                    s.transfers_verified += transfers_verified;
                 }
             });
             keys.assert_ok();
+            let happened = model.transfers_resolved_happened - happened_before;
+            assert!(
+                finished <= happened,
+                "{when}: the recovery finished {finished} transfer(s), but only {happened} \
+                 unanswered transfer(s) were found applied; log:\n{}",
+                server.log_text()
+            );
+            if finished > 0 {
+                eprintln!(
+                    "{when}: the recovery finished {finished} transfer(s) a crash left half done"
+                );
+            }
         }
         if cycle == cycles {
             // The end: every key of every cycle once more, on the last recovered state.
@@ -1308,10 +1865,11 @@ async fn run_kill_cycles(
                 s.take_key_failures(&keys);
             });
             keys.assert_ok();
+            let rechecked = check_transfers(&server, model.transfers.clone(), "at the end").await;
+            update_stats(&stats, |s| s.transfers_rechecked_at_end = rechecked);
             break;
         }
-        applied_mark = model.applied.len();
-        refused_mark = model.refused.len();
+        marks = Marks::of(&model);
         let acked_before = model.acked;
         let sent = run_load_until(&mut server, &model, cycle, &mut rng, |s| s.sigkill()).await;
         let sent_count = sent.len();
@@ -1337,6 +1895,7 @@ async fn run_kill_cycles(
             server.log_text()
         );
         drop(server);
+        half_done_at_kill = half_done_transfers(&bin, &data).await;
     }
     println!(
         "crash test: {cycles} kills, {} acknowledged, {} unanswered ({} had happened, {} had not), {} refused, {} retries, {} holds, {:?}",
@@ -1348,6 +1907,28 @@ async fn run_kill_cycles(
         model.retried,
         model.holds.len(),
         started.elapsed()
+    );
+    let s = stats
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .clone();
+    eprintln!(
+        "crash test transfers: {} happened ({} completed, {} failed and refunded); {} answered 201 \
+         and {} answered failed under load; {} unanswered at a kill ({} had happened, {} had \
+         not); {} finished by the recovery; {} verified after the restart that followed them \
+         (GET, both histories, key lookup, conservation, in-flight gauge 0), {} rechecked at \
+         the end",
+        s.transfers,
+        s.transfers - s.transfers_failed,
+        s.transfers_failed,
+        s.transfers_acknowledged,
+        s.transfers_failed_answered,
+        s.transfers_unanswered,
+        s.transfers_resolved_happened,
+        s.transfers_resolved_not_happened,
+        s.transfers_finished_by_recovery,
+        s.transfers_verified,
+        s.transfers_rechecked_at_end,
     );
 }
 
@@ -1364,9 +1945,20 @@ async fn sigkill_at_random_moments_loses_nothing_acknowledged_and_applies_nothin
         KILL_CYCLES,
         seed(),
         root.path().to_path_buf(),
-        stats,
+        stats.clone(),
     )
     .await;
+    let stats = stats.lock().expect("stats").clone();
+    assert_eq!(stats.cycles, KILL_CYCLES);
+    assert!(
+        stats.transfers > stats.transfers_failed && stats.transfers_failed > 0,
+        "the load should have made completed and failed transfers: {stats:?}"
+    );
+    assert_eq!(
+        stats.transfers_verified, stats.transfers,
+        "every transfer should have been verified after the restart that followed it"
+    );
+    assert_eq!(stats.transfers_rechecked_at_end, stats.transfers);
 }
 
 /// `COFFER_SOAK_CYCLES`, or the default.
@@ -1475,6 +2067,17 @@ async fn soak() {
         "retried": stats.retried,
         "holds": stats.holds,
         "rechecked_at_end": stats.rechecked_at_end,
+        "transfers": stats.transfers,
+        "transfers_completed": stats.transfers - stats.transfers_failed,
+        "transfers_failed_refunded": stats.transfers_failed,
+        "transfers_acknowledged": stats.transfers_acknowledged,
+        "transfers_failed_answered": stats.transfers_failed_answered,
+        "transfers_unanswered": stats.transfers_unanswered,
+        "transfers_resolved_happened": stats.transfers_resolved_happened,
+        "transfers_resolved_not_happened": stats.transfers_resolved_not_happened,
+        "transfers_finished_by_recovery": stats.transfers_finished_by_recovery,
+        "transfers_verified": stats.transfers_verified,
+        "transfers_rechecked_at_end": stats.transfers_rechecked_at_end,
         "lost": stats.lost,
         "failures": failures,
         "kept_dir": kept.as_ref().map(|p| p.display().to_string()),
@@ -1510,7 +2113,7 @@ async fn sigterm_shuts_down_gracefully_with_status_zero_and_loses_nothing() {
     let mut model = Model::new();
     let bin = default_bin();
     let mut server = start_server(&bin, &data, &logs, &[]).await;
-    create_accounts(&server).await;
+    create_accounts(&server, &mut model).await;
     let sent = run_load_until(&mut server, &model, 0, &mut rng, |s| s.sigterm()).await;
     let exit = server.wait_exit(EXIT_TIMEOUT).await;
     let log = server.log_text();
@@ -1535,17 +2138,22 @@ async fn sigterm_shuts_down_gracefully_with_status_zero_and_loses_nothing() {
         !log.contains("torn_tail_cut=true"),
         "a graceful shutdown should leave no torn tail; log:\n{log}"
     );
-    verify_after_restart(
+    let (keys, transfers_verified) = verify_after_restart(
         &server,
         &mut model,
         unanswered,
         acked_sample,
-        0,
-        0,
+        Marks::default(),
         "after SIGTERM",
     )
-    .await
-    .assert_ok();
+    .await;
+    keys.assert_ok();
+    assert_eq!(transfers_verified, model.transfers.len());
+    assert_eq!(
+        finished_by_recovery(&log),
+        0,
+        "a graceful shutdown should leave no transfer half done; log:\n{log}"
+    );
     // In-flight requests are finished before the exit, so a request that got no answer
     // never reached the engine.
     assert_eq!(
