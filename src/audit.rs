@@ -50,7 +50,7 @@ pub struct Verified {
 pub fn verify(data_dir: &Path) -> Result<Verified, OpenError> {
     let segments = reader::list_segments(&FileStorage, &wal_dir(data_dir)?)?.len();
     let recovered =
-        crate::engine::recover_state(&FileStorage, data_dir, Retention::UNLIMITED, false)?;
+        crate::engine::recover_state(&FileStorage, data_dir, Retention::UNLIMITED, false, 0)?;
     let accounts = &recovered.accounts;
     Ok(Verified {
         snapshot_lsn: recovered.snapshot_lsn,

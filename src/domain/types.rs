@@ -88,6 +88,11 @@ impl Currencies {
     /// Most currencies kept for sharing.
     pub const MAX: usize = 256;
 
+    /// The currencies kept, in the order first seen.
+    pub fn iter(&self) -> impl Iterator<Item = &Currency> {
+        self.0.iter()
+    }
+
     /// The shared copy of `currency`.
     pub fn share(&mut self, currency: Currency) -> Currency {
         if let Some(known) = self.0.iter().find(|known| **known == currency) {

@@ -79,6 +79,9 @@ pub struct EngineConfig {
     pub snapshot_interval: Option<Duration>,
     /// Move WAL segments no snapshot needs here instead of deleting them.
     pub wal_archive: Option<PathBuf>,
+    /// Threads that apply the WAL at start (0: one per core, up to 4; 1: the reading thread
+    /// alone).
+    pub replay_threads: usize,
     /// Seed of the id generator's counter; `None` seeds it from the wall clock. The
     /// simulation fixes it so a run reproduces exactly.
     pub id_seed: Option<u64>,
@@ -100,6 +103,7 @@ impl EngineConfig {
             snapshot_every_records: Some(SNAPSHOT_EVERY_RECORDS_DEFAULT),
             snapshot_interval: Some(SNAPSHOT_INTERVAL_DEFAULT),
             wal_archive: None,
+            replay_threads: 0,
             id_seed: None,
         }
     }
@@ -262,7 +266,13 @@ impl Engine {
     pub fn open(config: EngineConfig) -> Result<(Engine, RecoveryReport), OpenError> {
         let started = Instant::now();
         let wal_dir = config.data_dir.join("wal");
-        let recovered = recover_state(&*config.storage, &config.data_dir, config.retention, true)?;
+        let recovered = recover_state(
+            &*config.storage,
+            &config.data_dir,
+            config.retention,
+            true,
+            config.replay_threads,
+        )?;
         let (accounts, outcome, newest_ms, currencies, transfers) = (
             recovered.accounts,
             recovered.outcome,

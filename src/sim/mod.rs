@@ -1605,7 +1605,7 @@ fn credit(amount: i128) -> Request {
 fn replay_disk(
     disk: &SimStorage,
 ) -> Result<(FastMap<AccountId, Box<Account>>, TransferBook), String> {
-    crate::engine::recover_state(disk, Path::new(DATA_DIR), SIM_RETENTION, false)
+    crate::engine::recover_state(disk, Path::new(DATA_DIR), SIM_RETENTION, false, 2)
         .map(|recovered| (recovered.accounts, recovered.transfers))
         .map_err(|e| format!("recovery from the disk: {e}"))
 }

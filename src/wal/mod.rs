@@ -24,7 +24,7 @@ use std::thread::JoinHandle;
 use parking_lot::{Condvar, Mutex};
 use tokio::sync::oneshot;
 
-pub use reader::{replay, replay_after, replay_from, ReplayOutcome, TailCut};
+pub use reader::{cut_tail, locate, replay, replay_after, replay_from, ReplayOutcome, TailCut};
 
 use crate::storage::{Storage, StorageFile};
 

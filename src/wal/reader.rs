@@ -249,6 +249,27 @@ fn describe(error: DecodeError) -> String {
     error.to_string()
 }
 
+/// Cuts a torn tail that [`replay_after`] found without `repair`, as it would have.
+pub fn cut_tail(storage: &dyn Storage, cut: &TailCut) -> Result<(), WalError> {
+    truncate(storage, &cut.path, cut.offset)
+}
+
+/// The segment and byte offset of the record with `lsn`, to name it in an error found after
+/// the record was read (by a parallel replay). `None` if it cannot be found.
+pub fn locate(storage: &dyn Storage, dir: &Path, lsn: u64) -> Option<(PathBuf, u64)> {
+    let segments = list_segments(storage, dir).ok()?;
+    let segment = segments.iter().rev().find(|s| s.first_lsn <= lsn)?;
+    let bytes = storage.read(&segment.path).ok()?;
+    let mut offset = 0;
+    while let Ok((frame, size)) = codec::decode_frame(&bytes[offset..]) {
+        if frame.lsn == lsn {
+            return Some((segment.path.clone(), offset as u64));
+        }
+        offset += size;
+    }
+    None
+}
+
 fn truncate(storage: &dyn Storage, path: &Path, len: u64) -> Result<(), WalError> {
     let mut file = storage.open(path).map_err(|e| WalError::io(path, e))?;
     file.set_len(len).map_err(|e| WalError::io(path, e))?;
