@@ -130,7 +130,6 @@ async fn a_bad_event_in_the_middle_is_named_alike_by_one_and_by_several_threads(
     let (engine, report) = Engine::open(config(dir.path(), 1)).expect("open");
     engine.shutdown();
     drop(engine);
-    let mut lsn = report.last_lsn;
     let mut frames = Vec::new();
     let bodies = [
         (
@@ -160,8 +159,7 @@ async fn a_bad_event_in_the_middle_is_named_alike_by_one_and_by_several_threads(
             },
         ),
     ];
-    for (account, seq, body) in bodies {
-        lsn += 1;
+    for (lsn, (account, seq, body)) in (report.last_lsn + 1..).zip(bodies) {
         let event = Event {
             lsn,
             account,
