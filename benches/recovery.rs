@@ -146,11 +146,24 @@ fn main() {
         events as f64 / built.as_secs_f64()
     );
 
+    // One replay thread, then the default (one per core): the same log, one run.
+    let mut one = config(&dir);
+    one.replay_threads = 1;
+    let started = Instant::now();
+    let (engine, report) = Engine::open(one).expect("open");
+    let replay = started.elapsed();
+    println!(
+        "cold start from the WAL alone, 1 replay thread: {:.2} s, {} events, {:.0} events/s replayed",
+        replay.as_secs_f64(),
+        report.records,
+        report.records as f64 / replay.as_secs_f64(),
+    );
+    drop(engine);
     let started = Instant::now();
     let (engine, report) = Engine::open(config(&dir)).expect("open");
     let replay = started.elapsed();
     println!(
-        "cold start from the WAL alone: {:.2} s, {} events, {:.0} events/s replayed, RSS {:.0} MB",
+        "cold start from the WAL alone, default replay threads: {:.2} s, {} events, {:.0} events/s replayed, RSS {:.0} MB",
         replay.as_secs_f64(),
         report.records,
         report.records as f64 / replay.as_secs_f64(),
