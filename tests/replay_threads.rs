@@ -182,32 +182,65 @@ async fn a_bad_event_in_the_middle_is_named_alike_by_one_and_by_several_threads(
         .tail_cut
         .as_ref()
         .map_or_else(|| zero_end(&bytes), |cut| cut.offset as usize);
-    let mut damaged = bytes[..end].to_vec();
-    damaged.extend_from_slice(&frames);
-    std::fs::write(&last, &damaged).expect("write");
-
-    let mut errors = Vec::new();
-    for threads in [1, 2, 3] {
-        match Engine::open(config(dir.path(), threads)) {
-            Ok((engine, _)) => {
-                engine.shutdown();
-                panic!("a log with a bad event opened on {threads} threads");
-            }
-            Err(error) => errors.push(error.to_string()),
+    // A checksum-valid record whose payload does not decode (an unknown event tag).
+    let mut undecodable = Vec::new();
+    let mut payload = Vec::new();
+    encode_event(
+        &Event {
+            lsn: report.last_lsn + 1,
+            account: id(5),
+            seq: 1,
+            at_ms: 1_900_000_000_000,
+            tx_id: Uuid::now_v7(),
+            idempotency_key: None,
+            body: EventBody::Expire {
+                hold_id: Uuid::now_v7(),
+            },
+        },
+        &mut payload,
+    );
+    let tag_at = payload.len() - 17;
+    payload[tag_at] = 99;
+    encode_frame(report.last_lsn + 1, &payload, &mut undecodable);
+    let mut rest = Vec::new();
+    let mut offset = 0;
+    while let Ok((frame, size)) = coffer::wal::codec::decode_frame(&frames[offset..]) {
+        if frame.lsn > report.last_lsn + 1 {
+            rest.extend_from_slice(&frames[offset..offset + size]);
         }
+        offset += size;
     }
-    assert!(
-        errors[0].contains("unknown account ghost") && errors[0].contains(&format!("offset {end}")),
-        "{}",
-        errors[0]
-    );
-    assert_eq!(errors[0], errors[1]);
-    assert_eq!(errors[0], errors[2]);
-    assert_eq!(
-        std::fs::read(&last).expect("read"),
-        damaged,
-        "nothing was cut or changed"
-    );
+    let cases = [
+        ("unknown account ghost", frames.clone()),
+        ("unknown event tag", [undecodable, rest].concat()),
+    ];
+    for (what, appended) in cases {
+        let mut damaged = bytes[..end].to_vec();
+        damaged.extend_from_slice(&appended);
+        std::fs::write(&last, &damaged).expect("write");
+        let mut errors = Vec::new();
+        for threads in [1, 2, 3] {
+            match Engine::open(config(dir.path(), threads)) {
+                Ok((engine, _)) => {
+                    engine.shutdown();
+                    panic!("a log with a bad record opened on {threads} threads");
+                }
+                Err(error) => errors.push(error.to_string()),
+            }
+        }
+        assert!(
+            errors[0].contains(what) && errors[0].contains(&format!("offset {end}")),
+            "{}",
+            errors[0]
+        );
+        assert_eq!(errors[0], errors[1]);
+        assert_eq!(errors[0], errors[2]);
+        assert_eq!(
+            std::fs::read(&last).expect("read"),
+            damaged,
+            "nothing was cut or changed"
+        );
+    }
 }
 
 /// Where the records of a segment end: the zero-filled rest starts there.

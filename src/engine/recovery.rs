@@ -98,6 +98,7 @@ pub(crate) fn recover_state(
         currencies,
         transfers: Vec::new(),
         retention,
+        newest_ms: 0,
     };
     let replayed = if threads <= 1 {
         replay_inline(storage, &wal_dir, after_lsn, repair, base, &mut transfers)?
@@ -173,13 +174,17 @@ impl Progress {
 
     fn saw(&mut self, event: &Event) {
         self.newest_ms = self.newest_ms.max(event.at_ms);
+        self.count(event.lsn);
+    }
+
+    fn count(&mut self, lsn: u64) {
         self.records += 1;
         if self.records % 65_536 == 0 && self.last_report.elapsed() >= Duration::from_secs(1) {
             self.last_report = Instant::now();
             let secs = self.started.elapsed().as_secs_f64().max(1e-9);
             tracing::info!(
                 records = self.records,
-                lsn = event.lsn,
+                lsn,
                 rate = (self.records as f64 / secs) as u64,
                 "replaying the WAL"
             );
@@ -214,12 +219,13 @@ fn replay_inline(
     })
 }
 
-/// Several threads: this one reads, checks and decodes the log and hands each event to the
-/// thread that owns its account (by a hash of the id), in log order; each thread applies
-/// its accounts' events in that order, exactly as one thread would (an account's events
-/// depend only on that account). The transfer book, which spans accounts, is written
-/// afterwards from the transfer events in LSN order. Applying is bound by memory latency
-/// (an account per event, cold); two threads keep twice the misses in flight.
+/// Several threads: this one reads the log and checks every frame (CRC, header, LSN order),
+/// and hands each record, still encoded, to the thread that owns its account (by a hash of
+/// the id, read from the payload without decoding it); each thread decodes and applies its
+/// accounts' records in log order, exactly as one thread would (an account's events depend
+/// only on that account). The transfer book, which spans accounts, is written afterwards
+/// from the transfer events in LSN order. Applying is bound by memory latency (a cold
+/// account per event); two threads keep twice the misses in flight.
 ///
 /// An error found by an applying thread names the record by LSN; it is reported, as from
 /// one thread, for the first bad record of the log, with its file and offset. A torn tail is
@@ -238,17 +244,18 @@ fn replay_sharded(
 
     // Fixed seeds: which thread owns an account only has to be the same for all its events.
     let owner_of = ahash::RandomState::with_seeds(0x636f, 0x6666, 0x6572, 0x7265);
-    let owner = |id: &AccountId| (owner_of.hash_one(id) % threads as u64) as usize;
+    let owner = |id: &[u8]| (owner_of.hash_one(id) % threads as u64) as usize;
     let mut shards: Vec<Shard> = (0..threads)
         .map(|_| Shard {
             accounts: FastMap::default(),
             currencies: base.currencies.clone(),
             transfers: Vec::new(),
             retention: base.retention,
+            newest_ms: 0,
         })
         .collect();
     for (id, account) in base.accounts {
-        let i = owner(&id);
+        let i = owner(id.as_str().as_bytes());
         shards[i].accounts.insert(id, account);
     }
     let failed = AtomicBool::new(false);
@@ -257,7 +264,7 @@ fn replay_sharded(
         let mut senders = Vec::with_capacity(threads);
         let mut workers = Vec::with_capacity(threads);
         for mut shard in shards {
-            let (tx, rx) = mpsc::sync_channel::<Vec<Event>>(4);
+            let (tx, rx) = mpsc::sync_channel::<Frames>(4);
             let failed = &failed;
             senders.push(tx);
             workers.push(scope.spawn(move || {
@@ -266,30 +273,31 @@ fn replay_sharded(
                     if error.is_some() {
                         continue;
                     }
-                    for event in batch {
-                        let lsn = event.lsn;
-                        if let Err(reason) = shard.replay(event) {
-                            error = Some((lsn, reason));
-                            failed.store(true, Ordering::Relaxed);
-                            break;
-                        }
+                    if let Err(found) = shard.replay_frames(&batch) {
+                        error = Some(found);
+                        failed.store(true, Ordering::Relaxed);
                     }
                 }
                 (shard, error)
             }));
         }
-        let mut batches: Vec<Vec<Event>> = (0..threads)
-            .map(|_| Vec::with_capacity(REPLAY_BATCH))
-            .collect();
-        let read = wal::replay_after(storage, dir, after_lsn, false, |event| {
+        let mut batches: Vec<Frames> = (0..threads).map(|_| Frames::default()).collect();
+        let read = wal::replay_frames_after(storage, dir, after_lsn, false, |frame| {
             if failed.load(Ordering::Relaxed) {
-                return Err("stopped: a replay thread refused an event".to_string());
+                return Err("stopped: a replay thread refused a record".to_string());
             }
-            progress.saw(&event);
-            let i = owner(&event.account);
-            batches[i].push(event);
-            if batches[i].len() == REPLAY_BATCH {
-                let full = std::mem::replace(&mut batches[i], Vec::with_capacity(REPLAY_BATCH));
+            progress.count(frame.lsn);
+            // The payload starts with the account id (u8 length, bytes); a payload too
+            // short for it goes anywhere, and its thread reports it.
+            let id = frame
+                .payload
+                .split_first()
+                .and_then(|(len, rest)| rest.get(..usize::from(*len)))
+                .unwrap_or(&[]);
+            let i = owner(id);
+            batches[i].push(frame);
+            if batches[i].frames.len() == REPLAY_BATCH {
+                let full = std::mem::take(&mut batches[i]);
                 senders[i]
                     .send(full)
                     .map_err(|_| "a replay thread stopped".to_string())?;
@@ -297,7 +305,7 @@ fn replay_sharded(
             Ok(())
         });
         for (sender, batch) in senders.iter().zip(batches) {
-            if !batch.is_empty() {
+            if !batch.frames.is_empty() {
                 let _ = sender.send(batch);
             }
         }
@@ -319,7 +327,7 @@ fn replay_sharded(
             reason,
         })
     };
-    // The first bad event of the log: every event before the point where reading stopped
+    // The first bad record of the log: every record before the point where reading stopped
     // was handed to its thread, and each thread stops at its first bad one.
     if let Some((lsn, reason)) = finished
         .iter()
@@ -333,10 +341,12 @@ fn replay_sharded(
     let total: usize = finished.iter().map(|(shard, _)| shard.accounts.len()).sum();
     let mut accounts = FastMap::with_capacity_and_hasher(total, Default::default());
     let mut currencies = base.currencies;
+    let mut newest_ms = 0;
     for (shard, _) in finished {
         for currency in shard.currencies.iter() {
             currencies.share(currency.clone());
         }
+        newest_ms = newest_ms.max(shard.newest_ms);
         accounts.extend(shard.accounts);
         transfer_events.extend(shard.transfers);
     }
@@ -352,8 +362,28 @@ fn replay_sharded(
         accounts,
         currencies,
         outcome,
-        newest_ms: progress.newest_ms,
+        newest_ms,
     })
+}
+
+/// Records for one replay thread, still encoded: their payloads back to back.
+#[derive(Default)]
+struct Frames {
+    bytes: Vec<u8>,
+    /// Version, LSN and end offset in `bytes` of each record.
+    frames: Vec<(u16, u64, usize)>,
+}
+
+impl Frames {
+    fn push(&mut self, frame: &wal::codec::Frame<'_>) {
+        if self.frames.is_empty() {
+            self.bytes.reserve(REPLAY_BATCH * 96);
+            self.frames.reserve(REPLAY_BATCH);
+        }
+        self.bytes.extend_from_slice(frame.payload);
+        self.frames
+            .push((frame.version, frame.lsn, self.bytes.len()));
+    }
 }
 
 /// The accounts one replay thread owns, and the transfer events it applied.
@@ -364,9 +394,29 @@ struct Shard {
     /// the event), for the transfer book.
     transfers: Vec<(Event, Option<AccountView>)>,
     retention: Retention,
+    /// Newest event time seen (decoded here, on the parallel path).
+    newest_ms: u64,
 }
 
 impl Shard {
+    /// Decodes and applies a batch of records in order; the first bad one stops it, with its
+    /// LSN and what is wrong.
+    fn replay_frames(&mut self, batch: &Frames) -> Result<(), (u64, String)> {
+        let mut start = 0;
+        for &(version, lsn, end) in &batch.frames {
+            let frame = wal::codec::Frame {
+                version,
+                lsn,
+                payload: &batch.bytes[start..end],
+            };
+            start = end;
+            let event = wal::codec::decode_frame_event(&frame).map_err(|e| (lsn, e.to_string()))?;
+            self.newest_ms = self.newest_ms.max(event.at_ms);
+            self.replay(event).map_err(|reason| (lsn, reason))?;
+        }
+        Ok(())
+    }
+
     /// Replay of one event, with the same checks and changes as the live path. Events at or
     /// below an account's `last_lsn` are skipped: a fuzzy snapshot holds some events after
     /// its own LSN.

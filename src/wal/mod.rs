@@ -24,7 +24,10 @@ use std::thread::JoinHandle;
 use parking_lot::{Condvar, Mutex};
 use tokio::sync::oneshot;
 
-pub use reader::{cut_tail, locate, replay, replay_after, replay_from, ReplayOutcome, TailCut};
+pub use reader::{
+    cut_tail, locate, replay, replay_after, replay_frames_after, replay_from, ReplayOutcome,
+    TailCut,
+};
 
 use crate::storage::{Storage, StorageFile};
 

@@ -112,6 +112,22 @@ pub fn replay_after(
     repair: bool,
     mut on_event: impl FnMut(Event) -> Result<(), String>,
 ) -> Result<ReplayOutcome, WalError> {
+    replay_frames_after(storage, dir, after_lsn, repair, |frame| {
+        let event = codec::decode_frame_event(frame).map_err(|e| e.to_string())?;
+        on_event(event)
+    })
+}
+
+/// [`replay_after`] that hands over each record after `after_lsn` as a checked frame (its
+/// CRC, header and LSN verified), not yet decoded: for a caller that decodes elsewhere (a
+/// parallel replay). An error from `on_frame` names the frame's file and offset.
+pub fn replay_frames_after(
+    storage: &dyn Storage,
+    dir: &Path,
+    after_lsn: u64,
+    repair: bool,
+    mut on_frame: impl FnMut(&codec::Frame<'_>) -> Result<(), String>,
+) -> Result<ReplayOutcome, WalError> {
     let mut segments = list_segments(storage, dir)?;
     // The last segment starting at or before after_lsn + 1 holds the first record needed.
     if let Some(first_needed) = segments
@@ -173,9 +189,7 @@ pub fn replay_after(
                     // Records the snapshot covers are checksummed (decode_frame) but not
                     // decoded: nothing reads them.
                     if frame.lsn > after_lsn {
-                        let event = codec::decode_frame_event(&frame)
-                            .map_err(|e| corrupt(offset, e.to_string()))?;
-                        on_event(event).map_err(|reason| corrupt(offset, reason))?;
+                        on_frame(&frame).map_err(|reason| corrupt(offset, reason))?;
                         outcome.records += 1;
                     }
                     outcome.last_lsn = frame.lsn;
