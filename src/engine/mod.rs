@@ -226,6 +226,9 @@ pub struct EngineStats {
     pub transfers_in_flight_amount: u128,
     /// Transfers remembered.
     pub transfers: u64,
+    /// How long the last start's recovery took, finishing transfers and expiring holds
+    /// included (ms).
+    pub recovery_millis: u64,
 }
 
 /// The engine. Cheap to clone.
@@ -250,6 +253,8 @@ pub(crate) struct Inner {
     currencies: Mutex<Currencies>,
     /// Every transfer remembered. Locked after an account's state lock, never before.
     transfers: Mutex<TransferBook>,
+    /// How long recovery took (ms): replay at open, then `finish_recovery` adds its part.
+    recovery_millis: AtomicU64,
 }
 
 /// One account: its state behind a short lock.
@@ -324,6 +329,9 @@ impl Engine {
             snapshot_running: tokio::sync::Mutex::new(()),
             currencies: Mutex::new(currencies),
             transfers: Mutex::new(transfers),
+            recovery_millis: AtomicU64::new(
+                u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            ),
         };
         Ok((
             Engine {
@@ -337,6 +345,7 @@ impl Engine {
     /// until those expiries are durable, then starts the background expiry task. Returns how
     /// many holds it expired.
     pub async fn finish_recovery(&self) -> Result<usize, EngineError> {
+        let started = Instant::now();
         let finished = self.inner.finish_pending_transfers()?;
         let expired = self.inner.expire_all_due()?;
         self.inner
@@ -352,7 +361,16 @@ impl Engine {
             self.inner.config.snapshot_interval,
         );
         self.inner.actors();
+        let millis = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.inner
+            .recovery_millis
+            .fetch_add(millis, Ordering::Relaxed);
         Ok(expired.0)
+    }
+
+    /// The WAL's counters and histograms (group commit sizes, fsync times).
+    pub fn wal_stats(&self) -> &wal::WalStats {
+        self.inner.wal.stats()
     }
 
     /// Creates an account, or confirms it exists with the same currency and overdraft
@@ -609,6 +627,7 @@ impl Engine {
             (count as u64, amount, book.len() as u64)
         };
         EngineStats {
+            recovery_millis: self.inner.recovery_millis.load(Ordering::Relaxed),
             transfers_in_flight: in_flight,
             transfers_in_flight_amount: in_flight_amount,
             transfers,

@@ -2,37 +2,92 @@
 
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
-use axum::extract::{Request, State};
+use axum::extract::{MatchedPath, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use prometheus::core::Collector;
+use prometheus::{HistogramOpts, HistogramVec};
 
 use super::AppState;
 
-/// Request counters by status class. Relaxed: statistics only.
-#[derive(Debug, Default)]
+/// Request counters by status class (relaxed: statistics only), and request latency by
+/// route, method and status.
+#[derive(Debug)]
 pub struct HttpStats {
     by_class: [AtomicU64; 5],
+    latency: HistogramVec,
 }
 
-impl HttpStats {
-    fn record(&self, status: StatusCode) {
-        let class = usize::from(status.as_u16() / 100).clamp(1, 5) - 1;
-        self.by_class[class].fetch_add(1, Ordering::Relaxed);
+impl Default for HttpStats {
+    fn default() -> HttpStats {
+        let opts = HistogramOpts::new(
+            "coffer_http_request_duration_seconds",
+            "Time from a request's arrival to its answer, by route template, method and status.",
+        )
+        .buckets(vec![
+            0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+            1.0, 2.5, 5.0, 10.0,
+        ]);
+        HttpStats {
+            by_class: Default::default(),
+            latency: HistogramVec::new(opts, &["route", "method", "status"])
+                .expect("constant, valid histogram options"),
+        }
     }
 }
 
-/// Counts every answered request by its status class.
+impl HttpStats {
+    fn record(&self, route: &str, method: &str, status: StatusCode, seconds: f64) {
+        let class = usize::from(status.as_u16() / 100).clamp(1, 5) - 1;
+        self.by_class[class].fetch_add(1, Ordering::Relaxed);
+        if let Ok(histogram) =
+            self.latency
+                .get_metric_with_label_values(&[route, method, status.as_str()])
+        {
+            histogram.observe(seconds);
+        }
+    }
+}
+
+/// Marks a matched request's response with its route template (`/v1/accounts/{id}/credits`)
+/// for [`count`]: a route layer, so it runs after routing, where the template is known.
+/// Latency is labelled by template, never by raw path, so that account ids cannot grow the
+/// metrics without bound.
+pub(crate) async fn mark_route(request: Request, next: Next) -> Response {
+    let route = request.extensions().get::<MatchedPath>().cloned();
+    let mut response = next.run(request).await;
+    if let Some(route) = route {
+        response.extensions_mut().insert(route);
+    }
+    response
+}
+
+/// Counts every answered request by its status class, and times it by route, method and
+/// status (requests that matched no route count as route `unmatched`).
 pub(crate) async fn count(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = request.method().clone();
     let response = next.run(request).await;
-    state.inner.stats.record(response.status());
+    let route = response
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", MatchedPath::as_str);
+    state.inner.stats.record(
+        route,
+        method.as_str(),
+        response.status(),
+        started.elapsed().as_secs_f64(),
+    );
     response
 }
 
 /// Renders every counter.
 pub(crate) async fn render(State(state): State<AppState>) -> Response {
-    let mut out = String::with_capacity(2048);
+    let mut out = String::with_capacity(8192);
+    let mut families = Vec::new();
     out.push_str("# HELP coffer_http_requests_total HTTP requests answered, by status class.\n");
     out.push_str("# TYPE coffer_http_requests_total counter\n");
     for (i, counter) in state.inner.stats.by_class.iter().enumerate() {
@@ -123,6 +178,18 @@ pub(crate) async fn render(State(state): State<AppState>) -> Response {
             "1 when a WAL write or sync failed and writes are stopped.",
             u64::from(s.storage_failed),
         );
+        let _ = writeln!(
+            out,
+            "# HELP coffer_recovery_seconds How long the last start's recovery took.\n# TYPE coffer_recovery_seconds gauge\ncoffer_recovery_seconds {:.3}",
+            s.recovery_millis as f64 / 1e3
+        );
+        let wal = engine.wal_stats();
+        families.extend(wal.batch_records.collect());
+        families.extend(wal.fsync_seconds.collect());
+    }
+    families.extend(state.inner.stats.latency.collect());
+    if let Err(error) = prometheus::TextEncoder::new().encode_utf8(&families, &mut out) {
+        tracing::warn!(%error, "cannot encode the histograms");
     }
     (
         [(

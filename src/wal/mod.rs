@@ -90,7 +90,7 @@ impl WalError {
 
 /// Counters for `/metrics`. Relaxed ordering: they are statistics, read without a
 /// happens-before relation to anything else.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct WalStats {
     /// Records appended.
     pub records: AtomicU64,
@@ -100,6 +100,40 @@ pub struct WalStats {
     pub syncs: AtomicU64,
     /// Total fsync time in microseconds.
     pub sync_micros: AtomicU64,
+    /// Records per group commit (`coffer_wal_batch_records`).
+    pub batch_records: prometheus::Histogram,
+    /// Time of each fdatasync (`coffer_wal_fsync_seconds`).
+    pub fsync_seconds: prometheus::Histogram,
+}
+
+impl Default for WalStats {
+    fn default() -> WalStats {
+        let histogram = |name: &str, help: &str, buckets: Vec<f64>| {
+            prometheus::Histogram::with_opts(
+                prometheus::HistogramOpts::new(name, help).buckets(buckets),
+            )
+            .expect("constant, valid histogram options")
+        };
+        WalStats {
+            records: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            syncs: AtomicU64::new(0),
+            sync_micros: AtomicU64::new(0),
+            batch_records: histogram(
+                "coffer_wal_batch_records",
+                "Records written and synced by one group commit.",
+                (0..14).map(|i| f64::from(1u32 << i)).collect(),
+            ),
+            fsync_seconds: histogram(
+                "coffer_wal_fsync_seconds",
+                "Time of one WAL fdatasync.",
+                vec![
+                    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05,
+                    0.1, 0.25, 0.5, 1.0,
+                ],
+            ),
+        }
+    }
 }
 
 /// Who runs the group commits.
@@ -401,6 +435,10 @@ impl Writer {
             range
         };
         let batch = std::mem::take(&mut self.batch);
+        self.shared
+            .stats
+            .batch_records
+            .observe((last_lsn + 1 - first_lsn) as f64);
         if let Err(error) = self.write_batch(&batch, first_lsn) {
             self.fail(error);
             return Step::Failed;
@@ -445,7 +483,9 @@ impl Writer {
             .sync()
             .map_err(|e| WalError::io(&segment.path, e))?;
         let stats = &self.shared.stats;
-        let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        let took = started.elapsed();
+        stats.fsync_seconds.observe(took.as_secs_f64());
+        let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
         stats.sync_micros.fetch_add(micros, Ordering::Relaxed);
         stats.syncs.fetch_add(1, Ordering::Relaxed);
         stats.bytes.fetch_add(batch_len, Ordering::Relaxed);
