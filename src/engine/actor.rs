@@ -155,7 +155,6 @@ fn handle(inner: &Inner, msg: Msg) {
 fn execute(inner: &Inner, slot: &Slot, key: Option<IdempotencyKey>, request: Request) -> Answer {
     let now_ms = inner.clock.now_ms();
     let mut account = slot.state.lock();
-    debug_assert_eq!(account.id(), &slot.id);
     if let Err(error) = inner.expire_account(&mut account, now_ms) {
         return Answer {
             result: Err(error),

@@ -257,9 +257,9 @@ pub(crate) struct Inner {
     recovery_millis: AtomicU64,
 }
 
-/// One account: its state behind a short lock.
+/// One account: its state behind a short lock. The id is the registry's key and the
+/// account's own (one shared string); the slot does not keep a third copy.
 pub(crate) struct Slot {
-    id: AccountId,
     /// Boxed, so that recovery hands its accounts over without copying them.
     state: Mutex<Box<Account>>,
 }
@@ -305,7 +305,7 @@ impl Engine {
             for (deadline, hold_id) in account.open_deadlines() {
                 expiry.insert(deadline, &id, hold_id);
             }
-            slots.insert(id.clone(), Arc::new(Slot::new(id, account)));
+            slots.insert(id, Arc::new(Slot::new(account)));
         }
         let report = RecoveryReport {
             records: outcome.records,
@@ -410,7 +410,7 @@ impl Engine {
                 // The account as created: by the time the open is durable, requests that
                 // came after it may have changed the account without being durable yet.
                 let view = account.view();
-                accounts.insert(id.clone(), Arc::new(Slot::new(id, Box::new(account))));
+                accounts.insert(id, Arc::new(Slot::new(Box::new(account))));
                 Ok((event.lsn, view))
             }
         };
@@ -674,9 +674,8 @@ impl Engine {
 }
 
 impl Slot {
-    fn new(id: AccountId, account: Box<Account>) -> Slot {
+    fn new(account: Box<Account>) -> Slot {
         Slot {
-            id,
             state: Mutex::new(account),
         }
     }
