@@ -370,6 +370,29 @@ async fn tls_serves_https_to_a_client_trusting_the_certificate_only() {
         .send()
         .await;
     assert_eq!(create.expect("send").status(), 201);
+    let load = coffer::load::LoadArgs {
+        target: server.addr(),
+        workload: coffer::load::Workload::Uniform,
+        accounts: 4,
+        connections: 2,
+        duration: Duration::from_millis(300),
+        rate: None,
+        batch: 1,
+        prefix: "tls-load".to_string(),
+        json: false,
+        quiet: true,
+        token: Some(PLAIN.to_string()),
+        tls_ca: Some(cert.clone()),
+        tls_server_name: None,
+        tls: None,
+    };
+    let report = tokio::time::timeout(Duration::from_secs(60), coffer::load::run(load))
+        .await
+        .expect("the load run ends in time")
+        .expect("coffer load speaks HTTPS with a token");
+    assert!(report.flows > 0);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(report.mismatched_accounts, 0);
     let plain = server.base.replacen("https://", "http://", 1) + "/healthz";
     assert!(server.client.get(&plain).send().await.is_err());
     let untrusting = reqwest::Client::builder()

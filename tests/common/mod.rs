@@ -69,6 +69,14 @@ impl TestServer {
         format!("{}{}", self.base, path)
     }
 
+    /// The address the running server listens on.
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.server
+            .as_ref()
+            .map(Server::addr)
+            .expect("the server is running")
+    }
+
     /// The address of the separate `/metrics` listener, if configured.
     pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
         self.server.as_ref().and_then(Server::metrics_addr)
