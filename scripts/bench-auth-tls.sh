@@ -15,7 +15,7 @@ trap 'if [ -n "$SERVER_PID" ]; then kill "$SERVER_PID" 2>/dev/null || true; fi; 
 TOKEN=bench-token-0123456789
 # A self-signed certificate for 127.0.0.1 (openssl only makes the file; coffer uses rustls).
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 1 \
-  -subj /CN=127.0.0.1 -addext subjectAltName=IP:127.0.0.1 \
+  -subj /CN=127.0.0.1 -addext subjectAltName=IP:127.0.0.1 -addext basicConstraints=critical,CA:FALSE \
   -keyout "$WORK/key.pem" -out "$WORK/cert.pem" 2>/dev/null
 PORT=18480
 
