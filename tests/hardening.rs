@@ -404,3 +404,32 @@ async fn tls_serves_https_to_a_client_trusting_the_certificate_only() {
     assert!(untrusting.get(server.url("/healthz")).send().await.is_err());
     server.stop().await;
 }
+
+#[tokio::test]
+async fn connections_past_the_cap_wait_until_one_closes() {
+    // Goal: with --max-connections 1, a second connection is not served while the first is
+    // open, and is served once it closes.
+    let mut config = ServerConfig::new("127.0.0.1:0");
+    config.connections_max = 1;
+    let mut server = TestServer::start_configured(config, |_| {}).await;
+    let addr = server.addr();
+    let first = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    // Give the accept loop time to take the only permit for the first connection.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut second = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    second
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let mut answer = Vec::new();
+    let waited =
+        tokio::time::timeout(Duration::from_millis(300), second.read_to_end(&mut answer)).await;
+    assert!(waited.is_err(), "answered past the cap: {answer:?}");
+    drop(first);
+    tokio::time::timeout(Duration::from_secs(5), second.read_to_end(&mut answer))
+        .await
+        .expect("served once the first connection closed")
+        .expect("read");
+    assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"));
+    server.stop().await;
+}
