@@ -9,6 +9,9 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::domain::Retention;
 use crate::engine::{EngineConfig, ACTOR_MAILBOX_CAPACITY};
+use crate::http::guard::TokensError;
+use crate::http::{GuardConfig, RateLimit, Tokens};
+use crate::server::{load_tls, ServerConfig, ServerError};
 
 /// coffer: a durable, in-memory account engine for wallet and game backends.
 #[derive(Debug, Parser)]
@@ -20,6 +23,8 @@ pub struct Cli {
 }
 
 /// Subcommands.
+// Parsed once at start: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve the HTTP API.
@@ -91,12 +96,117 @@ pub struct ServeArgs {
     /// writer has its own thread besides these.
     #[arg(long, env = "COFFER_WORKERS")]
     pub workers: Option<usize>,
+    /// File of bearer tokens, one per line (blank lines and `#` comments ignored; a line
+    /// `sha256:<64 hex>` is the SHA-256 of a token). With any token configured, every
+    /// endpoint but /healthz and /readyz needs `Authorization: Bearer TOKEN`.
+    #[arg(long, env = "COFFER_AUTH_TOKENS_FILE")]
+    pub auth_tokens_file: Option<PathBuf>,
+    /// Bearer tokens, comma-separated (better given by the environment than on the command
+    /// line, where other users can see it).
+    #[arg(long, env = "COFFER_AUTH_TOKENS", hide_env_values = true)]
+    pub auth_tokens: Option<String>,
+    /// Allow listening on a non-loopback address without tokens.
+    #[arg(long, env = "COFFER_INSECURE_NO_AUTH")]
+    pub insecure_no_auth: bool,
+    /// Serve /metrics (plain HTTP, no authentication) only on this address instead of on
+    /// the main listener behind authentication.
+    #[arg(long, env = "COFFER_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
+    /// PEM certificate chain: serve HTTPS on the main listener (needs --tls-key).
+    #[arg(long, env = "COFFER_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "COFFER_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Time a request may take before 503 `overloaded` with Retry-After.
+    #[arg(long, env = "COFFER_REQUEST_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub request_timeout: Duration,
+    /// Time a client has to send a request's headers (and its TLS handshake) before the
+    /// connection is closed (slowloris).
+    #[arg(long, env = "COFFER_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub header_read_timeout: Duration,
+    /// Open connections at most; more wait in the listen backlog until one closes.
+    #[arg(long, env = "COFFER_MAX_CONNECTIONS", default_value_t = crate::server::CONNECTIONS_MAX_DEFAULT)]
+    pub max_connections: usize,
+    /// Requests per second per token (per client IP without tokens); more get 429
+    /// `rate_limited` with Retry-After. 0: no limit.
+    #[arg(long, env = "COFFER_RATE_LIMIT", default_value_t = 0)]
+    pub rate_limit: u32,
+    /// Requests a client may make at once after being idle (default: --rate-limit).
+    #[arg(long, env = "COFFER_RATE_LIMIT_BURST")]
+    pub rate_limit_burst: Option<u32>,
     /// Log format: text or json.
     #[arg(long, env = "COFFER_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
 }
 
+/// Why the serve flags cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The tokens file could not be read.
+    #[error("cannot read the tokens file {path}: {source}")]
+    TokensFileRead {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The tokens file has a bad line.
+    #[error("bad tokens file {path}: {source}")]
+    TokensFile {
+        /// The file.
+        path: PathBuf,
+        /// The bad line.
+        source: TokensError,
+    },
+    /// `COFFER_AUTH_TOKENS` has a bad item.
+    #[error("bad COFFER_AUTH_TOKENS / --auth-tokens: item {}: {}", .0.line, .0.reason)]
+    TokensList(TokensError),
+    /// The TLS certificate or key cannot be used.
+    #[error(transparent)]
+    Tls(#[from] ServerError),
+}
+
 impl ServeArgs {
+    /// The server configuration these flags describe (reads the tokens file and the TLS
+    /// certificate and key).
+    pub fn server_config(&self) -> Result<ServerConfig, ConfigError> {
+        let mut tokens = Tokens::default();
+        if let Some(path) = &self.auth_tokens_file {
+            let text =
+                std::fs::read_to_string(path).map_err(|source| ConfigError::TokensFileRead {
+                    path: path.clone(),
+                    source,
+                })?;
+            tokens
+                .add_file(&text)
+                .map_err(|source| ConfigError::TokensFile {
+                    path: path.clone(),
+                    source,
+                })?;
+        }
+        if let Some(list) = self.auth_tokens.as_deref().filter(|l| !l.trim().is_empty()) {
+            tokens.add_list(list).map_err(ConfigError::TokensList)?;
+        }
+        let mut config = ServerConfig::new(&self.listen);
+        config.guard = GuardConfig {
+            tokens,
+            rate_limit: (self.rate_limit > 0).then(|| RateLimit {
+                per_second: self.rate_limit,
+                burst: self.rate_limit_burst.unwrap_or(self.rate_limit).max(1),
+            }),
+            request_timeout: self.request_timeout,
+        };
+        config.metrics_listen = self.metrics_listen.clone();
+        if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
+            config.tls = Some(load_tls(cert, key)?);
+        }
+        config.header_read_timeout = self.header_read_timeout;
+        config.connections_max = self.max_connections.max(1);
+        config.insecure_no_auth = self.insecure_no_auth;
+        Ok(config)
+    }
+
     /// The engine configuration these flags describe.
     pub fn engine_config(&self) -> EngineConfig {
         let mut config = EngineConfig::new(self.data_dir.clone());

@@ -83,6 +83,44 @@ pub struct LoadArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// Bearer token sent with every request (for a server with authentication).
+    #[arg(long, env = "COFFER_LOAD_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Speak HTTPS, trusting the CA certificate(s) in this PEM file.
+    #[arg(long)]
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// Server name to check the certificate against with --tls-ca (default: the target IP).
+    #[arg(long)]
+    pub tls_server_name: Option<String>,
+    /// The TLS client configuration built from --tls-ca (by `run`).
+    #[arg(skip)]
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+impl LoadArgs {
+    /// Builds the TLS client configuration from `--tls-ca`, once.
+    fn prepare_tls(&mut self) -> Result<(), LoadError> {
+        use rustls_pki_types::pem::PemObject;
+        use rustls_pki_types::CertificateDer;
+        let (Some(ca), None) = (&self.tls_ca, &self.tls) else {
+            return Ok(());
+        };
+        let mut roots = rustls::RootCertStore::empty();
+        let certs = CertificateDer::pem_file_iter(ca).map_err(|e| err("--tls-ca", e))?;
+        for cert in certs {
+            let cert = cert.map_err(|e| err("--tls-ca", e))?;
+            roots.add(cert).map_err(|e| err("--tls-ca", e))?;
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| err("tls", e))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        self.tls = Some(Arc::new(config));
+        Ok(())
+    }
 }
 
 /// The result of a run.
@@ -142,23 +180,43 @@ fn err(context: &str, e: impl std::fmt::Display) -> LoadError {
 struct Conn {
     sender: SendRequest<Full<Bytes>>,
     host: String,
+    authorization: Option<hyper::header::HeaderValue>,
 }
 
 impl Conn {
-    async fn open(addr: SocketAddr) -> Result<Conn, LoadError> {
+    async fn open(args: &LoadArgs) -> Result<Conn, LoadError> {
+        let addr = args.target;
         let stream = TcpStream::connect(addr)
             .await
             .map_err(|e| err("connect", e))?;
         stream.set_nodelay(true).map_err(|e| err("nodelay", e))?;
-        let (sender, conn) = http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| err("handshake", e))?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
+        let sender = match &args.tls {
+            None => handshake(stream).await?,
+            Some(config) => {
+                let name = match &args.tls_server_name {
+                    Some(name) => rustls_pki_types::ServerName::try_from(name.clone())
+                        .map_err(|e| err("--tls-server-name", e))?,
+                    None => rustls_pki_types::ServerName::IpAddress(addr.ip().into()),
+                };
+                let connector = tokio_rustls::TlsConnector::from(config.clone());
+                let tls = connector
+                    .connect(name, stream)
+                    .await
+                    .map_err(|e| err("TLS handshake", e))?;
+                handshake(tls).await?
+            }
+        };
+        let authorization = match &args.token {
+            Some(token) => Some(
+                hyper::header::HeaderValue::from_str(&format!("Bearer {token}"))
+                    .map_err(|e| err("--token", e))?,
+            ),
+            None => None,
+        };
         Ok(Conn {
             sender,
             host: addr.to_string(),
+            authorization,
         })
     }
 
@@ -181,6 +239,9 @@ impl Conn {
         if let Some(key) = key {
             request = request.header("idempotency-key", key);
         }
+        if let Some(authorization) = &self.authorization {
+            request = request.header("authorization", authorization);
+        }
         let request = request
             .body(Full::new(Bytes::from(body)))
             .map_err(|e| err("request", e))?;
@@ -198,6 +259,19 @@ impl Conn {
             .to_bytes();
         Ok((status, body))
     }
+}
+
+async fn handshake<I>(io: I) -> Result<SendRequest<Full<Bytes>>, LoadError>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = http1::handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| err("handshake", e))?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(sender)
 }
 
 /// What one worker saw.
@@ -224,7 +298,8 @@ struct UnknownTransfer {
 }
 
 /// Runs the load and the final balance check.
-pub async fn run(args: LoadArgs) -> Result<LoadReport, LoadError> {
+pub async fn run(mut args: LoadArgs) -> Result<LoadReport, LoadError> {
+    args.prepare_tls()?;
     let accounts = if args.workload == Workload::Hot {
         1
     } else {
@@ -252,7 +327,7 @@ pub async fn run(args: LoadArgs) -> Result<LoadReport, LoadError> {
     let started = Instant::now();
     let mut workers = Vec::new();
     for worker in 0..args.connections.max(1) {
-        let conn = Conn::open(args.target).await?;
+        let conn = Conn::open(&args).await?;
         let ctx = WorkerCtx {
             args: args.clone(),
             accounts,
@@ -387,9 +462,9 @@ async fn setup(args: &LoadArgs, accounts: u64) -> Result<Vec<i64>, LoadError> {
     for _ in 0..parallel {
         let next = next.clone();
         let prefix = args.prefix.clone();
-        let target = args.target;
+        let args = args.clone();
         tasks.push(tokio::spawn(async move {
-            let mut conn = Conn::open(target).await?;
+            let mut conn = Conn::open(&args).await?;
             let mut found = Vec::new();
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
@@ -552,7 +627,7 @@ async fn worker_loop(ctx: WorkerCtx, mut conn: Conn) -> WorkerResult {
             result.flows += ok;
             ctx.done.fetch_add(ok, Ordering::Relaxed);
             if conn.sender.is_closed() {
-                match Conn::open(ctx.args.target).await {
+                match Conn::open(&ctx.args).await {
                     Ok(c) => conn = c,
                     Err(_) => break,
                 }
@@ -631,7 +706,7 @@ async fn worker_loop(ctx: WorkerCtx, mut conn: Conn) -> WorkerResult {
             ctx.done.fetch_add(1, Ordering::Relaxed);
         }
         if conn.sender.is_closed() {
-            match Conn::open(ctx.args.target).await {
+            match Conn::open(&ctx.args).await {
                 Ok(c) => conn = c,
                 Err(_) => break,
             }
@@ -860,7 +935,7 @@ async fn verify(
     unknown: &[(u64, String, i64)],
     unknown_transfers: &[UnknownTransfer],
 ) -> Result<(u64, u64), LoadError> {
-    let mut conn = Conn::open(args.target).await?;
+    let mut conn = Conn::open(args).await?;
     let mut expected: HashMap<u64, i64> = HashMap::new();
     for (&account, &d) in delta {
         expected.insert(account, before[account as usize] + d);

@@ -110,7 +110,14 @@ async fn serve(args: ServeArgs) -> ExitCode {
     } else {
         logs.init();
     }
-    let server = match Server::start(&args.listen, args.engine_config()).await {
+    let config = match args.server_config() {
+        Ok(config) => config,
+        Err(error) => {
+            tracing::error!(%error, "coffer cannot start");
+            return ExitCode::FAILURE;
+        }
+    };
+    let server = match Server::start_with(config, args.engine_config()).await {
         Ok(server) => server,
         Err(error) => {
             tracing::error!(%error, "coffer cannot start");

@@ -29,6 +29,10 @@ fn args(ts: &TestServer, workload: Workload, accounts: u64, prefix: &str) -> Loa
         prefix: prefix.to_string(),
         json: false,
         quiet: true,
+        token: None,
+        tls_ca: None,
+        tls_server_name: None,
+        tls: None,
     }
 }
 

@@ -27,6 +27,11 @@ use crate::domain::{AccountId, Decision, Fresh, IdempotencyKey, Request};
 /// Capacity of each actor's mailbox: past this, senders wait (backpressure on HTTP).
 pub const ACTOR_MAILBOX_CAPACITY: usize = 4096;
 
+/// How long a sender waits for room in a full mailbox before giving up with
+/// `EngineError::Overloaded` (503 `overloaded` with `Retry-After`) instead of waiting forever.
+/// Nothing was queued then, so nothing was applied.
+pub const MAILBOX_SEND_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// One request for one account, as queued in an actor's mailbox.
 pub(crate) type Item = (usize, Arc<Slot>, Option<IdempotencyKey>, Request);
 
@@ -95,10 +100,15 @@ impl Actors {
 
     /// Delivers a message to actor `owner`, waiting while its mailbox is full.
     pub(crate) async fn send(&self, owner: usize, msg: Msg) -> Result<(), EngineError> {
-        self.mailboxes[owner]
-            .send(msg)
+        use mpsc::error::SendTimeoutError;
+        match self.mailboxes[owner]
+            .send_timeout(msg, MAILBOX_SEND_WAIT)
             .await
-            .map_err(|_| EngineError::ShuttingDown)
+        {
+            Ok(()) => Ok(()),
+            Err(SendTimeoutError::Timeout(_)) => Err(EngineError::Overloaded),
+            Err(SendTimeoutError::Closed(_)) => Err(EngineError::ShuttingDown),
+        }
     }
 }
 

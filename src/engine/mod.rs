@@ -132,6 +132,9 @@ pub enum EngineError {
     /// The engine is shutting down.
     #[error("shutting down")]
     ShuttingDown,
+    /// An actor's mailbox stayed full for `MAILBOX_SEND_WAIT`: nothing was queued.
+    #[error("overloaded")]
+    Overloaded,
     /// No transfer with this id is remembered.
     #[error("transfer {0} not found")]
     TransferNotFound(Uuid),
@@ -492,9 +495,14 @@ impl Engine {
             let (reply, rx) = oneshot::channel();
             match actors.send(owner, actor::Msg::Batch { items, reply }).await {
                 Ok(()) => pending.push((indexes, rx)),
-                Err(_) => {
+                Err(error) => {
+                    let overloaded = matches!(error, EngineError::Overloaded);
                     for index in indexes {
-                        results[index] = Some(Err(EngineError::ShuttingDown));
+                        results[index] = Some(Err(if overloaded {
+                            EngineError::Overloaded
+                        } else {
+                            EngineError::ShuttingDown
+                        }));
                     }
                 }
             }

@@ -90,6 +90,56 @@ impl ApiError {
         e
     }
 
+    /// 401 `unauthorized`: no bearer token, or not a configured one.
+    pub fn unauthorized() -> ApiError {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "Unauthorized",
+            "this endpoint needs Authorization: Bearer with a valid token",
+        )
+    }
+
+    /// 429 `rate_limited`, to be retried after `retry_after_secs`.
+    pub fn rate_limited(retry_after_secs: u32) -> ApiError {
+        let mut e = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            "Rate limited",
+            "too many requests for this client; retry after the Retry-After seconds",
+        );
+        e.retry_after_secs = Some(retry_after_secs);
+        e
+    }
+
+    /// 503 `overloaded`: the request took longer than the request timeout. A change it
+    /// carried may still be applied; retrying with the same Idempotency-Key tells.
+    pub fn timed_out(timeout: std::time::Duration) -> ApiError {
+        let mut e = ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            "Overloaded",
+            format!(
+                "the request took longer than {} ms; a change may still be applied, retry with the same Idempotency-Key",
+                timeout.as_millis()
+            ),
+        );
+        e.retry_after_secs = Some(1);
+        e
+    }
+
+    /// 503 `overloaded`: an account actor's mailbox stayed full.
+    pub fn overloaded() -> ApiError {
+        let mut e = ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            "Overloaded",
+            "the server has too much queued work; nothing was applied, retry later",
+        );
+        e.retry_after_secs = Some(1);
+        e
+    }
+
     /// 503 `storage_failure`.
     pub fn storage_failure() -> ApiError {
         ApiError::new(
@@ -149,6 +199,7 @@ impl From<EngineError> for ApiError {
                 "Transfer not found",
                 format!("no transfer {id}"),
             ),
+            EngineError::Overloaded => ApiError::overloaded(),
             EngineError::ShuttingDown => {
                 let mut e = ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,

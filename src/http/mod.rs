@@ -5,6 +5,7 @@
 
 pub mod dto;
 pub mod error;
+pub mod guard;
 mod metrics;
 
 use std::str::FromStr;
@@ -28,6 +29,7 @@ use crate::domain::{
 use crate::engine::{Engine, Executed};
 use dto::*;
 pub use error::ApiError;
+pub use guard::{GuardConfig, RateLimit, Tokens};
 pub use metrics::HttpStats;
 
 /// Request bodies are limited to 64 KiB (65,536 bytes is accepted, one more is 413).
@@ -77,9 +79,25 @@ impl AppState {
     }
 }
 
-/// The router of every endpoint.
+/// How the router is guarded and what it serves.
+#[derive(Debug, Clone, Default)]
+pub struct RouterConfig {
+    /// Authentication, rate limit and request timeout.
+    pub guard: GuardConfig,
+    /// Leave `/metrics` out (it is served on its own listener, see [`metrics_router`]).
+    pub metrics_elsewhere: bool,
+}
+
+/// The router of every endpoint, without authentication or rate limit.
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    router_with(state, RouterConfig::default())
+}
+
+/// The router of every endpoint, guarded as `config` says: request id, then
+/// counting (so 401 and 429 are counted too), then authentication, then rate limit, then
+/// timeout, then the routes.
+pub fn router_with(state: AppState, config: RouterConfig) -> Router {
+    let mut routes = Router::new()
         .route("/v1/accounts/{id}", put(put_account).get(get_account))
         .route("/v1/accounts/{id}/credits", post(post_credit))
         .route("/v1/accounts/{id}/debits", post(post_debit))
@@ -103,15 +121,30 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/batch", post(post_batch))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics::render))
-        .route("/openapi.json", get(openapi))
+        .route("/openapi.json", get(openapi));
+    if !config.metrics_elsewhere {
+        routes = routes.route("/metrics", get(metrics::render));
+    }
+    let guard = guard::Guard::new(config.guard);
+    routes
         .route_layer(axum::middleware::from_fn(metrics::mark_route))
         .fallback(|| async { ApiError::no_route() })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
+        .layer(axum::middleware::from_fn_with_state(guard, guard::guard))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             metrics::count,
         ))
+        .layer(axum::middleware::from_fn(guard::request_id))
+        .with_state(state)
+}
+
+/// The router of a separate metrics listener: `/metrics` only, without authentication.
+pub fn metrics_router(state: AppState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics::render))
+        .fallback(|| async { ApiError::no_route() })
+        .layer(axum::middleware::from_fn(guard::request_id))
         .with_state(state)
 }
 

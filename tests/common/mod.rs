@@ -6,12 +6,14 @@
 use std::time::Duration;
 
 use coffer::engine::{Engine, EngineConfig};
+use coffer::server::ServerConfig;
 use coffer::Server;
 use tempfile::TempDir;
 
 /// A running server on a temporary data directory, with a client pointed at it.
 pub struct TestServer {
     server: Option<Server>,
+    server_config: ServerConfig,
     config: EngineConfig,
     /// The data directory; it lives as long as the `TestServer`.
     pub dir: TempDir,
@@ -29,10 +31,21 @@ impl TestServer {
 
     /// Starts a server after `configure` adjusted the engine configuration (e.g. its clock).
     pub async fn start_with(configure: impl FnOnce(&mut EngineConfig)) -> TestServer {
+        TestServer::start_configured(ServerConfig::new("127.0.0.1:0"), configure).await
+    }
+
+    /// Starts a server with `server_config` (authentication, limits, TLS; its `listen`
+    /// should be `127.0.0.1:0`) after `configure` adjusted the engine configuration. With
+    /// TLS, `base` is `https://...` and `client` does not trust the certificate: make one
+    /// that does.
+    pub async fn start_configured(
+        server_config: ServerConfig,
+        configure: impl FnOnce(&mut EngineConfig),
+    ) -> TestServer {
         let dir = tempfile::tempdir().expect("create a temp dir");
         let mut config = EngineConfig::new(dir.path());
         configure(&mut config);
-        let server = Server::start("127.0.0.1:0", config.clone())
+        let server = Server::start_with(server_config.clone(), config.clone())
             .await
             .expect("start the server");
         let client = reqwest::Client::builder()
@@ -40,9 +53,10 @@ impl TestServer {
             .timeout(Duration::from_secs(30))
             .build()
             .expect("build the HTTP client");
-        let base = format!("http://{}", server.addr());
+        let base = base_of(&server_config, &server);
         TestServer {
             server: Some(server),
+            server_config,
             config,
             dir,
             client,
@@ -53,6 +67,19 @@ impl TestServer {
     /// The absolute URL of `path` (which starts with `/`).
     pub fn url(&self, path: &str) -> String {
         format!("{}{}", self.base, path)
+    }
+
+    /// The address the running server listens on.
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.server
+            .as_ref()
+            .map(Server::addr)
+            .expect("the server is running")
+    }
+
+    /// The address of the separate `/metrics` listener, if configured.
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.server.as_ref().and_then(Server::metrics_addr)
     }
 
     /// The running server's engine.
@@ -76,10 +103,10 @@ impl TestServer {
     /// [`stop`]: TestServer::stop
     pub async fn resume(&mut self) {
         assert!(self.server.is_none(), "resume() needs a stopped server");
-        let server = Server::start("127.0.0.1:0", self.config.clone())
+        let server = Server::start_with(self.server_config.clone(), self.config.clone())
             .await
             .expect("restart the server");
-        self.base = format!("http://{}", server.addr());
+        self.base = base_of(&self.server_config, &server);
         self.server = Some(server);
     }
 
@@ -89,4 +116,13 @@ impl TestServer {
             server.shutdown().await;
         }
     }
+}
+
+fn base_of(server_config: &ServerConfig, server: &Server) -> String {
+    let scheme = if server_config.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    format!("{scheme}://{}", server.addr())
 }
