@@ -51,7 +51,11 @@ pub fn verify(data_dir: &Path) -> Result<Verified, OpenError> {
     let segments = reader::list_segments(&FileStorage, &wal_dir(data_dir)?)?.len();
     let recovered =
         crate::engine::recover_state(&FileStorage, data_dir, Retention::UNLIMITED, false, 0)?;
-    let accounts = &recovered.accounts;
+    let accounts: Vec<&crate::domain::Account> = recovered
+        .accounts
+        .iter()
+        .flat_map(|shard| shard.values().map(|a| &**a))
+        .collect();
     Ok(Verified {
         snapshot_lsn: recovered.snapshot_lsn,
         damaged_snapshots: recovered.damaged_snapshots,
@@ -59,14 +63,8 @@ pub fn verify(data_dir: &Path) -> Result<Verified, OpenError> {
         records: recovered.outcome.records,
         last_lsn: recovered.outcome.last_lsn,
         accounts: accounts.len(),
-        open_holds: accounts
-            .values()
-            .map(|a| a.view().open_holds as usize)
-            .sum(),
-        total_balance: accounts
-            .values()
-            .map(|a| i128::from(a.view().balance))
-            .sum(),
+        open_holds: accounts.iter().map(|a| a.view().open_holds as usize).sum(),
+        total_balance: accounts.iter().map(|a| i128::from(a.view().balance)).sum(),
         transfers: recovered.transfers.len(),
         transfers_pending: recovered.transfers.in_flight(),
         tail_cut: recovered.outcome.tail_cut,

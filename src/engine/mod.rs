@@ -303,8 +303,9 @@ impl Engine {
             segment_bytes_max: config.segment_bytes_max,
         })?;
         let expiry = expiry::ExpiryIndex::default();
-        let mut slots = FastMap::with_capacity_and_hasher(accounts.len(), Default::default());
-        for (id, account) in accounts {
+        let total = accounts.iter().map(|shard| shard.len()).sum();
+        let mut slots = FastMap::with_capacity_and_hasher(total, Default::default());
+        for (id, account) in accounts.into_iter().flatten() {
             for (deadline, hold_id) in account.open_deadlines() {
                 expiry.insert(deadline, &id, hold_id);
             }

@@ -16,8 +16,9 @@ use super::OpenError;
 /// What [`recover_state`] rebuilt.
 pub(crate) struct Recovered {
     /// Boxed: the map grows by doubling while it fills, and a table of whole accounts would
-    /// need about twice their size at its peak.
-    pub(crate) accounts: FastMap<AccountId, Box<Account>>,
+    /// need about twice their size at its peak. One map per replay thread (a shard of the
+    /// accounts by id hash), handed on as they are rather than merged.
+    pub(crate) accounts: Vec<FastMap<AccountId, Box<Account>>>,
     pub(crate) outcome: ReplayOutcome,
     /// Every id made so far has a timestamp at or below this.
     pub(crate) newest_ms: u64,
@@ -56,7 +57,19 @@ pub(crate) fn recover_state(
             }
         }
     }
-    let mut accounts: FastMap<AccountId, Box<Account>> = FastMap::default();
+    let threads = match threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get().min(REPLAY_THREADS_MAX)),
+        n => n.clamp(1, REPLAY_THREADS_MAX),
+    };
+    let mut shards: Vec<Shard> = (0..threads)
+        .map(|_| Shard {
+            accounts: FastMap::default(),
+            currencies: Currencies::default(),
+            transfers: Vec::new(),
+            retention,
+            newest_ms: 0,
+        })
+        .collect();
     let mut currencies = Currencies::default();
     let mut transfers = TransferBook::default();
     let (after_lsn, newest_ms, snapshot_lsn) = match base {
@@ -66,12 +79,19 @@ pub(crate) fn recover_state(
                 accounts = found.accounts.len(),
                 "loaded a snapshot"
             );
-            accounts.reserve(found.accounts.len());
+            for shard in &mut shards {
+                shard.accounts.reserve(found.accounts.len() / threads + 1);
+            }
             for mut account in found.accounts {
                 account.set_retention(retention);
                 currencies.share(account.currency().clone());
                 let id = account.id().clone();
-                if accounts.insert(id.clone(), Box::new(account)).is_some() {
+                let shard = &mut shards[owner(threads, id.as_str().as_bytes())];
+                if shard
+                    .accounts
+                    .insert(id.clone(), Box::new(account))
+                    .is_some()
+                {
                     return Err(OpenError::Snapshot(snapshot::SnapshotError::Corrupt {
                         path: snapshot_dir.join(snapshot::file_name(found.lsn)),
                         reason: format!("account {id} twice"),
@@ -88,37 +108,34 @@ pub(crate) fn recover_state(
         }
         None => (0, 0, None),
     };
-    let threads = match threads {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get().min(REPLAY_THREADS_MAX)),
-        n => n.min(REPLAY_THREADS_MAX),
-    };
+    for shard in &mut shards {
+        shard.currencies = currencies.clone();
+    }
     let wal_dir = data_dir.join("wal");
-    let base = Shard {
-        accounts,
-        currencies,
-        transfers: Vec::new(),
-        retention,
-        newest_ms: 0,
-    };
-    let replayed = if threads <= 1 {
-        replay_inline(storage, &wal_dir, after_lsn, repair, base, &mut transfers)?
-    } else {
-        replay_sharded(
-            storage,
-            &wal_dir,
-            after_lsn,
-            repair,
-            base,
-            threads,
-            &mut transfers,
-        )?
+    let replayed = match shards.pop() {
+        Some(only) if shards.is_empty() => {
+            replay_inline(storage, &wal_dir, after_lsn, repair, only, &mut transfers)?
+        }
+        last => {
+            shards.extend(last);
+            replay_sharded(
+                storage,
+                &wal_dir,
+                after_lsn,
+                repair,
+                shards,
+                currencies,
+                &mut transfers,
+            )?
+        }
     };
     let (accounts, currencies, outcome) =
         (replayed.accounts, replayed.currencies, replayed.outcome);
     let newest_ms = newest_ms.max(replayed.newest_ms);
     // Invariant 3 over the whole engine: transfers only move money between accounts.
-    let balances: i128 = accounts.values().map(|a| i128::from(a.balance())).sum();
-    let external: i128 = accounts.values().map(|a| a.external_net()).sum();
+    let all = || accounts.iter().flat_map(|shard| shard.values());
+    let balances: i128 = all().map(|a| i128::from(a.balance())).sum();
+    let external: i128 = all().map(|a| a.external_net()).sum();
     let in_flight = i128::try_from(transfers.in_flight().1).unwrap_or(i128::MAX);
     if balances.checked_add(in_flight) != Some(external) {
         return Err(OpenError::NotConserved {
@@ -145,9 +162,19 @@ pub const REPLAY_THREADS_MAX: usize = 4;
 /// Events handed to a replay thread at a time.
 const REPLAY_BATCH: usize = 2048;
 
+/// Which of `threads` replay threads owns an account, by a hash of its id. Fixed seeds: it
+/// only has to be the same for all of an account's records.
+fn owner(threads: usize, id: &[u8]) -> usize {
+    if threads <= 1 {
+        return 0;
+    }
+    let hasher = ahash::RandomState::with_seeds(0x636f, 0x6666, 0x6572, 0x7265);
+    (hasher.hash_one(id) % threads as u64) as usize
+}
+
 /// What a replay rebuilt from the log.
 struct Replayed {
-    accounts: FastMap<AccountId, Box<Account>>,
+    accounts: Vec<FastMap<AccountId, Box<Account>>>,
     currencies: Currencies,
     outcome: ReplayOutcome,
     newest_ms: u64,
@@ -212,7 +239,7 @@ fn replay_inline(
         Ok(())
     })?;
     Ok(Replayed {
-        accounts: shard.accounts,
+        accounts: vec![shard.accounts],
         currencies: shard.currencies,
         outcome,
         newest_ms: progress.newest_ms,
@@ -235,29 +262,15 @@ fn replay_sharded(
     dir: &Path,
     after_lsn: u64,
     repair: bool,
-    base: Shard,
-    threads: usize,
+    shards: Vec<Shard>,
+    mut currencies: Currencies,
     book: &mut TransferBook,
 ) -> Result<Replayed, OpenError> {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::mpsc;
 
-    // Fixed seeds: which thread owns an account only has to be the same for all its events.
-    let owner_of = ahash::RandomState::with_seeds(0x636f, 0x6666, 0x6572, 0x7265);
-    let owner = |id: &[u8]| (owner_of.hash_one(id) % threads as u64) as usize;
-    let mut shards: Vec<Shard> = (0..threads)
-        .map(|_| Shard {
-            accounts: FastMap::default(),
-            currencies: base.currencies.clone(),
-            transfers: Vec::new(),
-            retention: base.retention,
-            newest_ms: 0,
-        })
-        .collect();
-    for (id, account) in base.accounts {
-        let i = owner(id.as_str().as_bytes());
-        shards[i].accounts.insert(id, account);
-    }
+    let threads = shards.len();
+    let owner = |id: &[u8]| owner(threads, id);
     let failed = AtomicBool::new(false);
     let mut progress = Progress::new();
     let (read, finished) = std::thread::scope(|scope| {
@@ -338,16 +351,14 @@ fn replay_sharded(
     }
     let outcome = read?;
     let mut transfer_events = Vec::new();
-    let total: usize = finished.iter().map(|(shard, _)| shard.accounts.len()).sum();
-    let mut accounts = FastMap::with_capacity_and_hasher(total, Default::default());
-    let mut currencies = base.currencies;
+    let mut accounts = Vec::with_capacity(threads);
     let mut newest_ms = 0;
     for (shard, _) in finished {
         for currency in shard.currencies.iter() {
             currencies.share(currency.clone());
         }
         newest_ms = newest_ms.max(shard.newest_ms);
-        accounts.extend(shard.accounts);
+        accounts.push(shard.accounts);
         transfer_events.extend(shard.transfers);
     }
     transfer_events.sort_by_key(|(event, _)| event.lsn);

@@ -1606,7 +1606,10 @@ fn replay_disk(
     disk: &SimStorage,
 ) -> Result<(FastMap<AccountId, Box<Account>>, TransferBook), String> {
     crate::engine::recover_state(disk, Path::new(DATA_DIR), SIM_RETENTION, false, 2)
-        .map(|recovered| (recovered.accounts, recovered.transfers))
+        .map(|recovered| {
+            let accounts = recovered.accounts.into_iter().flatten().collect();
+            (accounts, recovered.transfers)
+        })
         .map_err(|e| format!("recovery from the disk: {e}"))
 }
 
