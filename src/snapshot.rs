@@ -279,6 +279,12 @@ pub fn decode(bytes: &[u8]) -> Result<Snapshot, String> {
 // Accounts
 // ---------------------------------------------------------------------------------------
 
+/// `balance - held`, which a snapshot does not store (it is derived). Saturating: the
+/// values come from a file, and a corrupt one is refused by the account checks, not here.
+fn available(balance: i64, held: u64) -> i64 {
+    balance.saturating_sub(i64::try_from(held).unwrap_or(i64::MAX))
+}
+
 fn put_u32(out: &mut Vec<u8>, value: u32) {
     out.extend_from_slice(&value.to_le_bytes());
 }
@@ -487,7 +493,7 @@ fn decode_view(r: &mut Reader<'_>) -> Result<AccountView, DecodeError> {
         currency,
         balance,
         held,
-        available: balance.saturating_sub(i64::try_from(held).unwrap_or(i64::MAX)),
+        available: available(balance, held),
         overdraft_limit: r.u64()?,
         open_holds: r.u32()?,
         seq: r.u64()?,
@@ -661,7 +667,7 @@ pub fn decode_account(version: u16, payload: &[u8]) -> Result<AccountParts, Deco
         let account = AccountView {
             balance,
             held,
-            available: balance.saturating_sub(i64::try_from(held).unwrap_or(i64::MAX)),
+            available: available(balance, held),
             open_holds,
             seq,
             ..view.clone()
@@ -738,7 +744,7 @@ fn decode_tx(r: &mut Reader<'_>, account: &AccountId) -> Result<Transaction, Dec
         transfer_id,
         balance,
         held,
-        available: balance.saturating_sub(i64::try_from(held).unwrap_or(i64::MAX)),
+        available: available(balance, held),
         created_at_ms,
         metadata,
     })

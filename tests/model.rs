@@ -655,6 +655,21 @@ fn parse_key(text: &str) -> IdempotencyKey {
     IdempotencyKey::parse(text).expect("generated keys are valid")
 }
 
+/// Of concurrent identical requests with one key (`(replayed, answer)` each), exactly one is
+/// applied and the others replay its answer; returns that answer.
+fn the_one_applied<T: PartialEq + std::fmt::Debug>(
+    answers: Vec<(bool, T)>,
+) -> Result<T, TestCaseError> {
+    let (mut fresh, replayed): (Vec<_>, Vec<_>) =
+        answers.into_iter().partition(|(replayed, _)| !replayed);
+    prop_assert_eq!(fresh.len(), 1, "exactly one copy is applied");
+    let (_, applied) = fresh.remove(0);
+    for (_, other) in &replayed {
+        prop_assert_eq!(other, &applied, "the copies replay the one applied");
+    }
+    Ok(applied)
+}
+
 fn fail(what: impl std::fmt::Display) -> TestCaseError {
     TestCaseError::fail(what.to_string())
 }
@@ -1558,21 +1573,12 @@ impl EngineRun {
                 }
             }
             Expect::Apply => {
-                let mut fresh = Vec::new();
-                let mut replayed = Vec::new();
+                let mut answers = Vec::new();
                 for result in results {
                     let executed = result.map_err(|e| fail(format!("{e:?}")))?;
-                    if executed.replayed {
-                        replayed.push(executed.receipt);
-                    } else {
-                        fresh.push(executed.receipt);
-                    }
+                    answers.push((executed.replayed, executed.receipt));
                 }
-                prop_assert_eq!(fresh.len(), 1, "exactly one copy is applied");
-                let receipt = fresh.remove(0);
-                for other in &replayed {
-                    prop_assert_eq!(&**other, &*receipt, "the copies replay the one applied");
-                }
+                let receipt = the_one_applied(answers)?;
                 self.accept(acct, Some(&key), &request, receipt)?;
             }
         }
@@ -1771,25 +1777,12 @@ impl EngineRun {
             results.push(task.await.map_err(|e| fail(format!("task: {e}")))?);
         }
         if let Some((Expect::Apply, to)) = expect {
-            let mut fresh = Vec::new();
-            let mut replayed = Vec::new();
+            let mut answers = Vec::new();
             for result in results {
                 let outcome = result.map_err(|e| fail(format!("{e:?}")))?;
-                if outcome.replayed {
-                    replayed.push(outcome.record);
-                } else {
-                    fresh.push(outcome.record);
-                }
+                answers.push((outcome.replayed, outcome.record));
             }
-            prop_assert_eq!(fresh.len(), 1, "exactly one copy debits");
-            let record = fresh.remove(0);
-            for other in &replayed {
-                prop_assert_eq!(
-                    &**other,
-                    &*record,
-                    "the copies answer with the one transfer"
-                );
-            }
+            let record = the_one_applied(answers)?;
             self.accept_transfer(engine, (from, to), Some(&key), &request, record)
                 .await?;
         } else {

@@ -858,11 +858,8 @@ impl Account {
         request: &Request,
         fresh: Fresh,
     ) -> Result<Decision, OpError> {
-        if let Some(entry) = key.and_then(|k| self.ex().idempotency.get(k)) {
-            if entry.request == *request {
-                return Ok(Decision::Replay(entry.clone()));
-            }
-            return Err(OpError::IdempotencyKeyReused);
+        if let Some(replay) = self.replay_of(key, request)? {
+            return Ok(replay);
         }
         let body = match request {
             Request::Credit { amount, metadata } => {
@@ -924,6 +921,20 @@ impl Account {
         Ok(Decision::Apply(body))
     }
 
+    /// The idempotency rule shared by every request: a key seen with the same request is a
+    /// replay of the stored outcome; with another request, a reuse.
+    fn replay_of(
+        &self,
+        key: Option<&IdempotencyKey>,
+        request: &Request,
+    ) -> Result<Option<Decision>, OpError> {
+        match key.and_then(|k| self.ex().idempotency.get(k)) {
+            Some(entry) if entry.request == *request => Ok(Some(Decision::Replay(entry.clone()))),
+            Some(_) => Err(OpError::IdempotencyKeyReused),
+            None => Ok(None),
+        }
+    }
+
     /// Decides the first half of a transfer from this account: the same idempotency rules
     /// as [`Account::decide`], then validation (amount, metadata, a different destination),
     /// the destination's currency (`to_currency`, which the caller read from it), funds.
@@ -942,25 +953,15 @@ impl Account {
             metadata,
         } = request
         else {
-            return self.decide(
-                key,
-                request,
-                Fresh {
-                    now_ms: 0,
-                    hold_id: Uuid::nil(),
-                },
-            );
+            return Err(OpError::Validation("not a transfer".to_string()));
         };
-        let Some(key) = key else {
+        if key.is_none() {
             return Err(OpError::Validation(
                 "a transfer needs an idempotency key".to_string(),
             ));
-        };
-        if let Some(entry) = self.ex().idempotency.get(key) {
-            if entry.request == *request {
-                return Ok(Decision::Replay(entry.clone()));
-            }
-            return Err(OpError::IdempotencyKeyReused);
+        }
+        if let Some(replay) = self.replay_of(key, request)? {
+            return Ok(replay);
         }
         let amount = Amount::new(*amount)?;
         let metadata = Metadata::new(metadata.clone())?;
@@ -1241,13 +1242,18 @@ impl Account {
             "apply_checked on an unchecked event"
         );
         let seq_before = self.seq;
-        let (tx, hold, request) = self.mutate(event);
+        let (tx, hold) = self.mutate(event);
         self.seq = event.seq;
         self.last_lsn = event.lsn;
         if let Some(hold) = hold.as_ref().filter(|h| h.status != HoldStatus::Open) {
             self.ex_mut().ended_holds.push_back((event.at_ms, hold.id));
         }
-        let keyed = event.idempotency_key.is_some() && request.is_some();
+        // Only a keyed event remembers its request (replay of unkeyed ones builds none).
+        let request = event
+            .idempotency_key
+            .as_ref()
+            .and_then(|_| Account::request_of(&event.body));
+        let keyed = request.is_some();
         let receipt = if want_receipt || keyed {
             self.history.push(tx.clone());
             Some(Arc::new(Receipt {
@@ -1324,48 +1330,82 @@ impl Account {
         self.extras.get_or_insert_with(Box::default)
     }
 
+    /// The request an event answers, as remembered under its idempotency key: what "the same
+    /// request" is compared with on a retry. Built only for keyed events; `None` for events no
+    /// request caused (expire, a transfer's second half or refund).
+    fn request_of(body: &EventBody) -> Option<Request> {
+        Some(match body {
+            EventBody::Credit { amount, metadata } => Request::Credit {
+                amount: i128::from(amount.get()),
+                metadata: metadata.to_map(),
+            },
+            EventBody::Debit { amount, metadata } => Request::Debit {
+                amount: i128::from(amount.get()),
+                metadata: metadata.to_map(),
+            },
+            EventBody::Hold {
+                amount,
+                expires_in_secs,
+                metadata,
+                ..
+            } => Request::Hold {
+                amount: i128::from(amount.get()),
+                expires_in_secs: expires_in_secs.map(i128::from),
+                metadata: metadata.to_map(),
+            },
+            EventBody::Capture {
+                hold_id,
+                amount,
+                amount_given,
+                metadata,
+            } => Request::Capture {
+                hold_id: *hold_id,
+                amount: amount_given.then_some(i128::from(amount.get())),
+                metadata: metadata.to_map(),
+            },
+            EventBody::Release { hold_id, metadata } => Request::Release {
+                hold_id: *hold_id,
+                metadata: metadata.to_map(),
+            },
+            EventBody::TransferOut {
+                to,
+                amount,
+                metadata,
+                ..
+            } => Request::Transfer {
+                to: to.clone(),
+                amount: i128::from(amount.get()),
+                metadata: metadata.to_map(),
+            },
+            EventBody::Opened { .. }
+            | EventBody::Expire { .. }
+            | EventBody::TransferIn { .. }
+            | EventBody::TransferRefund { .. } => return None,
+        })
+    }
+
     /// Changes balances and holds by an event that `check` accepted.
-    fn mutate(&mut self, event: &Event) -> (Transaction, Option<Hold>, Option<Request>) {
+    fn mutate(&mut self, event: &Event) -> (Transaction, Option<Hold>) {
         let mut hold_after = None;
         let mut transfer = None;
-        let (kind, amount, hold_id, metadata, request) = match &event.body {
+        let (kind, amount, hold_id, metadata) = match &event.body {
             EventBody::Opened { .. } => unreachable!("check refuses a second open"),
             EventBody::Credit { amount, metadata } => {
                 self.balance += amount.signed();
                 self.total_in += i128::from(amount.get());
-                let request = Request::Credit {
-                    amount: i128::from(amount.get()),
-                    metadata: metadata.to_map(),
-                };
-                (
-                    TxKind::Credit,
-                    *amount,
-                    None,
-                    metadata.clone(),
-                    Some(request),
-                )
+                (TxKind::Credit, *amount, None, metadata.clone())
             }
             EventBody::Debit { amount, metadata } => {
                 self.balance -= amount.signed();
                 self.total_out += i128::from(amount.get());
-                let request = Request::Debit {
-                    amount: i128::from(amount.get()),
-                    metadata: metadata.to_map(),
-                };
-                (
-                    TxKind::Debit,
-                    *amount,
-                    None,
-                    metadata.clone(),
-                    Some(request),
-                )
+                (TxKind::Debit, *amount, None, metadata.clone())
             }
             EventBody::Hold {
                 hold_id,
                 amount,
                 expires_at_ms,
-                expires_in_secs,
                 metadata,
+                ..
             } => {
                 let hold = Hold {
                     id: *hold_id,
@@ -1383,104 +1423,50 @@ impl Account {
                 extras.deadlines.insert((*expires_at_ms, *hold_id));
                 extras.holds.insert(*hold_id, hold.clone());
                 hold_after = Some(hold);
-                let request = Request::Hold {
-                    amount: i128::from(amount.get()),
-                    expires_in_secs: expires_in_secs.map(i128::from),
-                    metadata: metadata.to_map(),
-                };
-                (
-                    TxKind::Hold,
-                    *amount,
-                    Some(*hold_id),
-                    metadata.clone(),
-                    Some(request),
-                )
+                (TxKind::Hold, *amount, Some(*hold_id), metadata.clone())
             }
             EventBody::Capture {
                 hold_id,
                 amount,
-                amount_given,
                 metadata,
+                ..
             } => {
                 let hold = self.end_hold(hold_id, HoldStatus::Captured, amount.get());
                 self.balance -= amount.signed();
                 self.total_out += i128::from(amount.get());
                 hold_after = Some(hold);
-                let request = Request::Capture {
-                    hold_id: *hold_id,
-                    amount: amount_given.then_some(i128::from(amount.get())),
-                    metadata: metadata.to_map(),
-                };
-                (
-                    TxKind::Capture,
-                    *amount,
-                    Some(*hold_id),
-                    metadata.clone(),
-                    Some(request),
-                )
+                (TxKind::Capture, *amount, Some(*hold_id), metadata.clone())
             }
             EventBody::Release { hold_id, metadata } => {
                 let hold = self.end_hold(hold_id, HoldStatus::Released, 0);
                 let amount = hold.amount;
                 hold_after = Some(hold);
-                let request = Request::Release {
-                    hold_id: *hold_id,
-                    metadata: metadata.to_map(),
-                };
-                (
-                    TxKind::Release,
-                    amount,
-                    Some(*hold_id),
-                    metadata.clone(),
-                    Some(request),
-                )
+                (TxKind::Release, amount, Some(*hold_id), metadata.clone())
             }
             EventBody::Expire { hold_id } => {
                 let hold = self.end_hold(hold_id, HoldStatus::Expired, 0);
                 let amount = hold.amount;
                 hold_after = Some(hold);
-                (
-                    TxKind::Expire,
-                    amount,
-                    Some(*hold_id),
-                    Metadata::empty(),
-                    None,
-                )
+                (TxKind::Expire, amount, Some(*hold_id), Metadata::empty())
             }
             EventBody::TransferOut {
                 transfer_id,
-                to,
                 amount,
                 metadata,
+                ..
             } => {
                 self.balance -= amount.signed();
                 self.transfers_net -= i128::from(amount.get());
                 transfer = Some(*transfer_id);
-                let request = Request::Transfer {
-                    to: to.clone(),
-                    amount: i128::from(amount.get()),
-                    metadata: metadata.to_map(),
-                };
-                (
-                    TxKind::TransferOut,
-                    *amount,
-                    None,
-                    metadata.clone(),
-                    Some(request),
-                )
+                (TxKind::TransferOut, *amount, None, metadata.clone())
             }
+            // A refund is money coming back by the same transfer: a `transfer_in`.
             EventBody::TransferIn {
                 transfer_id,
                 amount,
-                metadata,
                 ..
-            } => {
-                self.balance += amount.signed();
-                self.transfers_net += i128::from(amount.get());
-                transfer = Some(*transfer_id);
-                (TxKind::TransferIn, *amount, None, metadata.clone(), None)
             }
-            EventBody::TransferRefund {
+            | EventBody::TransferRefund {
                 transfer_id,
                 amount,
                 ..
@@ -1488,7 +1474,11 @@ impl Account {
                 self.balance += amount.signed();
                 self.transfers_net += i128::from(amount.get());
                 transfer = Some(*transfer_id);
-                (TxKind::TransferIn, *amount, None, Metadata::empty(), None)
+                let metadata = match &event.body {
+                    EventBody::TransferIn { metadata, .. } => metadata.clone(),
+                    _ => Metadata::empty(),
+                };
+                (TxKind::TransferIn, *amount, None, metadata)
             }
         };
         let tx = Transaction {
@@ -1505,7 +1495,7 @@ impl Account {
             created_at_ms: event.at_ms,
             metadata,
         };
-        (tx, hold_after, request)
+        (tx, hold_after)
     }
 
     /// Ends an open hold (checked by `check`) exactly once.

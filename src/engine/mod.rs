@@ -646,8 +646,8 @@ impl Engine {
             open_holds: self.inner.expiry.len() as u64,
             wal_records: wal.records.load(Ordering::Relaxed),
             wal_bytes: wal.bytes.load(Ordering::Relaxed),
-            wal_syncs: wal.syncs.load(Ordering::Relaxed),
-            wal_sync_micros: wal.sync_micros.load(Ordering::Relaxed),
+            wal_syncs: wal.fsync_seconds.get_sample_count(),
+            wal_sync_micros: (wal.fsync_seconds.get_sample_sum() * 1e6) as u64,
             durable_lsn: self.inner.wal.durable_lsn(),
             storage_failed: self.inner.wal.is_failed(),
         }

@@ -112,30 +112,33 @@ pub(crate) fn recover_state(
         shard.currencies = currencies.clone();
     }
     let wal_dir = data_dir.join("wal");
-    let replayed = match shards.pop() {
-        Some(only) if shards.is_empty() => {
-            replay_inline(storage, &wal_dir, after_lsn, repair, only, &mut transfers)?
-        }
-        last => {
-            shards.extend(last);
-            replay_sharded(
-                storage,
-                &wal_dir,
-                after_lsn,
-                repair,
-                shards,
-                currencies,
-                &mut transfers,
-            )?
-        }
+    let replayed = if threads == 1 {
+        let only = shards.remove(0);
+        replay_inline(storage, &wal_dir, after_lsn, repair, only, &mut transfers)?
+    } else {
+        replay_sharded(
+            storage,
+            &wal_dir,
+            after_lsn,
+            repair,
+            shards,
+            currencies,
+            &mut transfers,
+        )?
     };
     let (accounts, currencies, outcome) =
         (replayed.accounts, replayed.currencies, replayed.outcome);
     let newest_ms = newest_ms.max(replayed.newest_ms);
     // Invariant 3 over the whole engine: transfers only move money between accounts.
-    let all = || accounts.iter().flat_map(|shard| shard.values());
-    let balances: i128 = all().map(|a| i128::from(a.balance())).sum();
-    let external: i128 = all().map(|a| a.external_net()).sum();
+    let (balances, external) = accounts.iter().flat_map(|shard| shard.values()).fold(
+        (0i128, 0i128),
+        |(balances, external), account| {
+            (
+                balances + i128::from(account.balance()),
+                external + account.external_net(),
+            )
+        },
+    );
     let in_flight = i128::try_from(transfers.in_flight().1).unwrap_or(i128::MAX);
     if balances.checked_add(in_flight) != Some(external) {
         return Err(OpenError::NotConserved {
@@ -185,7 +188,6 @@ struct Progress {
     started: Instant,
     last_report: Instant,
     records: u64,
-    newest_ms: u64,
 }
 
 impl Progress {
@@ -195,13 +197,7 @@ impl Progress {
             started: now,
             last_report: now,
             records: 0,
-            newest_ms: 0,
         }
-    }
-
-    fn saw(&mut self, event: &Event) {
-        self.newest_ms = self.newest_ms.max(event.at_ms);
-        self.count(event.lsn);
     }
 
     fn count(&mut self, lsn: u64) {
@@ -231,7 +227,7 @@ fn replay_inline(
 ) -> Result<Replayed, OpenError> {
     let mut progress = Progress::new();
     let outcome = wal::replay_after(storage, dir, after_lsn, repair, |event| {
-        progress.saw(&event);
+        progress.count(event.lsn);
         shard.replay(event)?;
         for (event, view) in shard.transfers.drain(..) {
             book.record(&event, view).map_err(|e| e.to_string())?;
@@ -242,7 +238,7 @@ fn replay_inline(
         accounts: vec![shard.accounts],
         currencies: shard.currencies,
         outcome,
-        newest_ms: progress.newest_ms,
+        newest_ms: shard.newest_ms,
     })
 }
 
@@ -422,7 +418,6 @@ impl Shard {
             };
             start = end;
             let event = wal::codec::decode_frame_event(&frame).map_err(|e| (lsn, e.to_string()))?;
-            self.newest_ms = self.newest_ms.max(event.at_ms);
             self.replay(event).map_err(|reason| (lsn, reason))?;
         }
         Ok(())
@@ -432,6 +427,7 @@ impl Shard {
     /// below an account's `last_lsn` are skipped: a fuzzy snapshot holds some events after
     /// its own LSN.
     fn replay(&mut self, mut event: Event) -> Result<(), String> {
+        self.newest_ms = self.newest_ms.max(event.at_ms);
         if let Some(account) = self.accounts.get_mut(&event.account) {
             let is_transfer = event.body.is_transfer();
             if event.lsn <= account.last_lsn() {

@@ -98,11 +98,10 @@ impl Engine {
                 }
             };
         // Both for a new transfer and for a retry of one still in flight (a concurrent
-        // identical request): drive it to its end; the book says if it already ended.
-        let end_lsn = self.inner.finish_transfer(id)?;
-        self.inner.wal.wait_durable(end_lsn).await?;
-        let record = self.inner.transfer(id)?;
-        self.inner.wal.wait_durable(record.last_lsn()).await?;
+        // identical request): drive it to its end; the book says if it already ended. The
+        // record's last LSN covers its end: one wait for durability.
+        self.inner.finish_transfer(id)?;
+        let record = self.transfer_record(&id).await?;
         Ok(TransferOutcome { record, replayed })
     }
 

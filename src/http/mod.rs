@@ -322,32 +322,18 @@ async fn post_transfer(State(state): State<AppState>, headers: HeaderMap, body: 
 /// accounts; the refusal's error if the destination refused (the source was refunded); 202
 /// if it is still in flight (its refund was refused too; recovery retries it).
 fn transfer_answer(record: &TransferRecord) -> Response {
-    let (status, body) = transfer_status_and_body(record);
-    match status {
-        Ok(status) => json(status, &body),
+    match transfer_status(record) {
+        Ok(status) => json(status, &TransferReceiptJson::from(record)),
         Err(error) => error.into_response(),
     }
 }
 
-fn transfer_status_and_body(
-    record: &TransferRecord,
-) -> (Result<StatusCode, ApiError>, serde_json::Value) {
+/// The status a transfer is answered with, or the refusal's error for a failed one.
+fn transfer_status(record: &TransferRecord) -> Result<StatusCode, ApiError> {
     match record.status {
-        TransferStatus::Failed(failure) => {
-            let error = ApiError::transfer_failed(record, failure);
-            let body = error.body();
-            (Err(error), body)
-        }
-        status => {
-            let code = if status == TransferStatus::Completed {
-                StatusCode::CREATED
-            } else {
-                StatusCode::ACCEPTED
-            };
-            let body = serde_json::to_value(TransferReceiptJson::from(record))
-                .unwrap_or(serde_json::Value::Null);
-            (Ok(code), body)
-        }
+        TransferStatus::Failed(failure) => Err(ApiError::transfer_failed(record, failure)),
+        TransferStatus::Completed => Ok(StatusCode::CREATED),
+        TransferStatus::Pending => Ok(StatusCode::ACCEPTED),
     }
 }
 
@@ -635,8 +621,14 @@ async fn get_idempotency_key(
         // A transfer's answer names both accounts: it is kept with the transfer.
         (TxKind::TransferOut, Some(transfer_id)) => {
             let record = engine.transfer_record(&transfer_id).await?;
-            let (status, body) = transfer_status_and_body(&record);
-            (status.unwrap_or_else(|error| error.status), body)
+            match transfer_status(&record) {
+                Ok(status) => (
+                    status,
+                    serde_json::to_value(TransferReceiptJson::from(&*record))
+                        .unwrap_or(serde_json::Value::Null),
+                ),
+                Err(error) => (error.status, error.body()),
+            }
         }
         _ => (
             receipt_status(&entry.receipt),

@@ -710,6 +710,22 @@ impl Sim<'_> {
 
     /// A transfer's end, answered or learned: the model decides it from the two accounts as
     /// they are at that point of the log (credit, else refund, else still in flight).
+    /// A refusal the model expected: the same one, once normalized.
+    fn refused(
+        &mut self,
+        op: &impl std::fmt::Debug,
+        want: crate::domain::OpError,
+        got: crate::domain::OpError,
+    ) -> Result<(), String> {
+        ensure_eq!(
+            normalize(want),
+            normalize(got),
+            format!("refusal of {op:?}")
+        );
+        self.report.refused += 1;
+        Ok(())
+    }
+
     fn learn_transfer_end(&mut self, record: Arc<TransferRecord>) -> Result<(), String> {
         let (from, to, amount) = self
             .in_flight
@@ -1376,15 +1392,7 @@ impl Sim<'_> {
                 self.report.replayed += 1;
                 Ok(())
             }
-            (Expect::Refuse(want), Err(EngineError::Op(got))) => {
-                ensure_eq!(
-                    normalize(want),
-                    normalize(got),
-                    format!("refusal of {op:?}")
-                );
-                self.report.refused += 1;
-                Ok(())
-            }
+            (Expect::Refuse(want), Err(EngineError::Op(got))) => self.refused(&op, want, got),
             (Expect::Apply, Ok(outcome)) => {
                 ensure!(
                     !outcome.replayed,
@@ -1437,15 +1445,7 @@ impl Sim<'_> {
                 self.report.replayed += 1;
                 Ok(())
             }
-            (Expect::Refuse(want), Err(EngineError::Op(got))) => {
-                ensure_eq!(
-                    normalize(want),
-                    normalize(got),
-                    format!("refusal of {op:?}")
-                );
-                self.report.refused += 1;
-                Ok(())
-            }
+            (Expect::Refuse(want), Err(EngineError::Op(got))) => self.refused(&op, want, got),
             (Expect::Apply, Ok(executed)) => {
                 ensure!(
                     !executed.replayed,
