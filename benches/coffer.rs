@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use coffer::domain::{
     Account, AccountId, Currency, Decision, Event, EventBody, Fresh, IdempotencyKey, Metadata,
-    Request,
+    Request, Retention,
 };
 use coffer::wal::{self, codec, Wal, WalStart};
 use coffer::{Engine, EngineConfig};
@@ -50,7 +50,9 @@ fn opened(id: &AccountId) -> Account {
         },
         ..event
     };
-    account.apply(&credit).expect("credit");
+    account
+        .apply(&credit, Retention::UNLIMITED)
+        .expect("credit");
     account
 }
 
@@ -119,7 +121,7 @@ fn domain(c: &mut Criterion) {
                     idempotency_key: Some(key),
                     body,
                 };
-                account.apply(&event).expect("apply");
+                account.apply(&event, Retention::UNLIMITED).expect("apply");
             }
             started.elapsed()
         });

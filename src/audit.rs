@@ -51,10 +51,10 @@ pub fn verify(data_dir: &Path) -> Result<Verified, OpenError> {
     let segments = reader::list_segments(&FileStorage, &wal_dir(data_dir)?)?.len();
     let recovered =
         crate::engine::recover_state(&FileStorage, data_dir, Retention::UNLIMITED, false, 0)?;
-    let accounts: Vec<&crate::domain::Account> = recovered
+    let accounts: Vec<crate::domain::Account> = recovered
         .accounts
-        .iter()
-        .flat_map(|shard| shard.values().map(|a| &**a))
+        .into_iter()
+        .flat_map(crate::engine::Table::into_accounts)
         .collect();
     Ok(Verified {
         snapshot_lsn: recovered.snapshot_lsn,

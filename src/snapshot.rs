@@ -348,9 +348,11 @@ pub fn encode_account(parts: &AccountParts, out: &mut Vec<u8>) {
     put_u64(out, parts.held);
     put_u64(out, parts.seq);
     put_u64(out, parts.last_lsn);
-    put_i128(out, parts.total_in);
-    put_i128(out, parts.total_out);
-    put_i128(out, parts.transfers_net);
+    // The totals are kept modulo 2^64 (i64, wrapping) and stored sign-extended to the
+    // format's i128 fields.
+    put_i128(out, i128::from(parts.total_in));
+    put_i128(out, i128::from(parts.total_out));
+    put_i128(out, i128::from(parts.transfers_net));
     put_count(out, parts.holds.len());
     for hold in &parts.holds {
         encode_hold(hold, out);
@@ -704,9 +706,10 @@ pub fn decode_account(version: u16, payload: &[u8]) -> Result<AccountParts, Deco
         ended_holds,
         history,
         keys,
-        total_in,
-        total_out,
-        transfers_net,
+        // Modulo 2^64, as accounts keep them (the truncating cast is exactly that).
+        total_in: total_in as i64,
+        total_out: total_out as i64,
+        transfers_net: transfers_net as i64,
     })
 }
 

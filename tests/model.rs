@@ -18,7 +18,7 @@ use std::sync::Arc;
 use coffer::clock::ManualClock;
 use coffer::domain::{
     Account, AccountId, AccountView, Currency, Decision, Event, EventBody, Fresh, Hold, HoldStatus,
-    IdempotencyEntry, IdempotencyKey, Metadata, OpError, Receipt, Request, Transaction,
+    IdempotencyEntry, IdempotencyKey, Metadata, OpError, Receipt, Request, Retention, Transaction,
     TransferBook, TransferFailure, TransferRecord, TransferStatus, TxKind, AMOUNT_MAX,
     HOLD_EXPIRES_SECS_DEFAULT, HOLD_EXPIRES_SECS_MAX,
 };
@@ -814,7 +814,7 @@ impl DomainRun {
             .check(&event)
             .map_err(|e| fail(format!("check refused a decided event: {e}")))?;
         let receipt = account
-            .apply(&event)
+            .apply(&event, Retention::UNLIMITED)
             .map_err(|e| fail(format!("apply refused a checked event: {e}")))?;
         self.book
             .record(&event, Some(account.view()))
@@ -1163,7 +1163,10 @@ impl DomainRun {
             let view = account.view();
             check_view(&view, model)?;
             check_holds(account.holds_after(None), view.held, model)?;
-            check_history(account.history(), &view)?;
+            check_history(
+                &account.history().iter().cloned().collect::<Vec<_>>(),
+                &view,
+            )?;
             let events = self
                 .events
                 .iter()
@@ -1185,7 +1188,11 @@ impl DomainRun {
         let got = coffer::engine::Conservation {
             balances: self.accounts.iter().map(|a| i128::from(a.balance())).sum(),
             in_flight: i128::from(in_flight),
-            external: self.accounts.iter().map(Account::external_net).sum(),
+            external: self
+                .accounts
+                .iter()
+                .map(Account::external_net)
+                .fold(0, i64::wrapping_add),
         };
         check_conservation(&self.models, in_flight, &got)
     }
@@ -1214,7 +1221,9 @@ impl DomainRun {
             let account = replayed
                 .get_mut(&event.account)
                 .ok_or_else(|| format!("event for unknown account {}", event.account))?;
-            account.apply(&event).map_err(|e| e.to_string())?;
+            account
+                .apply(&event, Retention::UNLIMITED)
+                .map_err(|e| e.to_string())?;
             book.record(&event, Some(account.view()))
                 .map_err(|e| e.to_string())
         })

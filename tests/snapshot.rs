@@ -10,7 +10,7 @@ use std::sync::Arc;
 use coffer::clock::ManualClock;
 use coffer::domain::{
     Account, AccountId, AccountView, Currency, Decision, Event, EventBody, Fresh, IdempotencyKey,
-    Metadata, Request, TransferBook, TransferRecord,
+    Metadata, Request, Retention, TransferBook, TransferRecord,
 };
 use coffer::snapshot::{self, SnapshotWriter};
 use coffer::{Engine, EngineConfig};
@@ -312,7 +312,7 @@ fn golden_account() -> Account {
             idempotency_key: key,
             body,
         };
-        account.apply(&event).expect("apply")
+        account.apply(&event, Retention::UNLIMITED).expect("apply")
     };
     let mut holds = Vec::new();
     for (i, request) in requests.iter().enumerate() {
@@ -357,7 +357,9 @@ fn golden_v2() -> (Account, TransferRecord) {
         idempotency_key: Some(key),
         body,
     };
-    account.apply(&out).expect("apply the debit");
+    account
+        .apply(&out, Retention::UNLIMITED)
+        .expect("apply the debit");
     let mut book = TransferBook::default();
     book.record(&out, Some(account.view()))
         .expect("record the debit");
@@ -390,7 +392,9 @@ fn golden_v2() -> (Account, TransferRecord) {
                 .expect("metadata"),
         },
     };
-    receiver.apply(&inn).expect("apply the credit");
+    receiver
+        .apply(&inn, Retention::UNLIMITED)
+        .expect("apply the credit");
     book.record(&inn, Some(receiver.view()))
         .expect("record the credit");
     let record = book

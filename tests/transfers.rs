@@ -632,7 +632,7 @@ async fn thousands_of_accounts_paying_one_hot_account_at_once_all_finish() {
     assert_eq!(hot.seq, u64::from(senders) + paid_back);
     let conservation = engine.conservation();
     assert!(conservation.holds(), "{conservation:?}");
-    assert_eq!(conservation.external, i128::from(senders) * 10);
+    assert_eq!(conservation.external, i64::from(senders) * 10);
     eprintln!(
         "{} transfers to and from one hot account in {:?}",
         outcomes.len(),

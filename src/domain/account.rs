@@ -525,17 +525,21 @@ pub struct AccountParts {
     pub history: Vec<Transaction>,
     /// Remembered keys in the order they were stored.
     pub keys: Vec<(IdempotencyKey, IdempotencyEntry)>,
-    /// Sum of credits (for the conservation check).
-    pub total_in: i128,
-    /// Sum of debits and captures.
-    pub total_out: i128,
-    /// Transfers received (and refunds) minus transfers sent.
-    pub transfers_net: i128,
+    /// Sum of credits (for the conservation check), modulo 2^64 (see [`Account`]).
+    pub total_in: i64,
+    /// Sum of debits and captures, modulo 2^64.
+    pub total_out: i64,
+    /// Transfers received (and refunds) minus transfers sent, modulo 2^64.
+    pub transfers_net: i64,
 }
 
 /// What an account remembers beyond balances and history, once it has any.
 #[derive(Clone, Debug, Default)]
 struct Extras {
+    /// Sum of open holds.
+    held: u64,
+    /// Number of open holds.
+    open_holds: u32,
     holds: BTreeMap<Uuid, Hold>,
     /// Open holds by deadline, for expiry.
     deadlines: BTreeSet<(u64, Uuid)>,
@@ -559,6 +563,10 @@ fn no_extras() -> &'static Extras {
 }
 
 /// An account and everything it remembers. Fields with invariants are private.
+///
+/// Small on purpose (issue 5: an idle account costs at most 256 bytes, registry included):
+/// whatever an idle account does not use is boxed and allocated on first use, and what the
+/// account remembers ([`Retention`]) is passed to `apply` rather than stored per account.
 #[derive(Clone, Debug)]
 pub struct Account {
     id: AccountId,
@@ -567,23 +575,23 @@ pub struct Account {
     metadata: Metadata,
     created_at_ms: u64,
     balance: i64,
-    held: u64,
     seq: u64,
     last_lsn: u64,
-    open_holds: u32,
-    /// Holds, keys and their queues: allocated on first use, so an idle account does not
-    /// pay for five empty collections.
+    /// Holds (with their sum and count), keys and their queues: allocated on first use, so
+    /// an idle account does not pay for empty collections.
     extras: Option<Box<Extras>>,
-    /// The newest transactions (up to 1.5x the retention, trimmed in steps), oldest first.
-    history: Vec<Transaction>,
-    /// Transactions trimmed from the front of `history`: it starts at seq `dropped + 1`.
-    history_dropped: u64,
-    retention: Retention,
+    /// The newest transactions, oldest first, with consecutive seqs ending at `seq`; at
+    /// most the retention's `history`. Allocated at the first transaction.
+    // Boxed on purpose: one pointer (8 bytes) in every account instead of a 32-byte deque.
+    #[allow(clippy::box_collection)]
+    history: Option<Box<VecDeque<Transaction>>>,
     /// Running totals for the conservation check (invariant 3): credits; debits and
-    /// captures; transfers received minus sent.
-    total_in: i128,
-    total_out: i128,
-    transfers_net: i128,
+    /// captures; transfers received minus sent. Modulo 2^64 (wrapping): the sums of a long
+    /// life may pass i64's range, and the check `balance = in - out + net` holds exactly
+    /// modulo 2^64 because the balance itself stays far inside it.
+    total_in: i64,
+    total_out: i64,
+    transfers_net: i64,
 }
 
 impl Account {
@@ -610,14 +618,10 @@ impl Account {
             metadata: metadata.clone(),
             created_at_ms: event.at_ms,
             balance: 0,
-            held: 0,
             seq: 0,
             last_lsn: event.lsn,
-            open_holds: 0,
             extras: None,
-            history: Vec::new(),
-            history_dropped: 0,
-            retention: Retention::UNLIMITED,
+            history: None,
             total_in: 0,
             total_out: 0,
             transfers_net: 0,
@@ -642,11 +646,11 @@ impl Account {
     }
     /// Sum of open holds.
     pub fn held(&self) -> u64 {
-        self.held
+        self.ex().held
     }
     /// balance - held. Exact: both are bounded far below i64's range.
     pub fn available(&self) -> i64 {
-        self.balance - self.held as i64
+        self.balance - self.held() as i64
     }
     /// Number of changes so far.
     pub fn seq(&self) -> u64 {
@@ -658,8 +662,9 @@ impl Account {
     }
     /// Credits minus debits and captures: what this account added to the money of the
     /// whole engine (transfers only move it between accounts).
-    pub fn external_net(&self) -> i128 {
-        self.total_in - self.total_out
+    /// Modulo 2^64, like the totals it comes from.
+    pub fn external_net(&self) -> i64 {
+        self.total_in.wrapping_sub(self.total_out)
     }
     /// A hold by id.
     pub fn hold(&self, id: &Uuid) -> Option<&Hold> {
@@ -679,18 +684,9 @@ impl Account {
     }
     /// The newest transactions kept (at most the retention's `history`), oldest first, with
     /// consecutive seqs ending at `seq()`.
-    pub fn history(&self) -> &[Transaction] {
-        let keep = self.history.len().min(self.retention.history);
-        &self.history[self.history.len() - keep..]
-    }
-    /// What the account remembers besides its state.
-    pub fn retention(&self) -> Retention {
-        self.retention
-    }
-    /// Sets what the account remembers; takes effect from its next event. The engine sets
-    /// it right after the account is opened, live and in replay alike.
-    pub fn set_retention(&mut self, retention: Retention) {
-        self.retention = retention;
+    pub fn history(&self) -> &VecDeque<Transaction> {
+        static NONE: VecDeque<Transaction> = VecDeque::new();
+        self.history.as_deref().unwrap_or(&NONE)
     }
     /// The remembered outcome of an idempotency key.
     pub fn idempotency_entry(&self, key: &IdempotencyKey) -> Option<&IdempotencyEntry> {
@@ -716,10 +712,10 @@ impl Account {
             id: self.id.clone(),
             currency: self.currency.clone(),
             balance: self.balance,
-            held: self.held,
+            held: self.held(),
             available: self.available(),
             overdraft_limit: self.overdraft_limit,
-            open_holds: self.open_holds,
+            open_holds: self.ex().open_holds,
             seq: self.seq,
             created_at_ms: self.created_at_ms,
             metadata: self.metadata.clone(),
@@ -741,12 +737,12 @@ impl Account {
             metadata: self.metadata.clone(),
             created_at_ms: self.created_at_ms,
             balance: self.balance,
-            held: self.held,
+            held: self.held(),
             seq: self.seq,
             last_lsn: self.last_lsn,
             holds: self.ex().holds.values().cloned().collect(),
             ended_holds: self.ex().ended_holds.iter().copied().collect(),
-            history: self.history().to_vec(),
+            history: self.history().iter().cloned().collect(),
             keys,
             total_in: self.total_in,
             total_out: self.total_out,
@@ -754,9 +750,9 @@ impl Account {
         }
     }
 
-    /// Rebuilds an account from its parts (a snapshot), with unlimited retention until
-    /// [`Account::set_retention`]. Refuses parts that break an invariant, without panicking:
-    /// they come from a file.
+    /// Rebuilds an account from its parts (a snapshot). Refuses parts that break an
+    /// invariant, without panicking: they come from a file. Its history is trimmed to the
+    /// retention at its next event.
     pub fn from_parts(parts: AccountParts) -> Result<Account, ApplyError> {
         let mut holds = BTreeMap::new();
         let mut deadlines = BTreeSet::new();
@@ -795,9 +791,11 @@ impl Account {
         {
             return Err(ApplyError("snapshot: balance out of bounds"));
         }
-        if Some(i128::from(parts.balance))
-            != (parts.total_in.checked_sub(parts.total_out))
-                .and_then(|net| net.checked_add(parts.transfers_net))
+        if parts.balance
+            != parts
+                .total_in
+                .wrapping_sub(parts.total_out)
+                .wrapping_add(parts.transfers_net)
         {
             return Err(ApplyError("snapshot: balance is not credits - debits"));
         }
@@ -819,6 +817,8 @@ impl Account {
             }
         }
         let extras = Extras {
+            held,
+            open_holds,
             holds,
             deadlines,
             idempotency,
@@ -832,14 +832,10 @@ impl Account {
             metadata: parts.metadata,
             created_at_ms: parts.created_at_ms,
             balance: parts.balance,
-            held: parts.held,
             seq: parts.seq,
             last_lsn: parts.last_lsn,
-            open_holds,
             extras: None,
-            history: parts.history,
-            history_dropped: dropped,
-            retention: Retention::UNLIMITED,
+            history: (!parts.history.is_empty()).then(|| Box::new(parts.history.into())),
             total_in: parts.total_in,
             total_out: parts.total_out,
             transfers_net: parts.transfers_net,
@@ -1207,30 +1203,39 @@ impl Account {
     /// Applies an event. Used by the live path and by replay alike. Refuses (without
     /// changing anything) an event that cannot follow this state, which in replay means a
     /// corrupt log. Asserts the invariants of DESIGN.md afterwards.
-    pub fn apply(&mut self, event: &Event) -> Result<Arc<Receipt>, ApplyError> {
+    pub fn apply(
+        &mut self,
+        event: &Event,
+        retention: Retention,
+    ) -> Result<Arc<Receipt>, ApplyError> {
         self.check(event)?;
-        self.apply_checked(event)
+        self.apply_checked(event, retention)
     }
 
     /// `apply` for an event that `check` accepted against this very state (the live path
     /// checks before writing the event to the log, under the account's lock, and does not
     /// pay for the same checks twice). Still refuses an LSN that does not advance, and still
     /// asserts every invariant afterwards.
-    pub fn apply_checked(&mut self, event: &Event) -> Result<Arc<Receipt>, ApplyError> {
-        self.apply_inner(event, true)?
+    pub fn apply_checked(
+        &mut self,
+        event: &Event,
+        retention: Retention,
+    ) -> Result<Arc<Receipt>, ApplyError> {
+        self.apply_inner(event, retention, true)?
             .ok_or(ApplyError("no receipt for an applied event"))
     }
 
     /// `apply` for WAL replay: the same checks, changes and assertions, but a receipt is
     /// built only where it is remembered (under an idempotency key); nobody reads the others.
-    pub fn replay(&mut self, event: &Event) -> Result<(), ApplyError> {
+    pub fn replay(&mut self, event: &Event, retention: Retention) -> Result<(), ApplyError> {
         self.check(event)?;
-        self.apply_inner(event, false).map(|_| ())
+        self.apply_inner(event, retention, false).map(|_| ())
     }
 
     fn apply_inner(
         &mut self,
         event: &Event,
+        retention: Retention,
         want_receipt: bool,
     ) -> Result<Option<Arc<Receipt>>, ApplyError> {
         if event.lsn <= self.last_lsn {
@@ -1255,14 +1260,14 @@ impl Account {
             .and_then(|_| Account::request_of(&event.body));
         let keyed = request.is_some();
         let receipt = if want_receipt || keyed {
-            self.history.push(tx.clone());
+            self.remember(tx.clone(), retention.history);
             Some(Arc::new(Receipt {
                 transaction: tx,
                 account: self.view(),
                 hold,
             }))
         } else {
-            self.history.push(tx);
+            self.remember(tx, retention.history);
             None
         };
         if let (Some(key), Some(request), Some(receipt)) =
@@ -1281,23 +1286,30 @@ impl Account {
                 .key_order
                 .push_back((event.at_ms, key.clone()));
         }
-        self.prune(event.at_ms);
+        self.prune(event.at_ms, retention.ttl_ms);
         assert_eq!(self.seq, seq_before + 1, "invariant 4: seq moves by one");
         self.check_invariants();
         Ok(receipt)
     }
 
-    /// Forgets what the retention no longer covers at `now_ms`: the oldest transactions
-    /// beyond the history limit (in steps of half the limit, so trimming is amortized), and
-    /// keys and ended holds older than the TTL.
-    fn prune(&mut self, now_ms: u64) {
-        let limit = self.retention.history;
-        if self.history.len() > limit.saturating_add(limit / 2) {
-            let excess = self.history.len() - limit;
-            self.history.drain(..excess);
-            self.history_dropped += excess as u64;
+    /// Adds the newest transaction to the history, forgetting the oldest beyond `limit`.
+    fn remember(&mut self, tx: Transaction, limit: usize) {
+        self.history.get_or_insert_with(Box::default).push_back(tx);
+        self.keep_history(limit);
+    }
+
+    /// Forgets the oldest transactions beyond `limit` (for an account restored from a
+    /// snapshot taken with a larger limit; `apply` keeps to its limit by itself).
+    pub fn keep_history(&mut self, limit: usize) {
+        if let Some(history) = self.history.as_deref_mut() {
+            while history.len() > limit {
+                history.pop_front();
+            }
         }
-        let ttl = self.retention.ttl_ms;
+    }
+
+    /// Forgets keys and ended holds older than `ttl` ms at `now_ms`.
+    fn prune(&mut self, now_ms: u64, ttl: u64) {
         let Some(extras) = self.extras.as_deref_mut() else {
             return;
         };
@@ -1392,12 +1404,12 @@ impl Account {
             EventBody::Opened { .. } => unreachable!("check refuses a second open"),
             EventBody::Credit { amount, metadata } => {
                 self.balance += amount.signed();
-                self.total_in += i128::from(amount.get());
+                self.total_in = self.total_in.wrapping_add(amount.signed());
                 (TxKind::Credit, *amount, None, metadata.clone())
             }
             EventBody::Debit { amount, metadata } => {
                 self.balance -= amount.signed();
-                self.total_out += i128::from(amount.get());
+                self.total_out = self.total_out.wrapping_add(amount.signed());
                 (TxKind::Debit, *amount, None, metadata.clone())
             }
             EventBody::Hold {
@@ -1417,9 +1429,9 @@ impl Account {
                     expires_at_ms: *expires_at_ms,
                     metadata: metadata.clone(),
                 };
-                self.held += amount.get();
-                self.open_holds += 1;
                 let extras = self.ex_mut();
+                extras.held += amount.get();
+                extras.open_holds += 1;
                 extras.deadlines.insert((*expires_at_ms, *hold_id));
                 extras.holds.insert(*hold_id, hold.clone());
                 hold_after = Some(hold);
@@ -1433,7 +1445,7 @@ impl Account {
             } => {
                 let hold = self.end_hold(hold_id, HoldStatus::Captured, amount.get());
                 self.balance -= amount.signed();
-                self.total_out += i128::from(amount.get());
+                self.total_out = self.total_out.wrapping_add(amount.signed());
                 hold_after = Some(hold);
                 (TxKind::Capture, *amount, Some(*hold_id), metadata.clone())
             }
@@ -1456,7 +1468,7 @@ impl Account {
                 ..
             } => {
                 self.balance -= amount.signed();
-                self.transfers_net -= i128::from(amount.get());
+                self.transfers_net = self.transfers_net.wrapping_sub(amount.signed());
                 transfer = Some(*transfer_id);
                 (TxKind::TransferOut, *amount, None, metadata.clone())
             }
@@ -1472,7 +1484,7 @@ impl Account {
                 ..
             } => {
                 self.balance += amount.signed();
-                self.transfers_net += i128::from(amount.get());
+                self.transfers_net = self.transfers_net.wrapping_add(amount.signed());
                 transfer = Some(*transfer_id);
                 let metadata = match &event.body {
                     EventBody::TransferIn { metadata, .. } => metadata.clone(),
@@ -1490,7 +1502,7 @@ impl Account {
             hold_id,
             transfer_id: transfer,
             balance: self.balance,
-            held: self.held,
+            held: self.held(),
             available: self.available(),
             created_at_ms: event.at_ms,
             metadata,
@@ -1513,11 +1525,10 @@ impl Account {
         hold.status = status;
         hold.captured = captured;
         let hold = hold.clone();
-        self.held -= hold.amount.get();
-        self.open_holds -= 1;
-        self.ex_mut()
-            .deadlines
-            .remove(&(hold.expires_at_ms, hold.id));
+        let extras = self.ex_mut();
+        extras.held -= hold.amount.get();
+        extras.open_holds -= 1;
+        extras.deadlines.remove(&(hold.expires_at_ms, hold.id));
         hold
     }
 
@@ -1532,18 +1543,17 @@ impl Account {
             "balance above AMOUNT_MAX"
         );
         assert_eq!(
-            i128::from(self.balance),
-            self.total_in - self.total_out + self.transfers_net,
+            self.balance,
+            self.external_net().wrapping_add(self.transfers_net),
             "invariant 3: balance is not credits - debits - captures + transfers in - out"
         );
         assert_eq!(
             self.ex().deadlines.len(),
-            self.open_holds as usize,
+            self.ex().open_holds as usize,
             "invariant 2: deadline index out of step with open holds"
         );
-        assert_eq!(
-            self.history_dropped + self.history.len() as u64,
-            self.seq,
+        assert!(
+            self.history().back().is_none_or(|tx| tx.seq == self.seq),
             "invariant 4: history out of step with seq"
         );
         debug_assert_eq!(
@@ -1553,7 +1563,7 @@ impl Account {
                 .filter(|h| h.status == HoldStatus::Open)
                 .map(|h| h.amount.get())
                 .sum::<u64>(),
-            self.held,
+            self.held(),
             "invariant 2: held is not the sum of open holds"
         );
     }

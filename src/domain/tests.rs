@@ -117,6 +117,18 @@ fn exec_at(
     now_ms: u64,
     hold_id: Uuid,
 ) -> Arc<Receipt> {
+    exec_kept(account, Retention::UNLIMITED, k, request, now_ms, hold_id)
+}
+
+/// `exec_at` with a retention.
+fn exec_kept(
+    account: &mut Account,
+    retention: Retention,
+    k: Option<&str>,
+    request: Request,
+    now_ms: u64,
+    hold_id: Uuid,
+) -> Arc<Receipt> {
     let fresh = Fresh { now_ms, hold_id };
     let decision = account
         .decide(k.map(key).as_ref(), &request, fresh)
@@ -129,7 +141,7 @@ fn exec_at(
         .check(&event)
         .expect("check accepts a decided event");
     account
-        .apply(&event)
+        .apply(&event, retention)
         .expect("apply accepts a decided event")
 }
 
@@ -194,7 +206,7 @@ struct Observed {
 fn observe(account: &Account, keys: &[&str]) -> Observed {
     Observed {
         view: account.view(),
-        history: account.history().to_vec(),
+        history: account.history().iter().cloned().collect(),
         holds: account.holds_after(None).cloned().collect(),
         deadlines: account.open_deadlines().collect(),
         last_lsn: account.last_lsn(),
@@ -317,7 +329,7 @@ fn credit_adds_money_and_records_one_transaction() {
     assert_eq!(account.available(), 150);
     assert_eq!(account.seq(), 1);
     assert_eq!(account.last_lsn(), 2);
-    assert_eq!(account.history(), std::slice::from_ref(tx));
+    assert_eq!(account.history().iter().collect::<Vec<_>>(), vec![tx]);
 
     let entry = account
         .idempotency_entry(&key("c1"))
@@ -752,7 +764,9 @@ fn a_hold_that_ended_is_hold_not_open_with_its_status() {
         .decide_expire(&expired, T0 + 1000)
         .expect("the hold is due");
     let event = next_event(&account, None, body, T0 + 1000);
-    account.apply(&event).expect("expire applies");
+    account
+        .apply(&event, Retention::UNLIMITED)
+        .expect("expire applies");
 
     for (hold_id, status) in [
         (captured, HoldStatus::Captured),
@@ -810,7 +824,9 @@ fn expire_releases_the_hold_as_one_expire_transaction() {
     let now = T0 + 61_000;
     let body = account.decide_expire(&hold_id, now).expect("due");
     let event = next_event(&account, None, body, now);
-    let receipt = account.apply(&event).expect("expire applies");
+    let receipt = account
+        .apply(&event, Retention::UNLIMITED)
+        .expect("expire applies");
     let tx = &receipt.transaction;
     assert_eq!(tx.kind, TxKind::Expire);
     assert_eq!(tx.amount, 25);
@@ -1128,7 +1144,9 @@ fn expire_events_leave_no_idempotency_entry() {
     let hold_id = place_hold(&mut account, 10);
     let body = account.decide_expire(&hold_id, u64::MAX).expect("due");
     let event = next_event(&account, None, body, T0 + 1);
-    account.apply(&event).expect("expire applies");
+    account
+        .apply(&event, Retention::UNLIMITED)
+        .expect("expire applies");
     assert!(account.idempotency_entry(&key("c")).is_some());
     assert_eq!(account.history().len(), 3);
 }
@@ -1298,7 +1316,9 @@ fn seq_moves_by_one_per_event_of_every_kind() {
     step(&mut account, r);
     let body = account.decide_expire(&h1, T0 + 5000).expect("due");
     let event = next_event(&account, None, body, T0 + 5000);
-    let r = account.apply(&event).expect("expire applies");
+    let r = account
+        .apply(&event, Retention::UNLIMITED)
+        .expect("expire applies");
     step(&mut account, r);
     let seqs: Vec<u64> = account.history().iter().map(|t| t.seq).collect();
     assert_eq!(seqs, (1..=8).collect::<Vec<u64>>());
@@ -1319,7 +1339,10 @@ fn busy_account() -> (Account, Uuid) {
 /// Asserts that `apply` (and `check`) refuse `event` and that the account is unchanged.
 fn assert_refused(account: &mut Account, event: &Event) {
     let before = observe(account, &["k1", "k9"]);
-    assert!(account.apply(event).is_err(), "apply accepted {event:?}");
+    assert!(
+        account.apply(event, Retention::UNLIMITED).is_err(),
+        "apply accepted {event:?}"
+    );
     assert_eq!(observe(account, &["k1", "k9"]), before, "{event:?}");
 }
 
@@ -1341,7 +1364,9 @@ fn apply_refuses_a_seq_that_does_not_follow() {
         assert_refused(&mut account, &event);
     }
     let good = next_event(&account, None, credit_body(1), T0);
-    account.apply(&good).expect("the right seq still applies");
+    account
+        .apply(&good, Retention::UNLIMITED)
+        .expect("the right seq still applies");
     assert_eq!(account.balance(), 101);
 }
 
@@ -1367,7 +1392,9 @@ fn apply_refuses_an_lsn_that_does_not_increase() {
     }
     let mut later = next_event(&account, None, credit_body(1), T0);
     later.lsn = last + 10;
-    account.apply(&later).expect("a larger lsn applies");
+    account
+        .apply(&later, Retention::UNLIMITED)
+        .expect("a larger lsn applies");
     assert_eq!(account.last_lsn(), last + 10);
 }
 
@@ -1409,7 +1436,9 @@ fn apply_refuses_ending_a_hold_twice() {
         },
         T0,
     );
-    account.apply(&release_event).expect("first end applies");
+    account
+        .apply(&release_event, Retention::UNLIMITED)
+        .expect("first end applies");
     let bodies = [
         EventBody::Capture {
             hold_id,
@@ -1441,7 +1470,9 @@ fn apply_refuses_a_key_applied_twice() {
     assert!(account.check(&event).is_err());
     assert_refused(&mut account, &event);
     let fresh_key = next_event(&account, Some("k9"), credit_body(5), T0);
-    account.apply(&fresh_key).expect("a new key applies");
+    account
+        .apply(&fresh_key, Retention::UNLIMITED)
+        .expect("a new key applies");
     assert!(account.idempotency_entry(&key("k9")).is_some());
 }
 
@@ -1522,7 +1553,9 @@ fn check_is_pure_and_agrees_with_apply() {
         .check(&event)
         .expect("still valid: check changed nothing");
     assert_eq!(observe(&account, &["k1", "k9"]), before);
-    let receipt = account.apply(&event).expect("apply agrees with check");
+    let receipt = account
+        .apply(&event, Retention::UNLIMITED)
+        .expect("apply agrees with check");
     assert_eq!(receipt.transaction.amount, 40);
     let entry = account.idempotency_entry(&key("k9")).expect("remembered");
     // amount_given = false means the request named no amount.
@@ -1551,7 +1584,7 @@ fn apply_refuses_a_capture_without_amount_that_takes_less_than_the_hold() {
             metadata: Metadata::empty(),
         },
     };
-    assert!(account.apply(&event).is_err());
+    assert!(account.apply(&event, Retention::UNLIMITED).is_err());
     assert_eq!(account.view(), before);
 }
 
@@ -1566,17 +1599,24 @@ fn history_keeps_the_newest_transactions_up_to_the_limit() {
     // Goal: memory per account is bounded by the limit, the kept window ends at seq, and
     // invariant 4 still holds over what is dropped.
     let mut account = open(0);
-    account.set_retention(Retention {
+    let retention = Retention {
         history: 10,
         ttl_ms: u64::MAX,
-    });
+    };
     for i in 0..100 {
-        exec(&mut account, None, credit(i + 1));
+        exec_kept(
+            &mut account,
+            retention,
+            None,
+            credit(i + 1),
+            T0,
+            hold_uuid(i as u128 + 1),
+        );
         let history = account.history();
         assert!(history.len() <= 10);
-        assert_eq!(history.last().map(|t| t.seq), Some(account.seq()));
-        for pair in history.windows(2) {
-            assert_eq!(pair[1].seq, pair[0].seq + 1);
+        assert_eq!(history.back().map(|t| t.seq), Some(account.seq()));
+        for (older, newer) in history.iter().zip(history.iter().skip(1)) {
+            assert_eq!(newer.seq, older.seq + 1);
         }
     }
     let seqs: Vec<u64> = account.history().iter().map(|t| t.seq).collect();
@@ -1587,14 +1627,22 @@ fn history_keeps_the_newest_transactions_up_to_the_limit() {
 #[test]
 fn keys_are_remembered_for_the_ttl_and_forgotten_at_the_first_change_after_it() {
     let mut account = open(0);
-    account.set_retention(Retention {
+    let retention = Retention {
         history: 1000,
         ttl_ms: 24 * HOUR_MS,
-    });
-    exec_at(&mut account, Some("k1"), credit(50), T0, hold_uuid(1));
-    // Still there just before the TTL, even after another change.
-    exec_at(
+    };
+    exec_kept(
         &mut account,
+        retention,
+        Some("k1"),
+        credit(50),
+        T0,
+        hold_uuid(1),
+    );
+    // Still there just before the TTL, even after another change.
+    exec_kept(
+        &mut account,
+        retention,
         None,
         credit(1),
         T0 + 24 * HOUR_MS - 1,
@@ -1603,16 +1651,18 @@ fn keys_are_remembered_for_the_ttl_and_forgotten_at_the_first_change_after_it() 
     assert!(account.idempotency_entry(&key("k1")).is_some());
     let _ = replay(&account, "k1", &credit(50));
     // The first change at or after the TTL forgets it; the same key is then a new request.
-    exec_at(
+    exec_kept(
         &mut account,
+        retention,
         None,
         credit(1),
         T0 + 24 * HOUR_MS,
         hold_uuid(3),
     );
     assert!(account.idempotency_entry(&key("k1")).is_none());
-    let again = exec_at(
+    let again = exec_kept(
         &mut account,
+        retention,
         Some("k1"),
         credit(50),
         T0 + 25 * HOUR_MS,
@@ -1624,22 +1674,44 @@ fn keys_are_remembered_for_the_ttl_and_forgotten_at_the_first_change_after_it() 
 #[test]
 fn ended_holds_are_forgotten_after_the_ttl_open_ones_never() {
     let mut account = open(0);
-    account.set_retention(Retention {
+    let retention = Retention {
         history: 1000,
         ttl_ms: HOUR_MS,
-    });
-    exec_at(&mut account, None, credit(100), T0, hold_uuid(1));
-    let ended = exec_at(&mut account, None, hold(10, Some(86_400)), T0, hold_uuid(2));
+    };
+    exec_kept(&mut account, retention, None, credit(100), T0, hold_uuid(1));
+    let ended = exec_kept(
+        &mut account,
+        retention,
+        None,
+        hold(10, Some(86_400)),
+        T0,
+        hold_uuid(2),
+    );
     let ended = ended.hold.as_ref().expect("hold").id;
-    let open_hold = exec_at(&mut account, None, hold(20, Some(86_400)), T0, hold_uuid(3));
+    let open_hold = exec_kept(
+        &mut account,
+        retention,
+        None,
+        hold(20, Some(86_400)),
+        T0,
+        hold_uuid(3),
+    );
     let open_hold = open_hold.hold.as_ref().expect("hold").id;
-    exec_at(&mut account, None, release(ended), T0 + 1, hold_uuid(4));
+    exec_kept(
+        &mut account,
+        retention,
+        None,
+        release(ended),
+        T0 + 1,
+        hold_uuid(4),
+    );
     assert_eq!(
         account.hold(&ended).map(|h| h.status),
         Some(HoldStatus::Released)
     );
-    exec_at(
+    exec_kept(
         &mut account,
+        retention,
         None,
         credit(1),
         T0 + 1 + HOUR_MS,
@@ -1662,6 +1734,37 @@ fn ended_holds_are_forgotten_after_the_ttl_open_ones_never() {
 }
 
 #[test]
+fn running_totals_past_i64_wrap_and_money_stays_conserved() {
+    // Goal: the conservation totals are kept modulo 2^64; a long life of the largest
+    // credits and debits passes i64's range without a panic or a false alarm, and the
+    // account still round-trips through its parts.
+    let mut account = open(0);
+    let retention = Retention {
+        history: 4,
+        ttl_ms: u64::MAX,
+    };
+    let max = i128::from(AMOUNT_MAX);
+    for i in 0..1100u64 {
+        let id = hold_uuid(u128::from(i));
+        exec_kept(&mut account, retention, None, credit(max), T0, id);
+        exec_kept(&mut account, retention, None, debit(max), T0, id);
+    }
+    exec_kept(&mut account, retention, None, credit(5), T0, hold_uuid(1));
+    // 1100 credits of 2^53-1 sum past 2^63.
+    assert_eq!(account.balance(), 5);
+    assert_eq!(account.external_net(), 5);
+    let parts = account.parts();
+    assert!(
+        parts.total_in < 0,
+        "the credit total wrapped: {}",
+        parts.total_in
+    );
+    let back = Account::from_parts(parts).expect("the parts are consistent");
+    assert_eq!(back.view(), account.view());
+    assert_eq!(account.history().len(), 4);
+}
+
+#[test]
 fn replay_with_the_same_retention_rebuilds_the_same_memory() {
     // Goal: pruning depends only on the events and the retention, so a replay forgets
     // exactly what the live account forgot.
@@ -1670,7 +1773,6 @@ fn replay_with_the_same_retention_rebuilds_the_same_memory() {
         ttl_ms: HOUR_MS,
     };
     let mut live = open(0);
-    live.set_retention(retention);
     let mut events = Vec::new();
     for i in 0..30u64 {
         let at = T0 + i * HOUR_MS / 4;
@@ -1690,13 +1792,12 @@ fn replay_with_the_same_retention_rebuilds_the_same_memory() {
             panic!("expected an event");
         };
         let event = next_event(&live, Some(&k), body, at);
-        live.apply(&event).expect("apply");
+        live.apply(&event, retention).expect("apply");
         events.push(event);
     }
     let mut replayed = Account::open(&open_event(0)).expect("open");
-    replayed.set_retention(retention);
     for event in &events {
-        replayed.apply(event).expect("replay");
+        replayed.apply(event, retention).expect("replay");
     }
     assert_eq!(replayed.view(), live.view());
     assert_eq!(replayed.history(), live.history());
@@ -1740,7 +1841,9 @@ fn transfer_out(account: &mut Account, k: &str, amount: i128, id: Uuid) -> Event
         panic!("the transfer is refused");
     };
     let event = next_event(account, Some(k), body, T0);
-    account.apply(&event).expect("apply the debit");
+    account
+        .apply(&event, Retention::UNLIMITED)
+        .expect("apply the debit");
     event
 }
 
@@ -1855,7 +1958,7 @@ fn transfer_events_keep_the_invariants_and_refuse_what_cannot_follow() {
         },
         T0,
     );
-    assert!(h.apply(&forced).is_err());
+    assert!(h.apply(&forced, Retention::UNLIMITED).is_err());
     assert_eq!(h.seq(), 1, "nothing changed");
     // A transfer event with a key other than the debit, or from the account to itself.
     let keyed = Event {
@@ -1900,7 +2003,8 @@ fn transfer_events_keep_the_invariants_and_refuse_what_cannot_follow() {
         )
         .expect("the refund fits");
     let refund = next_event(&a, None, body, T0 + 1);
-    a.apply(&refund).expect("apply the refund");
+    a.apply(&refund, Retention::UNLIMITED)
+        .expect("apply the refund");
     assert_eq!((a.balance(), a.seq()), (100, 3));
     let tx = &a.history()[2];
     assert_eq!(tx.kind, TxKind::TransferIn);
@@ -1948,7 +2052,8 @@ fn the_transfer_book_records_each_event_once_and_refuses_repeats() {
         )
         .expect("credit");
     let inn = next_event(&h, None, body, T0 + 2);
-    h.apply(&inn).expect("apply the credit");
+    h.apply(&inn, Retention::UNLIMITED)
+        .expect("apply the credit");
     let ended_before = Event {
         lsn: out.lsn,
         ..inn.clone()

@@ -10,10 +10,12 @@ mod actor;
 mod expiry;
 mod ids;
 mod recovery;
+mod registry;
 mod snapshots;
 mod transfers;
 
 pub(crate) use recovery::recover_state;
+pub(crate) use registry::{Registry, Slot, Table};
 pub use snapshots::{SnapshotFailed, SnapshotReport};
 pub use transfers::{Conservation, TransferOutcome};
 
@@ -22,15 +24,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use parking_lot::{Mutex, RwLock};
+use parking_lot::Mutex;
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use crate::clock::Clock;
 use crate::domain::{
-    Account, AccountId, AccountView, Currencies, Currency, Event, EventBody, FastMap, Hold,
-    HoldStatus, IdempotencyEntry, IdempotencyKey, Metadata, OpError, Receipt, Request, Retention,
-    Transaction, TransferBook,
+    Account, AccountId, AccountView, Currencies, Currency, Event, EventBody, Hold, HoldStatus,
+    IdempotencyEntry, IdempotencyKey, Metadata, OpError, Receipt, Request, Retention, Transaction,
+    TransferBook,
 };
 use crate::storage::{FileStorage, Storage};
 use crate::wal::{self, codec, Wal, WalError, WalStart, WriterMode};
@@ -165,8 +167,8 @@ pub enum OpenError {
         balances: i128,
         /// Sum of the pending transfers.
         in_flight: i128,
-        /// Sum of credits minus debits and captures.
-        external: i128,
+        /// Sum of credits minus debits and captures, modulo 2^64.
+        external: i64,
     },
 }
 
@@ -241,7 +243,7 @@ pub struct Engine {
 }
 
 pub(crate) struct Inner {
-    accounts: RwLock<FastMap<AccountId, Arc<Slot>>>,
+    accounts: Registry,
     wal: Wal,
     clock: Arc<dyn Clock>,
     ids: ids::IdGen,
@@ -258,13 +260,6 @@ pub(crate) struct Inner {
     transfers: Mutex<TransferBook>,
     /// How long recovery took (ms): replay at open, then `finish_recovery` adds its part.
     recovery_millis: AtomicU64,
-}
-
-/// One account: its state behind a short lock. The id is the registry's key and the
-/// account's own (one shared string); the slot does not keep a third copy.
-pub(crate) struct Slot {
-    /// Boxed, so that recovery hands its accounts over without copying them.
-    state: Mutex<Box<Account>>,
 }
 
 impl Engine {
@@ -303,26 +298,24 @@ impl Engine {
             segment_bytes_max: config.segment_bytes_max,
         })?;
         let expiry = expiry::ExpiryIndex::default();
-        let total = accounts.iter().map(|shard| shard.len()).sum();
-        let mut slots = FastMap::with_capacity_and_hasher(total, Default::default());
-        for (id, account) in accounts.into_iter().flatten() {
-            for (deadline, hold_id) in account.open_deadlines() {
-                expiry.insert(deadline, &id, hold_id);
+        for slot in accounts.iter().flat_map(|table| table.iter()) {
+            for (deadline, hold_id) in slot.state.lock().open_deadlines() {
+                expiry.insert(deadline, &slot.id, hold_id);
             }
-            slots.insert(id, Arc::new(Slot::new(account)));
         }
+        let accounts = Registry::from_tables(accounts);
         let report = RecoveryReport {
             records: outcome.records,
             snapshot_lsn: recovered.snapshot_lsn,
             damaged_snapshots: recovered.damaged_snapshots.len(),
-            accounts: slots.len(),
+            accounts: accounts.len(),
             last_lsn: outcome.last_lsn,
             tail_cut: outcome.tail_cut,
             holds_expired: 0,
             duration: started.elapsed(),
         };
         let inner = Inner {
-            accounts: RwLock::new(slots),
+            accounts,
             wal,
             ids: ids::IdGen::new(newest_ms, config.id_seed),
             clock: config.clock.clone(),
@@ -390,7 +383,7 @@ impl Engine {
             return self.existing(&slot, &currency, overdraft_limit).await;
         }
         let created = {
-            let mut accounts = self.inner.accounts.write();
+            let mut accounts = self.inner.accounts.shard(&id).write();
             if let Some(slot) = accounts.get(&id) {
                 Err(slot.clone())
             } else {
@@ -408,13 +401,14 @@ impl Engine {
                     },
                 };
                 event.lsn = self.inner.append(&event)?;
-                let mut account = Account::open(&event)
+                let account = Account::open(&event)
                     .expect("an open event built from validated values is accepted");
-                account.set_retention(self.inner.config.retention);
                 // The account as created: by the time the open is durable, requests that
                 // came after it may have changed the account without being durable yet.
                 let view = account.view();
-                accounts.insert(id, Arc::new(Slot::new(Box::new(account))));
+                if accounts.insert(account).is_err() {
+                    unreachable!("the id was looked up under the same write lock");
+                }
                 Ok((event.lsn, view))
             }
         };
@@ -591,14 +585,14 @@ impl Engine {
                 // The newest transactions, with consecutive seqs from `first`: "seq < before"
                 // is the prefix of length before - first.
                 let history = account.history();
-                let first = history.first().map_or(1, |t| t.seq);
+                let first = history.front().map_or(1, |t| t.seq);
                 let end = before_seq.map_or(history.len(), |b| {
                     usize::try_from(b.saturating_sub(first))
                         .unwrap_or(usize::MAX)
                         .min(history.len())
                 });
                 let start = end.saturating_sub(limit);
-                let page: Vec<Transaction> = history[start..end].iter().rev().cloned().collect();
+                let page: Vec<Transaction> = history.range(start..end).rev().cloned().collect();
                 let next = (start > 0).then(|| page.last().map(|t| t.seq)).flatten();
                 (page, next)
             })
@@ -640,7 +634,7 @@ impl Engine {
             transfers_in_flight: in_flight,
             transfers_in_flight_amount: in_flight_amount,
             transfers,
-            accounts: self.inner.accounts.read().len() as u64,
+            accounts: self.inner.accounts.len() as u64,
             live_actors: self.inner.live_actors.load(Ordering::Relaxed),
             queued_commands: self.inner.actors.get().map_or(0, |a| a.queued() as u64),
             open_holds: self.inner.expiry.len() as u64,
@@ -682,14 +676,6 @@ impl Engine {
     }
 }
 
-impl Slot {
-    fn new(account: Box<Account>) -> Slot {
-        Slot {
-            state: Mutex::new(account),
-        }
-    }
-}
-
 impl Inner {
     /// The account actors, started on first use.
     fn actors(self: &Arc<Inner>) -> &actor::Actors {
@@ -703,7 +689,7 @@ impl Inner {
     }
 
     fn slot(&self, id: &AccountId) -> Option<Arc<Slot>> {
-        self.accounts.read().get(id).cloned()
+        self.accounts.get(id)
     }
 
     fn slot_or_404(&self, id: &AccountId) -> Result<Arc<Slot>, EngineError> {
@@ -760,7 +746,7 @@ impl Inner {
         }
         event.lsn = self.append(&event)?;
         let receipt = account
-            .apply_checked(&event)
+            .apply_checked(&event, self.config.retention)
             .expect("check() accepted this event under the same lock");
         if event.body.is_transfer() {
             // Under the account's lock, right after the event: a snapshot that captures the

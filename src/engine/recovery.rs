@@ -4,21 +4,19 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::domain::{
-    Account, AccountId, AccountView, Currencies, Event, EventBody, FastMap, Retention, TransferBook,
-};
+use crate::domain::{Account, AccountView, Currencies, Event, EventBody, Retention, TransferBook};
 use crate::snapshot;
 use crate::storage::Storage;
 use crate::wal::{self, ReplayOutcome, WalError};
 
-use super::OpenError;
+use super::registry::owner;
+use super::{OpenError, Table};
 
 /// What [`recover_state`] rebuilt.
 pub(crate) struct Recovered {
-    /// Boxed: the map grows by doubling while it fills, and a table of whole accounts would
-    /// need about twice their size at its peak. One map per replay thread (a shard of the
-    /// accounts by id hash), handed on as they are rather than merged.
-    pub(crate) accounts: Vec<FastMap<AccountId, Box<Account>>>,
+    /// One table per replay thread (a shard of the accounts by [`owner`]), handed on as
+    /// they are rather than merged: the engine's registry is sharded the same way.
+    pub(crate) accounts: Vec<Table>,
     pub(crate) outcome: ReplayOutcome,
     /// Every id made so far has a timestamp at or below this.
     pub(crate) newest_ms: u64,
@@ -63,7 +61,7 @@ pub(crate) fn recover_state(
     };
     let mut shards: Vec<Shard> = (0..threads)
         .map(|_| Shard {
-            accounts: FastMap::default(),
+            accounts: Table::with_capacity(0),
             currencies: Currencies::default(),
             transfers: Vec::new(),
             retention,
@@ -83,15 +81,11 @@ pub(crate) fn recover_state(
                 shard.accounts.reserve(found.accounts.len() / threads + 1);
             }
             for mut account in found.accounts {
-                account.set_retention(retention);
+                account.keep_history(retention.history);
                 currencies.share(account.currency().clone());
                 let id = account.id().clone();
                 let shard = &mut shards[owner(threads, id.as_str().as_bytes())];
-                if shard
-                    .accounts
-                    .insert(id.clone(), Box::new(account))
-                    .is_some()
-                {
+                if shard.accounts.insert(account).is_err() {
                     return Err(OpenError::Snapshot(snapshot::SnapshotError::Corrupt {
                         path: snapshot_dir.join(snapshot::file_name(found.lsn)),
                         reason: format!("account {id} twice"),
@@ -130,17 +124,19 @@ pub(crate) fn recover_state(
         (replayed.accounts, replayed.currencies, replayed.outcome);
     let newest_ms = newest_ms.max(replayed.newest_ms);
     // Invariant 3 over the whole engine: transfers only move money between accounts.
-    let (balances, external) = accounts.iter().flat_map(|shard| shard.values()).fold(
-        (0i128, 0i128),
-        |(balances, external), account| {
+    let (balances, external) = accounts.iter().flat_map(|shard| shard.iter()).fold(
+        (0i128, 0i64),
+        |(balances, external), slot| {
+            let account = slot.state.lock();
             (
                 balances + i128::from(account.balance()),
-                external + account.external_net(),
+                external.wrapping_add(account.external_net()),
             )
         },
     );
     let in_flight = i128::try_from(transfers.in_flight().1).unwrap_or(i128::MAX);
-    if balances.checked_add(in_flight) != Some(external) {
+    // Modulo 2^64, as the accounts keep their totals.
+    if balances.wrapping_add(in_flight) as i64 != external {
         return Err(OpenError::NotConserved {
             balances,
             in_flight,
@@ -165,19 +161,9 @@ pub const REPLAY_THREADS_MAX: usize = 4;
 /// Events handed to a replay thread at a time.
 const REPLAY_BATCH: usize = 2048;
 
-/// Which of `threads` replay threads owns an account, by a hash of its id. Fixed seeds: it
-/// only has to be the same for all of an account's records.
-fn owner(threads: usize, id: &[u8]) -> usize {
-    if threads <= 1 {
-        return 0;
-    }
-    let hasher = ahash::RandomState::with_seeds(0x636f, 0x6666, 0x6572, 0x7265);
-    (hasher.hash_one(id) % threads as u64) as usize
-}
-
 /// What a replay rebuilt from the log.
 struct Replayed {
-    accounts: Vec<FastMap<AccountId, Box<Account>>>,
+    accounts: Vec<Table>,
     currencies: Currencies,
     outcome: ReplayOutcome,
     newest_ms: u64,
@@ -395,7 +381,7 @@ impl Frames {
 
 /// The accounts one replay thread owns, and the transfer events it applied.
 struct Shard {
-    accounts: FastMap<AccountId, Box<Account>>,
+    accounts: Table,
     currencies: Currencies,
     /// Transfer events with the account just after them (`None`: the account already had
     /// the event), for the transfer book.
@@ -428,7 +414,7 @@ impl Shard {
     /// its own LSN.
     fn replay(&mut self, mut event: Event) -> Result<(), String> {
         self.newest_ms = self.newest_ms.max(event.at_ms);
-        if let Some(account) = self.accounts.get_mut(&event.account) {
+        if let Some(account) = self.accounts.account_mut(&event.account) {
             let is_transfer = event.body.is_transfer();
             if event.lsn <= account.last_lsn() {
                 // Already in the snapshot this replay started from (it is fuzzy); its book
@@ -441,7 +427,9 @@ impl Shard {
             if let EventBody::Opened { .. } = event.body {
                 return Err(format!("account {} opened twice", event.account));
             }
-            account.replay(&event).map_err(|e| e.to_string())?;
+            account
+                .replay(&event, self.retention)
+                .map_err(|e| e.to_string())?;
             if is_transfer {
                 let view = account.view();
                 self.transfers.push((event, Some(view)));
@@ -450,9 +438,10 @@ impl Shard {
         }
         if let EventBody::Opened { currency, .. } = &mut event.body {
             *currency = self.currencies.share(currency.clone());
-            let mut account = Account::open(&event).map_err(|e| e.to_string())?;
-            account.set_retention(self.retention);
-            self.accounts.insert(event.account, Box::new(account));
+            let account = Account::open(&event).map_err(|e| e.to_string())?;
+            if self.accounts.insert(account).is_err() {
+                return Err(format!("account {} opened twice", event.account));
+            }
             return Ok(());
         }
         Err(format!("event for unknown account {}", event.account))

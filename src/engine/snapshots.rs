@@ -92,7 +92,7 @@ impl Inner {
         // Every event at or below this LSN is applied by now (LSNs are assigned and events
         // applied under the account's lock), so each account captured below has it.
         let lsn = self.wal.last_assigned_lsn();
-        let slots: Vec<_> = self.accounts.read().values().cloned().collect();
+        let slots: Vec<_> = self.accounts.slots();
         let mut writer = SnapshotWriter::new(lsn, 0, self.clock.now_ms());
         let mut wait_lsn = lsn;
         for slot in &slots {

@@ -45,14 +45,16 @@ pub struct Conservation {
     pub balances: i128,
     /// Sum of the amounts of pending transfers.
     pub in_flight: i128,
-    /// Sum of credits minus debits and captures over all accounts.
-    pub external: i128,
+    /// Sum of credits minus debits and captures over all accounts, modulo 2^64 (accounts
+    /// keep their running totals modulo 2^64: see [`crate::domain::Account`]).
+    pub external: i64,
 }
 
 impl Conservation {
     /// Whether money is conserved.
     pub fn holds(&self) -> bool {
-        self.balances.checked_add(self.in_flight) == Some(self.external)
+        // Modulo 2^64, as the totals are kept; the balances are exact.
+        self.balances.wrapping_add(self.in_flight) as i64 == self.external
     }
 }
 
@@ -114,13 +116,13 @@ impl Engine {
 
     /// Sums for the conservation check. Exact only when no request is in flight.
     pub fn conservation(&self) -> Conservation {
-        let slots: Vec<Arc<Slot>> = self.inner.accounts.read().values().cloned().collect();
+        let slots: Vec<Arc<Slot>> = self.inner.accounts.slots();
         let mut balances: i128 = 0;
-        let mut external: i128 = 0;
+        let mut external: i64 = 0;
         for slot in slots {
             let account = slot.state.lock();
             balances += i128::from(account.balance());
-            external += account.external_net();
+            external = external.wrapping_add(account.external_net());
         }
         let in_flight = self.inner.transfers.lock().in_flight().1;
         Conservation {

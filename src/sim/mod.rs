@@ -1607,7 +1607,12 @@ fn replay_disk(
 ) -> Result<(FastMap<AccountId, Box<Account>>, TransferBook), String> {
     crate::engine::recover_state(disk, Path::new(DATA_DIR), SIM_RETENTION, false, 2)
         .map(|recovered| {
-            let accounts = recovered.accounts.into_iter().flatten().collect();
+            let accounts = recovered
+                .accounts
+                .into_iter()
+                .flat_map(crate::engine::Table::into_accounts)
+                .map(|account| (account.id().clone(), Box::new(account)))
+                .collect();
             (accounts, recovered.transfers)
         })
         .map_err(|e| format!("recovery from the disk: {e}"))

@@ -563,7 +563,11 @@ pub fn check_conservation<'a>(
     );
     ensure_eq!(got.balances, balances, "sum of balances");
     ensure_eq!(got.in_flight, in_flight, "money in flight");
-    ensure_eq!(got.external, external, "credits - debits - captures");
+    ensure_eq!(
+        got.external,
+        external as i64,
+        "credits - debits - captures (modulo 2^64)"
+    );
     ensure!(got.holds(), "invariant 3: money is not conserved: {got:?}");
     Ok(())
 }
