@@ -75,8 +75,12 @@ impl fmt::Display for AccountId {
 }
 
 /// A currency code: 1..=16 bytes of `[A-Z0-9_]`.
+///
+/// A thin pointer (8 bytes, where `Arc<str>` takes 16): every account holds one, and the
+/// account must stay within its memory budget (see `engine::registry`). The codes are
+/// shared ([`Currencies`]), so the second indirection costs nothing in memory.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct Currency(Arc<str>);
+pub struct Currency(Arc<String>);
 
 /// Equal currencies sharing one allocation: accounts use a handful of currencies, and a
 /// million accounts should not carry a million copies of "GEM". Used where accounts are
@@ -118,12 +122,12 @@ impl Currency {
                 "currency must be 1..={CURRENCY_BYTES_MAX} characters of A-Z 0-9 _"
             )));
         }
-        Ok(Currency(text.into()))
+        Ok(Currency(Arc::new(text.to_string())))
     }
 
     /// The code as text.
     pub fn as_str(&self) -> &str {
-        &self.0
+        self.0.as_str()
     }
 }
 

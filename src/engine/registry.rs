@@ -186,15 +186,21 @@ mod tests {
     #[cfg(target_pointer_width = "64")]
     fn an_idle_account_fits_its_memory_budget() {
         // Issue 5: at most 256 bytes per idle account. The slot (with Arc's two counts) must
-        // fit mimalloc's 160-byte size class; the id string and the table's pointer and
-        // control byte (at its load factor) come on top: about 32 + 19 bytes.
+        // fit mimalloc's 160-byte size class, which (mimalloc 3 as built here, measured)
+        // serves requests of up to 152 bytes: 156 and 160 go to the 192-byte class. The id
+        // string and the table's pointer and control byte (at its load factor) come on top:
+        // about 32 + 19 bytes.
         let arc_counts = 2 * std::mem::size_of::<usize>();
         assert!(
-            arc_counts + std::mem::size_of::<Slot>() <= 160,
+            arc_counts + std::mem::size_of::<Slot>() <= 152,
             "a slot takes {} bytes",
             arc_counts + std::mem::size_of::<Slot>()
         );
-        assert_eq!(std::mem::size_of::<Arc<Slot>>(), 8, "the table holds a pointer");
+        assert_eq!(
+            std::mem::size_of::<Arc<Slot>>(),
+            8,
+            "the table holds a pointer"
+        );
     }
 
     #[test]
