@@ -838,7 +838,12 @@ async fn malformed_money_requests_apply_nothing() {
             ("{}".to_string(), 400),
             (r#"{"amount":5,"memo":"x"}"#.to_string(), 400),
             (r#"{"amount":1.5}"#.to_string(), 400),
-            (r#"{"amount":1e3}"#.to_string(), 400),
+            (r#"{"amount":1e-3}"#.to_string(), 400),
+            (r#"{"amount":4503599627370497.5}"#.to_string(), 400),
+            (r#"{"amount":3000000000000000.1}"#.to_string(), 400),
+            (r#"{"amount":1.0000000000000000000001}"#.to_string(), 400),
+            (r#"{"amount":0.0}"#.to_string(), 422),
+            (r#"{"amount":1e400}"#.to_string(), 422),
             (r#"{"amount":"5"}"#.to_string(), 400),
             (r#"{"amount":null}"#.to_string(), 400),
             (r#"{"amount":true}"#.to_string(), 400),
@@ -1200,38 +1205,99 @@ async fn json_arrays_are_not_request_objects() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn empty_query_values_count_as_absent() {
-    // Goal: a list parameter given with an empty value (the `?limit=&after=` URL template of API.md) means "not given": the answer equals the one without it, while a non-empty bad value stays 400.
+async fn empty_query_values_are_refused() {
+    // Goal: a list parameter given with an empty value (`?after=`, most likely a client's unset variable) is 400 invalid_request, like any other malformed value, instead of silently meaning "from the first page" or "every status"; leaving it out still means its default.
     let ts = TestServer::start().await;
     open(&ts, "q").await;
     credit(&ts, "q", 1).await;
-    for (with_empty, without) in [
-        ("/v1/accounts/q/holds?limit=&after=", "/v1/accounts/q/holds"),
-        ("/v1/accounts/q/holds?status=", "/v1/accounts/q/holds"),
-        (
-            "/v1/accounts/q/transactions?limit=",
-            "/v1/accounts/q/transactions",
-        ),
-        (
-            "/v1/accounts/q/transactions?before_seq=",
-            "/v1/accounts/q/transactions",
-        ),
+    for path in [
+        "/v1/accounts/q/holds?limit=&after=",
+        "/v1/accounts/q/holds?after=",
+        "/v1/accounts/q/holds?status=",
+        "/v1/accounts/q/holds?limit=",
+        "/v1/accounts/q/transactions?limit=",
+        "/v1/accounts/q/transactions?before_seq=",
+        "/v1/accounts/q/transactions?limit=10&before_seq=",
+        "/v1/accounts/q/transactions?limit=+5",
     ] {
-        let a = get(&ts, with_empty).await;
-        let b = get(&ts, without).await;
-        assert_eq!(a.status, 200, "GET {with_empty}: {}", a.text());
-        assert_eq!(
-            a.text(),
-            b.text(),
-            "GET {with_empty} differs from GET {without}"
-        );
+        let r = get(&ts, path).await;
+        assert_problem(&r, 400, "invalid_request");
     }
-    let r = get(&ts, "/v1/accounts/q/transactions?limit=+5").await;
-    assert_eq!(r.status, 400, "{}", r.text());
+    for path in [
+        "/v1/accounts/q/holds",
+        "/v1/accounts/q/transactions?limit=5",
+    ] {
+        let r = get(&ts, path).await;
+        assert_eq!(r.status, 200, "GET {path}: {}", r.text());
+    }
+    let r = get(&ts, "/v1/accounts/q/transactions").await;
+    assert_eq!(r.json()["transactions"].as_array().map(Vec::len), Some(1));
 }
 
-// ---------------------------------------------------------------------------------------
-// Idempotency
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn numbers_whose_exact_value_is_an_integer_are_that_integer() {
+    // Goal: `46.0`, `4.6e1` and `460e-1` are read as 46 from their text (never through a float): they credit 46, count as the same request as `46` for idempotency, and out-of-range integral values are 422, while fractions stay 400.
+    let ts = TestServer::start().await;
+    open(&ts, "f").await;
+    let k = key();
+    let mut seq = 0;
+    for literal in ["46", "46.0", "4.6e1", "460e-1", "0.46E+2"] {
+        let r = post_raw(
+            &ts,
+            "/v1/accounts/f/credits",
+            Some(&k),
+            format!(r#"{{"amount":{literal}}}"#),
+        )
+        .await;
+        assert_eq!(r.status, 201, "{literal}: {}", r.text());
+        assert_eq!(r.json()["transaction"]["amount"], 46, "{literal}");
+        if literal != "46" {
+            assert_eq!(r.header("idempotent-replayed"), Some("true"), "{literal}");
+        }
+        seq = r.json()["account"]["seq"].as_u64().unwrap_or(0);
+    }
+    assert_eq!(seq, 1, "one credit, then replays");
+    let hold = post_raw(
+        &ts,
+        "/v1/accounts/f/holds",
+        Some(&key()),
+        r#"{"amount":1.0e1,"expires_in_secs":6.0e1}"#.to_string(),
+    )
+    .await;
+    assert_eq!(hold.status, 201, "{}", hold.text());
+    assert_eq!(hold.json()["hold"]["amount"], 10);
+    let r = put(
+        &ts,
+        "/v1/accounts/g",
+        r#"{"currency":"GEM","overdraft_limit":5.00}"#.to_string(),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert_eq!(r.json()["overdraft_limit"], 5);
+    for (index, (literal, status)) in [
+        ("9007199254740991.0", 201),
+        ("9007199254740992.0", 422),
+        ("4503599627370497.5", 400),
+        ("3000000000000000.1", 400),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let id = format!("n{index}");
+        open(&ts, &id).await;
+        let r = post_raw(
+            &ts,
+            &format!("/v1/accounts/{id}/credits"),
+            Some(&key()),
+            format!(r#"{{"amount":{literal}}}"#),
+        )
+        .await;
+        assert_eq!(r.status, status, "{literal}: {}", r.text());
+        if status != 201 {
+            assert_untouched(&ts, &id, 0, 0).await;
+        }
+    }
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idempotent_replay_returns_the_original_answer() {

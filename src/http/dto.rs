@@ -8,45 +8,139 @@ use std::time::{Duration, UNIX_EPOCH};
 use serde::de::{self, Deserializer, Visitor};
 use serde::ser::{SerializeMap, Serializer};
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use utoipa::ToSchema;
 
+use super::schema::{self, AccountIdSchema, CurrencySchema, MetadataSchema};
 use crate::domain::{
     AccountView, Hold, Metadata, Receipt, Transaction, TransferRecord, TransferStatus,
 };
 
-/// A JSON integer, kept wide so that out-of-range values reach validation (422) while a
-/// string, fraction, boolean or null is a type error (400).
+/// A JSON number whose exact value is an integer, kept wide so that out-of-range values
+/// reach validation (422) while a string, boolean, null or a number with a fractional part
+/// is a type error (400).
+///
+/// The number is read from its literal text, never through a float: `46`, `46.0`, `4.6e1`
+/// and `460e-1` are all 46, while `4503599627370497.5` and `3000000000000000.1` stay
+/// fractions (a float would round them to integers). JSON Schema calls `46.0` an integer
+/// too, so a client that writes integers as `46.0` is served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct JsonInt(pub i128);
 
-/// Floats at or above this magnitude are integers too large for any amount; smaller ones
-/// are refused as not being written as integers.
-const EXACT_FLOAT_LIMIT: f64 = 9_007_199_254_740_992.0;
-
 impl<'de> Deserialize<'de> for JsonInt {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<JsonInt, D::Error> {
-        struct IntVisitor;
-        impl Visitor<'_> for IntVisitor {
-            type Value = JsonInt;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("an integer")
-            }
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<JsonInt, E> {
-                Ok(JsonInt(i128::from(v)))
-            }
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<JsonInt, E> {
-                Ok(JsonInt(i128::from(v)))
-            }
-            fn visit_f64<E: de::Error>(self, v: f64) -> Result<JsonInt, E> {
-                // serde_json hands integers beyond 64 bits over as floats: keep them as
-                // out-of-range integers (422). Anything else written with a fraction or an
-                // exponent is not an integer (400). `as` saturates, which is what we want.
-                if v.is_finite() && v.fract() == 0.0 && v.abs() >= EXACT_FLOAT_LIMIT {
-                    return Ok(JsonInt(v as i128));
-                }
-                Err(E::invalid_type(de::Unexpected::Float(v), &self))
-            }
+        // The raw text of the value. It borrows from the request body, which every caller
+        // parses from a byte slice.
+        let raw = <&'de RawValue>::deserialize(deserializer)?;
+        let text = raw.get().trim();
+        match exact_integer(text) {
+            Ok(value) => Ok(JsonInt(value)),
+            Err(NotInteger::Fraction) => Err(de::Error::invalid_value(
+                de::Unexpected::Other("a number with a fractional part"),
+                &"an integer",
+            )),
+            Err(NotInteger::NotNumber) => Err(de::Error::invalid_type(
+                unexpected_json(text),
+                &"an integer",
+            )),
         }
-        deserializer.deserialize_any(IntVisitor)
+    }
+}
+
+/// Why a JSON value is not an integer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum NotInteger {
+    /// A number whose exact value has a fractional part.
+    Fraction,
+    /// Not a number at all.
+    NotNumber,
+}
+
+/// Integers beyond this many decimal digits are out of every range anyway; they saturate.
+const EXACT_DIGITS_MAX: i64 = 38;
+
+/// The exact value of a JSON number literal (`-?int(.frac)?([eE][+-]?exp)?`) if it is an
+/// integer. Magnitudes beyond `i128` saturate (they are out of every range, so 422).
+pub(crate) fn exact_integer(text: &str) -> Result<i128, NotInteger> {
+    let (negative, rest) = match text.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, text),
+    };
+    let (mantissa, exponent) = match rest.find(['e', 'E']) {
+        Some(at) => (&rest[..at], Some(&rest[at + 1..])),
+        None => (rest, None),
+    };
+    let (int_part, frac_part) = match mantissa.split_once('.') {
+        Some((int_part, frac_part)) => (int_part, frac_part),
+        None => (mantissa, ""),
+    };
+    let digits_only = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if !digits_only(int_part) || (mantissa.contains('.') && !digits_only(frac_part)) {
+        return Err(NotInteger::NotNumber);
+    }
+    let exponent: i64 = match exponent {
+        None => 0,
+        Some(exp) => {
+            let (sign, digits) = match exp.as_bytes().first() {
+                Some(b'-') => (-1, &exp[1..]),
+                Some(b'+') => (1, &exp[1..]),
+                _ => (1, exp),
+            };
+            if !digits_only(digits) {
+                return Err(NotInteger::NotNumber);
+            }
+            // Saturates: any exponent past a billion decides the matter as well as the real
+            // one (the body holds at most a million digits).
+            let magnitude = digits
+                .trim_start_matches('0')
+                .parse::<i64>()
+                .unwrap_or(if digits.trim_start_matches('0').is_empty() {
+                    0
+                } else {
+                    1_000_000_000
+                })
+                .min(1_000_000_000);
+            sign * magnitude
+        }
+    };
+    // The value is `significant × 10^scale`, with no leading or trailing zero digits.
+    let all_digits = format!("{int_part}{frac_part}");
+    let significant = all_digits.trim_start_matches('0');
+    let trimmed = significant.trim_end_matches('0');
+    if trimmed.is_empty() {
+        return Ok(0);
+    }
+    let frac_len = i64::try_from(frac_part.len()).unwrap_or(i64::MAX);
+    let trailing = i64::try_from(significant.len() - trimmed.len()).unwrap_or(i64::MAX);
+    let scale = exponent - frac_len + trailing;
+    if scale < 0 {
+        return Err(NotInteger::Fraction);
+    }
+    let width = i64::try_from(trimmed.len()).unwrap_or(i64::MAX);
+    let saturated = if negative { i128::MIN } else { i128::MAX };
+    if width + scale > EXACT_DIGITS_MAX {
+        return Ok(saturated);
+    }
+    let mut value: i128 = 0;
+    for digit in trimmed.bytes() {
+        value = value * 10 + i128::from(digit - b'0');
+    }
+    for _ in 0..scale {
+        value *= 10;
+    }
+    Ok(if negative { -value } else { value })
+}
+
+/// How serde should name a JSON value that is not a number, for the error message.
+fn unexpected_json(text: &str) -> de::Unexpected<'_> {
+    match text.as_bytes().first() {
+        Some(b'"') => de::Unexpected::Other("a string"),
+        Some(b't') => de::Unexpected::Bool(true),
+        Some(b'f') => de::Unexpected::Bool(false),
+        Some(b'n') => de::Unexpected::Other("null"),
+        Some(b'[') => de::Unexpected::Seq,
+        Some(b'{') => de::Unexpected::Map,
+        _ => de::Unexpected::Other("a value"),
     }
 }
 
@@ -79,87 +173,112 @@ fn present_map<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, Strin
 }
 
 /// `PUT /v1/accounts/{id}`
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = AccountRequest, description = "The account to open: its currency and optional overdraft limit and metadata.")]
 pub struct AccountBody {
     /// Currency code.
+    #[schema(value_type = CurrencySchema)]
     pub currency: String,
     /// Overdraft limit.
     #[serde(default, deserialize_with = "present_int")]
+    #[schema(schema_with = schema::overdraft_limit)]
     pub overdraft_limit: Option<JsonInt>,
     /// Metadata.
     #[serde(default, deserialize_with = "present_map")]
+    #[schema(value_type = MetadataSchema)]
     pub metadata: BTreeMap<String, String>,
 }
 
 /// `POST .../credits` and `.../debits`
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = MoveRequest, description = "A credit or debit.")]
 pub struct MoveBody {
-    /// Amount.
+    /// Amount, in the account's minor unit.
+    #[schema(schema_with = schema::amount)]
     pub amount: JsonInt,
     /// Metadata.
     #[serde(default, deserialize_with = "present_map")]
+    #[schema(value_type = MetadataSchema)]
     pub metadata: BTreeMap<String, String>,
 }
 
 /// `POST .../holds`
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = HoldRequest, description = "A hold.")]
 pub struct HoldBody {
-    /// Amount.
+    /// Amount to hold, in the account's minor unit.
+    #[schema(schema_with = schema::amount)]
     pub amount: JsonInt,
     /// Lifetime in seconds.
     #[serde(default, deserialize_with = "present_int")]
+    #[schema(schema_with = schema::expires_in_secs)]
     pub expires_in_secs: Option<JsonInt>,
     /// Metadata.
     #[serde(default, deserialize_with = "present_map")]
+    #[schema(value_type = MetadataSchema)]
     pub metadata: BTreeMap<String, String>,
 }
 
 /// `POST .../capture`
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = CaptureRequest, description = "A capture; an empty body is the same as `{}`.")]
 pub struct CaptureBody {
     /// Amount to capture (default: all).
     #[serde(default, deserialize_with = "present_int")]
+    #[schema(schema_with = schema::capture_amount)]
     pub amount: Option<JsonInt>,
     /// Metadata.
     #[serde(default, deserialize_with = "present_map")]
+    #[schema(value_type = MetadataSchema)]
     pub metadata: BTreeMap<String, String>,
 }
 
 /// `POST .../release`
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = ReleaseRequest, description = "A release; an empty body is the same as `{}`.")]
 pub struct ReleaseBody {
     /// Metadata.
     #[serde(default, deserialize_with = "present_map")]
+    #[schema(value_type = MetadataSchema)]
     pub metadata: BTreeMap<String, String>,
 }
 
 /// `POST /v1/transfers`
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = TransferRequest, description = "A transfer from one account to another of the same currency.")]
 pub struct TransferBody {
     /// Source account id.
+    #[schema(value_type = AccountIdSchema)]
     pub from: String,
-    /// Destination account id.
+    /// Destination account id; must differ from `from` (else 422 validation_failed).
+    #[schema(value_type = AccountIdSchema)]
     pub to: String,
-    /// Amount.
+    /// Amount, in the accounts' minor unit.
+    #[schema(schema_with = schema::amount)]
     pub amount: JsonInt,
     /// Metadata.
     #[serde(default, deserialize_with = "present_map")]
+    #[schema(value_type = MetadataSchema)]
     pub metadata: BTreeMap<String, String>,
 }
 
-/// `POST /v1/batch`: the operations stay raw JSON here so that one malformed operation is
-/// answered on its own (400 in its result) instead of refusing the whole batch.
-#[derive(Debug, Deserialize)]
+/// `POST /v1/batch`: the operations stay raw JSON text here so that one malformed operation
+/// is answered on its own (400 in its result) instead of refusing the whole batch, and so
+/// that their numbers are read exactly (see [`JsonInt`]).
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct BatchBody {
+#[schema(as = BatchRequest, description = "Up to 1,000 operations.")]
+pub struct BatchBody<'a> {
     /// The operations, 1..=1000.
-    pub operations: Vec<serde_json::Value>,
+    #[serde(borrow)]
+    #[schema(value_type = Vec<schema::BatchOperation>, min_items = 1, max_items = 1000)]
+    pub operations: Vec<&'a RawValue>,
 }
 
 /// One operation of a batch.
@@ -188,24 +307,31 @@ pub struct BatchOpBody {
 }
 
 /// Query of `GET .../holds`
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct HoldsQuery {
-    /// Status filter.
+    /// Only holds of this status; absent lists every status.
+    #[param(schema_with = schema::hold_status)]
     pub status: Option<String>,
-    /// Page size.
+    /// Page size, 1..=1000 (default 100).
+    #[param(schema_with = schema::list_limit)]
     pub limit: Option<String>,
-    /// Cursor.
+    /// Cursor: the `next` of the previous page (a hold id); lists holds created after it.
+    #[param(schema_with = schema::uuid)]
     pub after: Option<String>,
 }
 
 /// Query of `GET .../transactions`
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct TransactionsQuery {
-    /// Page size.
+    /// Page size, 1..=1000 (default 100).
+    #[param(schema_with = schema::list_limit)]
     pub limit: Option<String>,
-    /// Cursor: only transactions with a smaller seq.
+    /// Cursor: the `next` of the previous page; lists transactions with a smaller seq.
+    #[param(schema_with = schema::before_seq)]
     pub before_seq: Option<String>,
 }
 
@@ -232,18 +358,38 @@ impl Serialize for MetadataJson<'_> {
     }
 }
 
-/// An Account resource.
-#[derive(Serialize)]
+/// An account: `available = balance - held`, never below `-overdraft_limit`.
+#[derive(Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(as = Account, examples(json!({"id": "player-42", "currency": "GEM", "balance": 1500,
+    "held": 200, "available": 1300, "overdraft_limit": 0, "open_holds": 1, "seq": 7,
+    "created_at": "2026-11-22T01:02:03.456Z", "metadata": {}})))]
 pub struct AccountJson<'a> {
+    #[schema(value_type = AccountIdSchema)]
     id: &'a str,
+    #[schema(value_type = CurrencySchema)]
     currency: &'a str,
+    /// Posted money, in minor units. Negative only with an overdraft.
+    #[schema(schema_with = schema::signed_money)]
     balance: i64,
+    /// Sum of the open holds.
+    #[schema(schema_with = schema::unsigned_money)]
     held: u64,
+    /// balance - held; never below -overdraft_limit.
+    #[schema(schema_with = schema::signed_money)]
     available: i64,
+    /// How far available may go below zero.
+    #[schema(schema_with = schema::unsigned_money)]
     overdraft_limit: u64,
+    /// Number of open holds.
+    #[schema(schema_with = schema::count)]
     open_holds: u32,
+    /// Number of changes so far (0 for a new account).
+    #[schema(schema_with = schema::count)]
     seq: u64,
+    #[schema(schema_with = schema::timestamp)]
     created_at: Timestamp,
+    #[schema(value_type = MetadataSchema)]
     metadata: MetadataJson<'a>,
 }
 
@@ -264,20 +410,46 @@ impl<'a> From<&'a AccountView> for AccountJson<'a> {
     }
 }
 
-/// A Transaction resource.
-#[derive(Serialize)]
+/// One change of one account; `balance`, `held` and `available` are the values just after
+/// it.
+#[derive(Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(as = Transaction)]
 pub struct TransactionJson<'a> {
+    /// UUID v7.
+    #[schema(schema_with = schema::uuid)]
     id: String,
+    #[schema(value_type = AccountIdSchema)]
     account_id: &'a str,
+    /// The account's seq after this change: 1, 2, 3, ... with no gap.
+    #[schema(schema_with = schema::seq)]
     seq: u64,
+    /// What changed.
+    #[schema(schema_with = schema::tx_kind)]
     kind: &'static str,
+    /// The amount moved: for a capture the captured amount, for a release or expire the
+    /// hold's amount, for a transfer half the transfer's amount.
+    #[schema(schema_with = schema::amount)]
     amount: u64,
+    /// The hold of a hold, capture, release or expire; null otherwise.
+    #[schema(schema_with = schema::uuid_or_null, required = true)]
     hold_id: Option<String>,
+    /// The transfer of a transfer_out or transfer_in; null otherwise.
+    #[schema(schema_with = schema::uuid_or_null, required = true)]
     transfer_id: Option<String>,
+    /// Balance just after this change.
+    #[schema(schema_with = schema::signed_money)]
     balance: i64,
+    /// Held just after this change.
+    #[schema(schema_with = schema::unsigned_money)]
     held: u64,
+    /// Available just after this change.
+    #[schema(schema_with = schema::signed_money)]
     available: i64,
+    #[schema(schema_with = schema::timestamp)]
     created_at: Timestamp,
+    /// The metadata of the request ({} for expire).
+    #[schema(value_type = MetadataSchema)]
     metadata: MetadataJson<'a>,
 }
 
@@ -300,16 +472,30 @@ impl<'a> From<&'a Transaction> for TransactionJson<'a> {
     }
 }
 
-/// A Hold resource.
-#[derive(Serialize)]
+/// Money reserved on an account until captured, released or expired.
+#[derive(Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(as = Hold)]
 pub struct HoldJson<'a> {
+    /// UUID v7; ids sort in creation order.
+    #[schema(schema_with = schema::uuid)]
     id: String,
+    #[schema(value_type = AccountIdSchema)]
     account_id: &'a str,
+    /// The amount held.
+    #[schema(schema_with = schema::amount)]
     amount: u64,
+    /// What the capture took; 0 unless captured.
+    #[schema(schema_with = schema::unsigned_money)]
     captured: u64,
+    #[schema(schema_with = schema::hold_status)]
     status: &'static str,
+    #[schema(schema_with = schema::timestamp)]
     created_at: Timestamp,
+    /// The deadline: an open hold is expired at this time.
+    #[schema(schema_with = schema::timestamp)]
     expires_at: Timestamp,
+    #[schema(value_type = MetadataSchema)]
     metadata: MetadataJson<'a>,
 }
 
@@ -328,17 +514,30 @@ impl<'a> From<&'a Hold> for HoldJson<'a> {
     }
 }
 
-/// A Transfer resource.
-#[derive(Serialize)]
+/// Money moved from one account to another, exactly once.
+#[derive(Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(as = Transfer)]
 pub struct TransferJson<'a> {
+    /// UUID v7.
+    #[schema(schema_with = schema::uuid)]
     id: String,
+    #[schema(value_type = AccountIdSchema)]
     from: &'a str,
+    #[schema(value_type = AccountIdSchema)]
     to: &'a str,
+    #[schema(schema_with = schema::amount)]
     amount: u64,
+    /// `pending` only while the transfer is between its halves (or until recovery finishes
+    /// it); `failed` when the destination refused and the source was refunded.
+    #[schema(schema_with = schema::transfer_status)]
     status: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(schema_with = schema::transfer_failure_code)]
     failure_code: Option<&'static str>,
+    #[schema(schema_with = schema::timestamp)]
     created_at: Timestamp,
+    #[schema(value_type = MetadataSchema)]
     metadata: MetadataJson<'a>,
 }
 
@@ -361,11 +560,14 @@ impl<'a> From<&'a TransferRecord> for TransferJson<'a> {
 }
 
 /// The body answering a transfer: `{"transfer", "from_account", "to_account"}`, each
-/// account just after its half.
-#[derive(Serialize)]
+/// account just after its half (`to_account` is null while the transfer is pending).
+#[derive(Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(as = TransferReceipt)]
 pub struct TransferReceiptJson<'a> {
     transfer: TransferJson<'a>,
     from_account: AccountJson<'a>,
+    #[schema(required = true)]
     to_account: Option<AccountJson<'a>>,
 }
 
@@ -379,10 +581,14 @@ impl<'a> From<&'a TransferRecord> for TransferReceiptJson<'a> {
     }
 }
 
-/// The body answering a change: `{"hold"?, "transaction", "account"}`.
-#[derive(Serialize)]
+/// The answer to a change: the transaction and the account just after it; `hold` is
+/// present for holds, captures and releases.
+#[derive(Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(as = Receipt)]
 pub struct ReceiptJson<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = HoldJson)]
     hold: Option<HoldJson<'a>>,
     transaction: TransactionJson<'a>,
     account: AccountJson<'a>,
@@ -395,5 +601,168 @@ impl<'a> From<&'a Receipt> for ReceiptJson<'a> {
             transaction: TransactionJson::from(&r.transaction),
             account: AccountJson::from(&r.account),
         }
+    }
+}
+
+/// The answer to a hold, capture or release: the hold, the transaction and the account
+/// just after it. (The same shape as [`ReceiptJson`] with `hold` always present.)
+#[derive(Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(as = HoldReceipt, description = "The answer to a hold, capture or release: the hold, the transaction and the account just after it.")]
+#[allow(dead_code)] // Documentation only: the answers are ReceiptJson.
+pub struct HoldReceiptDoc<'a> {
+    hold: HoldJson<'a>,
+    transaction: TransactionJson<'a>,
+    account: AccountJson<'a>,
+}
+
+/// A page of an account's holds, oldest first.
+#[derive(Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(as = HoldPage)]
+pub struct HoldPage<'a> {
+    /// At most `limit` holds.
+    #[schema(max_items = 1000)]
+    pub holds: Vec<HoldJson<'a>>,
+    /// Pass as `after` for the next page; null when there is certainly nothing more.
+    #[schema(schema_with = schema::uuid_or_null, required = true)]
+    pub next: Option<String>,
+}
+
+/// A page of an account's transactions, newest first.
+#[derive(Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(as = TransactionPage)]
+pub struct TransactionPage<'a> {
+    /// At most `limit` transactions.
+    #[schema(max_items = 1000)]
+    pub transactions: Vec<TransactionJson<'a>>,
+    /// Pass as `before_seq` for the next (older) page; null when there is certainly nothing
+    /// more.
+    #[schema(schema_with = schema::seq_cursor, required = true)]
+    pub next: Option<String>,
+}
+
+/// What a request with an idempotency key was answered.
+#[derive(Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(as = IdempotencyLookup)]
+pub struct IdempotencyLookup<'a> {
+    /// The key looked up.
+    #[schema(schema_with = schema::idempotency_key)]
+    pub key: &'a str,
+    /// The HTTP status of the original answer (404 and 409 only for a transfer that ended
+    /// failed, 202 for one still pending).
+    #[schema(schema_with = schema::lookup_status)]
+    pub status: u16,
+    /// The original answer's body, unchanged: a Receipt, or for a transfer key a
+    /// TransferReceipt (or, for a failed transfer, the Problem it was answered with).
+    #[schema(schema_with = schema::lookup_response)]
+    pub response: serde_json::Value,
+    /// When the original request was applied.
+    #[schema(schema_with = schema::timestamp)]
+    pub created_at: Timestamp,
+}
+
+/// `GET /healthz`: the process runs.
+#[derive(Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Health {
+    /// Always `ok`.
+    #[schema(schema_with = schema::const_ok)]
+    pub status: &'static str,
+}
+
+/// `GET /readyz`: recovery is done and writes are accepted.
+#[derive(Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Readiness {
+    /// Always `ready`.
+    #[schema(schema_with = schema::const_ready)]
+    pub status: &'static str,
+}
+
+/// One result of a batch: exactly what the operation's single endpoint would have answered.
+#[derive(Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(as = BatchResult)]
+#[allow(dead_code)] // Documentation only: batch answers are written directly as bytes.
+pub struct BatchResultDoc<'a> {
+    /// The HTTP status the single endpoint would have answered.
+    #[schema(minimum = 200, maximum = 599)]
+    status: u16,
+    /// The body the single endpoint would have answered: a receipt, or a problem.
+    #[schema(schema_with = schema::batch_result_body, required = true)]
+    body: Option<ReceiptJson<'a>>,
+    /// True when this answers an earlier request with the same key (the single endpoint's
+    /// Idempotent-Replayed: true).
+    replayed: bool,
+}
+
+/// The answer to a batch: one result per operation, in order.
+#[derive(Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(as = BatchResponse)]
+#[allow(dead_code)] // Documentation only: batch answers are written directly as bytes.
+pub struct BatchResponseDoc<'a> {
+    #[schema(max_items = 1000)]
+    results: Vec<BatchResultDoc<'a>>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn integral_literals_are_integers_and_fractions_are_not() {
+        for (text, value) in [
+            ("46", 46),
+            ("-46", -46),
+            ("46.0", 46),
+            ("4.6e1", 46),
+            ("4.6E+1", 46),
+            ("460e-1", 46),
+            ("0.0", 0),
+            ("-0", 0),
+            ("0e999999999999999999999", 0),
+            ("9007199254740991.000", 9_007_199_254_740_991),
+            ("1e20", 100_000_000_000_000_000_000),
+        ] {
+            assert_eq!(exact_integer(text), Ok(value), "{text}");
+        }
+        for text in [
+            "4503599627370497.5",
+            "3000000000000000.1",
+            "1.5",
+            "1e-1",
+            "100e-3",
+            "1e-999999999999999999999",
+        ] {
+            assert_eq!(exact_integer(text), Err(NotInteger::Fraction), "{text}");
+        }
+        for text in [
+            "\"5\"", "true", "null", "[]", "{}", "", "-", "1.", ".5", "1e",
+        ] {
+            assert_eq!(exact_integer(text), Err(NotInteger::NotNumber), "{text}");
+        }
+    }
+
+    #[test]
+    fn huge_integers_saturate_out_of_every_range() {
+        assert_eq!(exact_integer("1e400"), Ok(i128::MAX));
+        assert_eq!(exact_integer("-1e400"), Ok(i128::MIN));
+        assert_eq!(exact_integer(&"9".repeat(60)), Ok(i128::MAX));
+        assert_eq!(exact_integer("1e999999999999999999999"), Ok(i128::MAX));
+    }
+
+    #[test]
+    fn json_fields_read_numbers_from_their_text() {
+        let body: MoveBody = serde_json::from_str(r#"{"amount": 4.6e1}"#).expect("46");
+        assert_eq!(body.amount, JsonInt(46));
+        let error = serde_json::from_str::<MoveBody>(r#"{"amount": 4503599627370497.5}"#)
+            .expect_err("a fraction");
+        assert!(error.to_string().contains("fractional"), "{error}");
+        let error = serde_json::from_str::<MoveBody>(r#"{"amount": "5"}"#).expect_err("a string");
+        assert!(error.to_string().contains("expected an integer"), "{error}");
     }
 }

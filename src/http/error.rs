@@ -18,94 +18,297 @@ pub struct ApiError {
     pub title: &'static str,
     /// What exactly is wrong.
     pub detail: String,
-    /// Seconds for `Retry-After`, on 503.
+    /// Seconds for `Retry-After`, on 429 and 503.
     pub retry_after_secs: Option<u32>,
 }
 
-impl ApiError {
-    fn new(
+/// One kind of error answer: status, stable code, title, and what the OpenAPI document says
+/// about it. Every [`ApiError`] is made from one of the kinds in [`kinds`], and the document
+/// lists each endpoint's errors as kinds too, so the two cannot disagree on a status or code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ErrorKind {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// Stable code.
+    pub code: &'static str,
+    /// Short human title.
+    pub title: &'static str,
+    /// `Retry-After` seconds sent with it, if any (429 sends its own wait).
+    pub retry_after_secs: Option<u32>,
+    /// When it is answered (the document's description).
+    pub meaning: &'static str,
+    /// A typical `detail` (the document's example).
+    pub example_detail: &'static str,
+}
+
+/// Every kind of error answer.
+pub mod kinds {
+    use super::ErrorKind;
+    use axum::http::StatusCode;
+
+    const fn kind(
         status: StatusCode,
         code: &'static str,
         title: &'static str,
-        detail: impl Into<String>,
-    ) -> ApiError {
-        ApiError {
+        meaning: &'static str,
+        example_detail: &'static str,
+    ) -> ErrorKind {
+        ErrorKind {
             status,
             code,
             title,
-            detail: detail.into(),
             retry_after_secs: None,
+            meaning,
+            example_detail,
+        }
+    }
+
+    const fn retry(mut kind: ErrorKind) -> ErrorKind {
+        kind.retry_after_secs = Some(1);
+        kind
+    }
+
+    /// 400: malformed JSON, wrong types, bad ids, bad query, bad key format.
+    pub const INVALID_REQUEST: ErrorKind = kind(
+        StatusCode::BAD_REQUEST,
+        "invalid_request",
+        "Invalid request",
+        "invalid_request: malformed JSON, a body that is not an object, an unknown field, a field of the wrong JSON type (a string, a number with a fractional part, null or a boolean where an integer is expected; null for metadata), a missing required field, a malformed account id, hold id or key in the path, a bad or empty query parameter, or an Idempotency-Key that is empty, longer than 255 characters, not visible ASCII or given twice",
+        "invalid JSON body: unknown field `amont`, expected `amount` or `metadata` at line 1 column 8",
+    );
+    /// 400: a money-moving request without `Idempotency-Key`.
+    pub const IDEMPOTENCY_KEY_MISSING: ErrorKind = kind(
+        StatusCode::BAD_REQUEST,
+        "idempotency_key_missing",
+        "Idempotency-Key missing",
+        "idempotency_key_missing: no Idempotency-Key header (for a batch operation: no idempotency_key)",
+        "this request moves money and needs an Idempotency-Key header",
+    );
+    /// 401: no bearer token, or not a configured one.
+    pub const UNAUTHORIZED: ErrorKind = kind(
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        "Unauthorized",
+        "unauthorized: tokens are configured and the request has no `Authorization: Bearer` with one of them (comes before every other error)",
+        "this endpoint needs Authorization: Bearer with a valid token",
+    );
+    /// 404: no account with this id.
+    pub const ACCOUNT_NOT_FOUND: ErrorKind = kind(
+        StatusCode::NOT_FOUND,
+        "account_not_found",
+        "Account not found",
+        "account_not_found: no account with this id",
+        "no account with id player-42",
+    );
+    /// 404: no hold with this id on the account.
+    pub const HOLD_NOT_FOUND: ErrorKind = kind(
+        StatusCode::NOT_FOUND,
+        "hold_not_found",
+        "Hold not found",
+        "hold_not_found: the account has no hold with this id",
+        "no hold 0193a5c4-7d2e-7f00-8000-000000000001 on this account",
+    );
+    /// 404: no transfer with this id.
+    pub const TRANSFER_NOT_FOUND: ErrorKind = kind(
+        StatusCode::NOT_FOUND,
+        "transfer_not_found",
+        "Transfer not found",
+        "transfer_not_found: no transfer with this id (or it is older than the retention)",
+        "no transfer 0193a5c4-7d2e-7f00-8000-000000000001",
+    );
+    /// 404: the key was not used on this account (or is forgotten).
+    pub const UNKNOWN_IDEMPOTENCY_KEY: ErrorKind = kind(
+        StatusCode::NOT_FOUND,
+        "unknown_idempotency_key",
+        "Unknown idempotency key",
+        "unknown_idempotency_key: no successful request with this key on this account (within the retention)",
+        "no request with key order-1 on this account",
+    );
+    /// 404: a path that names no endpoint.
+    pub const NOT_FOUND: ErrorKind = kind(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "Not found",
+        "not_found: no such endpoint",
+        "no such endpoint",
+    );
+    /// 405: a known path with another method.
+    pub const METHOD_NOT_ALLOWED: ErrorKind = kind(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "Method not allowed",
+        "method_not_allowed: the path exists but not with this method (Allow lists the methods)",
+        "this endpoint does not take this method",
+    );
+    /// 409: `PUT` of an existing account with other fields.
+    pub const ACCOUNT_EXISTS: ErrorKind = kind(
+        StatusCode::CONFLICT,
+        "account_exists",
+        "Account exists",
+        "account_exists: the account exists with a different currency or overdraft_limit (the detail names them)",
+        "the account exists with currency GEM and overdraft_limit 0",
+    );
+    /// 409: not enough available money.
+    pub const INSUFFICIENT_FUNDS: ErrorKind = kind(
+        StatusCode::CONFLICT,
+        "insufficient_funds",
+        "Insufficient funds",
+        "insufficient_funds: amount is more than available + overdraft_limit",
+        "available 1300 is less than 2000",
+    );
+    /// 409: the hold is captured, released or expired.
+    pub const HOLD_NOT_OPEN: ErrorKind = kind(
+        StatusCode::CONFLICT,
+        "hold_not_open",
+        "Hold not open",
+        "hold_not_open: the hold is captured, released or expired (the detail names its status)",
+        "the hold is expired",
+    );
+    /// 409: a credit would push the balance past 2^53-1.
+    pub const BALANCE_LIMIT_EXCEEDED: ErrorKind = kind(
+        StatusCode::CONFLICT,
+        "balance_limit_exceeded",
+        "Balance limit exceeded",
+        "balance_limit_exceeded: the balance would exceed 9007199254740991",
+        "balance 9007199254740000 plus 5000 would exceed 9007199254740991",
+    );
+    /// 409: a transfer between accounts of different currencies.
+    pub const CURRENCY_MISMATCH: ErrorKind = kind(
+        StatusCode::CONFLICT,
+        "currency_mismatch",
+        "Currency mismatch",
+        "currency_mismatch: the two accounts have different currencies; nothing moved",
+        "the source holds GEM and the destination EUR",
+    );
+    /// 413: the body is over its limit.
+    pub const PAYLOAD_TOO_LARGE: ErrorKind = kind(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+        "Payload too large",
+        "payload_too_large: the body is larger than 65,536 bytes (1 MiB for POST /v1/batch)",
+        "request bodies are limited to 65536 bytes",
+    );
+    /// 422: a well-formed value out of bounds.
+    pub const VALIDATION_FAILED: ErrorKind = kind(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "validation_failed",
+        "Validation failed",
+        "validation_failed: a well-formed value out of bounds: an integer amount outside 1..=9007199254740991, a currency outside ^[A-Z0-9_]{1,16}$, an overdraft_limit outside 0..=9007199254740991, expires_in_secs outside 1..=2592000, metadata outside its limits, a transfer from an account to itself, or a batch with no operation or more than 1000",
+        "amount must be an integer in 1..=9007199254740991",
+    );
+    /// 422: the key was used for a different request.
+    pub const IDEMPOTENCY_KEY_REUSED: ErrorKind = kind(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "idempotency_key_reused",
+        "Idempotency key reused",
+        "idempotency_key_reused: this Idempotency-Key was used on this account for a different request; nothing was applied",
+        "this Idempotency-Key was used for a different request",
+    );
+    /// 422: a capture of more than the hold.
+    pub const AMOUNT_EXCEEDS_HOLD: ErrorKind = kind(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "amount_exceeds_hold",
+        "Amount exceeds hold",
+        "amount_exceeds_hold: the capture amount is more than the hold's amount",
+        "capture of 300 is more than the hold's 200",
+    );
+    /// 429: over the rate limit.
+    pub const RATE_LIMITED: ErrorKind = kind(
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate_limited",
+        "Rate limited",
+        "rate_limited: this token (or client IP without tokens) is over --rate-limit; retry after Retry-After seconds",
+        "too many requests for this client; retry after the Retry-After seconds",
+    );
+    /// 503: recovery is still running.
+    pub const NOT_READY: ErrorKind = retry(kind(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "not_ready",
+        "Not ready",
+        "not_ready: recovery is still running (Retry-After: 1)",
+        "recovery is still running",
+    ));
+    /// 503: the log failed; writes are stopped.
+    pub const STORAGE_FAILURE: ErrorKind = kind(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "storage_failure",
+        "Storage failure",
+        "storage_failure: the write-ahead log could not be written or synced; writes are stopped and nothing unsynced is acknowledged or shown",
+        "the write-ahead log could not be written or synced; writes are stopped",
+    );
+    /// 503: a mailbox stayed full, or the request timed out.
+    pub const OVERLOADED: ErrorKind = retry(kind(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "overloaded",
+        "Overloaded",
+        "overloaded: an account actor's mailbox stayed full (nothing was applied), or the request took longer than --request-timeout (a change may still be applied: retry with the same Idempotency-Key); Retry-After: 1",
+        "the server has too much queued work; nothing was applied, retry later",
+    ));
+    /// 503: the server is shutting down.
+    pub const SHUTTING_DOWN: ErrorKind = retry(kind(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "overloaded",
+        "Shutting down",
+        "overloaded: the server is shutting down (Retry-After: 1)",
+        "the server is shutting down",
+    ));
+}
+
+impl ApiError {
+    /// An answer of `kind` with `detail`.
+    pub fn of(kind: ErrorKind, detail: impl Into<String>) -> ApiError {
+        ApiError {
+            status: kind.status,
+            code: kind.code,
+            title: kind.title,
+            detail: detail.into(),
+            retry_after_secs: kind.retry_after_secs,
         }
     }
 
     /// 400 `invalid_request`: malformed JSON, wrong types, bad ids, bad query.
     pub fn invalid(detail: impl Into<String>) -> ApiError {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
-            "Invalid request",
-            detail,
-        )
+        ApiError::of(kinds::INVALID_REQUEST, detail)
     }
 
     /// 400 `idempotency_key_missing`.
     pub fn key_missing() -> ApiError {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "idempotency_key_missing",
-            "Idempotency-Key missing",
+        ApiError::of(
+            kinds::IDEMPOTENCY_KEY_MISSING,
             "this request moves money and needs an Idempotency-Key header",
         )
     }
 
     /// 422 `validation_failed`: a well-formed value out of bounds.
     pub fn validation(detail: impl Into<String>) -> ApiError {
-        ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "validation_failed",
-            "Validation failed",
-            detail,
-        )
+        ApiError::of(kinds::VALIDATION_FAILED, detail)
     }
 
     /// 413 `payload_too_large`.
     pub fn too_large(limit_bytes: usize) -> ApiError {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
-            "Payload too large",
+        ApiError::of(
+            kinds::PAYLOAD_TOO_LARGE,
             format!("request bodies are limited to {limit_bytes} bytes"),
         )
     }
 
     /// 503 `not_ready`.
     pub fn not_ready() -> ApiError {
-        let mut e = ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not_ready",
-            "Not ready",
-            "recovery is still running",
-        );
-        e.retry_after_secs = Some(1);
-        e
+        ApiError::of(kinds::NOT_READY, "recovery is still running")
     }
 
     /// 401 `unauthorized`: no bearer token, or not a configured one.
     pub fn unauthorized() -> ApiError {
-        ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "Unauthorized",
+        ApiError::of(
+            kinds::UNAUTHORIZED,
             "this endpoint needs Authorization: Bearer with a valid token",
         )
     }
 
     /// 429 `rate_limited`, to be retried after `retry_after_secs`.
     pub fn rate_limited(retry_after_secs: u32) -> ApiError {
-        let mut e = ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limited",
-            "Rate limited",
+        let mut e = ApiError::of(
+            kinds::RATE_LIMITED,
             "too many requests for this client; retry after the Retry-After seconds",
         );
         e.retry_after_secs = Some(retry_after_secs);
@@ -115,57 +318,40 @@ impl ApiError {
     /// 503 `overloaded`: the request took longer than the request timeout. A change it
     /// carried may still be applied; retrying with the same Idempotency-Key tells.
     pub fn timed_out(timeout: std::time::Duration) -> ApiError {
-        let mut e = ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "overloaded",
-            "Overloaded",
+        ApiError::of(
+            kinds::OVERLOADED,
             format!(
                 "the request took longer than {} ms; a change may still be applied, retry with the same Idempotency-Key",
                 timeout.as_millis()
             ),
-        );
-        e.retry_after_secs = Some(1);
-        e
+        )
     }
 
     /// 503 `overloaded`: an account actor's mailbox stayed full.
     pub fn overloaded() -> ApiError {
-        let mut e = ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "overloaded",
-            "Overloaded",
+        ApiError::of(
+            kinds::OVERLOADED,
             "the server has too much queued work; nothing was applied, retry later",
-        );
-        e.retry_after_secs = Some(1);
-        e
+        )
     }
 
     /// 503 `storage_failure`.
     pub fn storage_failure() -> ApiError {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "storage_failure",
-            "Storage failure",
+        ApiError::of(
+            kinds::STORAGE_FAILURE,
             "the write-ahead log could not be written or synced; writes are stopped",
         )
     }
 
     /// 404 for a path that names no resource.
     pub fn no_route() -> ApiError {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            "Not found",
-            "no such endpoint",
-        )
+        ApiError::of(kinds::NOT_FOUND, "no such endpoint")
     }
 
     /// 405 for a known path with another method.
     pub fn method_not_allowed() -> ApiError {
-        ApiError::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
-            "Method not allowed",
+        ApiError::of(
+            kinds::METHOD_NOT_ALLOWED,
             "this endpoint does not take this method",
         )
     }
@@ -174,41 +360,28 @@ impl ApiError {
 impl From<EngineError> for ApiError {
     fn from(error: EngineError) -> ApiError {
         match error {
-            EngineError::AccountNotFound(id) => ApiError::new(
-                StatusCode::NOT_FOUND,
-                "account_not_found",
-                "Account not found",
+            EngineError::AccountNotFound(id) => ApiError::of(
+                kinds::ACCOUNT_NOT_FOUND,
                 format!("no account with id {id}"),
             ),
             EngineError::AccountExists {
                 currency,
                 overdraft_limit,
-            } => ApiError::new(
-                StatusCode::CONFLICT,
-                "account_exists",
-                "Account exists",
+            } => ApiError::of(
+                kinds::ACCOUNT_EXISTS,
                 format!(
                     "the account exists with currency {currency} and overdraft_limit {overdraft_limit}"
                 ),
             ),
             EngineError::Op(refusal) => refusal.into(),
             EngineError::StorageFailure => ApiError::storage_failure(),
-            EngineError::TransferNotFound(id) => ApiError::new(
-                StatusCode::NOT_FOUND,
-                "transfer_not_found",
-                "Transfer not found",
+            EngineError::TransferNotFound(id) => ApiError::of(
+                kinds::TRANSFER_NOT_FOUND,
                 format!("no transfer {id}"),
             ),
             EngineError::Overloaded => ApiError::overloaded(),
             EngineError::ShuttingDown => {
-                let mut e = ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "overloaded",
-                    "Shutting down",
-                    "the server is shutting down",
-                );
-                e.retry_after_secs = Some(1);
-                e
+                ApiError::of(kinds::SHUTTING_DOWN, "the server is shutting down")
             }
         }
     }
@@ -217,39 +390,29 @@ impl From<EngineError> for ApiError {
 impl From<OpError> for ApiError {
     fn from(refusal: OpError) -> ApiError {
         match refusal {
-            OpError::IdempotencyKeyReused => ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "idempotency_key_reused",
-                "Idempotency key reused",
+            OpError::IdempotencyKeyReused => ApiError::of(
+                kinds::IDEMPOTENCY_KEY_REUSED,
                 "this Idempotency-Key was used for a different request",
             ),
             OpError::Validation(detail) => ApiError::validation(detail),
-            OpError::HoldNotFound(id) => ApiError::new(
-                StatusCode::NOT_FOUND,
-                "hold_not_found",
-                "Hold not found",
+            OpError::HoldNotFound(id) => ApiError::of(
+                kinds::HOLD_NOT_FOUND,
                 format!("no hold {id} on this account"),
             ),
-            OpError::HoldNotOpen(status) => ApiError::new(
-                StatusCode::CONFLICT,
-                "hold_not_open",
-                "Hold not open",
+            OpError::HoldNotOpen(status) => ApiError::of(
+                kinds::HOLD_NOT_OPEN,
                 format!("the hold is {}", status.as_str()),
             ),
-            OpError::AmountExceedsHold { amount, hold } => ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "amount_exceeds_hold",
-                "Amount exceeds hold",
+            OpError::AmountExceedsHold { amount, hold } => ApiError::of(
+                kinds::AMOUNT_EXCEEDS_HOLD,
                 format!("capture of {amount} is more than the hold's {hold}"),
             ),
             OpError::InsufficientFunds {
                 available,
                 overdraft_limit,
                 amount,
-            } => ApiError::new(
-                StatusCode::CONFLICT,
-                "insufficient_funds",
-                "Insufficient funds",
+            } => ApiError::of(
+                kinds::INSUFFICIENT_FUNDS,
                 if overdraft_limit == 0 {
                     format!("available {available} is less than {amount}")
                 } else {
@@ -258,20 +421,16 @@ impl From<OpError> for ApiError {
                     )
                 },
             ),
-            OpError::CurrencyMismatch { from, to } => ApiError::new(
-                StatusCode::CONFLICT,
-                "currency_mismatch",
-                "Currency mismatch",
+            OpError::CurrencyMismatch { from, to } => ApiError::of(
+                kinds::CURRENCY_MISMATCH,
                 format!(
                     "the source holds {} and the destination {}",
                     from.as_str(),
                     to.as_str()
                 ),
             ),
-            OpError::BalanceLimitExceeded { balance, amount } => ApiError::new(
-                StatusCode::CONFLICT,
-                "balance_limit_exceeded",
-                "Balance limit exceeded",
+            OpError::BalanceLimitExceeded { balance, amount } => ApiError::of(
+                kinds::BALANCE_LIMIT_EXCEEDED,
                 format!(
                     "balance {balance} plus {amount} would exceed {}",
                     crate::domain::AMOUNT_MAX
@@ -292,22 +451,16 @@ impl ApiError {
             record.from
         );
         match failure {
-            TransferFailure::AccountNotFound => ApiError::new(
-                StatusCode::NOT_FOUND,
-                "account_not_found",
-                "Account not found",
+            TransferFailure::AccountNotFound => ApiError::of(
+                kinds::ACCOUNT_NOT_FOUND,
                 format!("no account with id {}: {refunded}", record.to),
             ),
-            TransferFailure::CurrencyMismatch => ApiError::new(
-                StatusCode::CONFLICT,
-                "currency_mismatch",
-                "Currency mismatch",
+            TransferFailure::CurrencyMismatch => ApiError::of(
+                kinds::CURRENCY_MISMATCH,
                 format!("{} has another currency: {refunded}", record.to),
             ),
-            TransferFailure::BalanceLimitExceeded => ApiError::new(
-                StatusCode::CONFLICT,
-                "balance_limit_exceeded",
-                "Balance limit exceeded",
+            TransferFailure::BalanceLimitExceeded => ApiError::of(
+                kinds::BALANCE_LIMIT_EXCEEDED,
                 format!(
                     "the balance of {} would exceed {}: {refunded}",
                     record.to,
@@ -319,14 +472,42 @@ impl ApiError {
 
     /// The problem+json body.
     pub fn body(&self) -> serde_json::Value {
-        serde_json::json!({
-            "type": format!("urn:coffer:error:{}", self.code),
-            "title": self.title,
-            "status": self.status.as_u16(),
-            "detail": self.detail,
-            "code": self.code,
+        serde_json::to_value(ProblemJson {
+            r#type: format!("urn:coffer:error:{}", self.code),
+            title: self.title,
+            status: self.status.as_u16(),
+            detail: &self.detail,
+            code: self.code,
         })
+        .unwrap_or(serde_json::Value::Null)
     }
+}
+
+/// RFC 9457 problem details. Clients should branch on `code` and tolerate codes they do not
+/// know.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(as = Problem)]
+pub struct ProblemJson<'a> {
+    /// `urn:coffer:error:{code}`.
+    #[schema(examples("urn:coffer:error:insufficient_funds"))]
+    pub r#type: String,
+    /// Short human title.
+    #[schema(examples("Insufficient funds"))]
+    pub title: &'a str,
+    /// The HTTP status of the answer (for a batch result, of that result).
+    #[schema(minimum = 400, maximum = 599)]
+    pub status: u16,
+    /// What exactly is wrong.
+    pub detail: &'a str,
+    /// Stable, machine-readable: invalid_request, idempotency_key_missing (400); unauthorized
+    /// (401); account_not_found, hold_not_found, transfer_not_found, unknown_idempotency_key,
+    /// not_found (404); method_not_allowed (405); account_exists, insufficient_funds,
+    /// hold_not_open, balance_limit_exceeded, currency_mismatch (409); payload_too_large (413);
+    /// validation_failed, idempotency_key_reused, amount_exceeds_hold (422); rate_limited
+    /// (429); not_ready, storage_failure, overloaded (503).
+    #[schema(pattern = "^[a-z_]+$", examples("insufficient_funds"))]
+    pub code: &'a str,
 }
 
 impl IntoResponse for ApiError {

@@ -84,7 +84,19 @@ pub(crate) async fn count(State(state): State<AppState>, request: Request, next:
     response
 }
 
-/// Renders every counter.
+super::openapi::problems!(MetricsProblems = [UNAUTHORIZED, RATE_LIMITED, OVERLOADED]);
+
+/// Prometheus metrics
+///
+/// Requests by route, method and status with latency histograms; WAL batch sizes, fsync
+/// latency and the durable LSN; mailbox depth, live actors, accounts, open holds; recovery
+/// duration. Behind authentication, or served without it on its own `--metrics-listen`
+/// address (and then not here).
+#[utoipa::path(get, path = "/metrics", operation_id = "metrics", tag = "operations",
+    responses(
+        (status = 200, description = "Prometheus text format 0.0.4.", body = String, content_type = "text/plain; version=0.0.4; charset=utf-8"),
+        MetricsProblems,
+    ))]
 pub(crate) async fn render(State(state): State<AppState>) -> Response {
     let mut out = String::with_capacity(8192);
     let mut families = Vec::new();

@@ -7,6 +7,8 @@ pub mod dto;
 pub mod error;
 pub mod guard;
 mod metrics;
+pub mod openapi;
+pub mod schema;
 
 use std::str::FromStr;
 use std::sync::{Arc, OnceLock};
@@ -16,9 +18,9 @@ use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::routing::get;
 use axum::Router;
-use serde::de::DeserializeOwned;
+use serde::Deserialize;
 use serde::Serialize;
 use uuid::Uuid;
 
@@ -31,6 +33,7 @@ use dto::*;
 pub use error::ApiError;
 pub use guard::{GuardConfig, RateLimit, Tokens};
 pub use metrics::HttpStats;
+use openapi::problems;
 
 /// Request bodies are limited to 64 KiB (65,536 bytes is accepted, one more is 413).
 pub const HTTP_BODY_BYTES_MAX: usize = 64 * 1024;
@@ -42,8 +45,6 @@ pub const BATCH_BODY_BYTES_MAX: usize = 1024 * 1024;
 pub const BATCH_OPERATIONS_MAX: usize = 1000;
 /// Page size when `limit` is not given.
 pub const LIST_LIMIT_DEFAULT: usize = 100;
-
-const OPENAPI_JSON: &str = include_str!("openapi.json");
 
 /// Shared state of the HTTP layer. The engine is set once recovery is done; until then
 /// every endpoint but `/healthz`, `/readyz` and `/metrics` answers 503 `not_ready`.
@@ -97,34 +98,7 @@ pub fn router(state: AppState) -> Router {
 /// counting (so 401 and 429 are counted too), then authentication, then rate limit, then
 /// timeout, then the routes.
 pub fn router_with(state: AppState, config: RouterConfig) -> Router {
-    let mut routes = Router::new()
-        .route("/v1/accounts/{id}", put(put_account).get(get_account))
-        .route("/v1/accounts/{id}/credits", post(post_credit))
-        .route("/v1/accounts/{id}/debits", post(post_debit))
-        .route("/v1/accounts/{id}/holds", post(post_hold).get(list_holds))
-        .route("/v1/accounts/{id}/holds/{hold_id}", get(get_hold))
-        .route(
-            "/v1/accounts/{id}/holds/{hold_id}/capture",
-            post(post_capture),
-        )
-        .route(
-            "/v1/accounts/{id}/holds/{hold_id}/release",
-            post(post_release),
-        )
-        .route("/v1/accounts/{id}/transactions", get(list_transactions))
-        .route(
-            "/v1/accounts/{id}/idempotency-keys/{key}",
-            get(get_idempotency_key),
-        )
-        .route("/v1/transfers", post(post_transfer))
-        .route("/v1/transfers/{id}", get(get_transfer))
-        .route("/v1/batch", post(post_batch))
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/openapi.json", get(openapi));
-    if !config.metrics_elsewhere {
-        routes = routes.route("/metrics", get(metrics::render));
-    }
+    let routes = routes(!config.metrics_elsewhere).into_router();
     let guard = guard::Guard::new(config.guard);
     routes
         .route_layer(axum::middleware::from_fn(metrics::mark_route))
@@ -139,6 +113,44 @@ pub fn router_with(state: AppState, config: RouterConfig) -> Router {
         .with_state(state)
 }
 
+/// Every route, each with its documentation: the one list the router and the OpenAPI
+/// document are both made from. Add a route here, with a `#[utoipa::path]` on its handler.
+fn routes(with_metrics: bool) -> openapi::Routes {
+    let routes = openapi::Routes::new()
+        .add::<__path_put_account, _, _>(put_account)
+        .add::<__path_get_account, _, _>(get_account)
+        .add::<__path_post_credit, _, _>(post_credit)
+        .add::<__path_post_debit, _, _>(post_debit)
+        .add::<__path_post_hold, _, _>(post_hold)
+        .add::<__path_list_holds, _, _>(list_holds)
+        .add::<__path_get_hold, _, _>(get_hold)
+        .add::<__path_post_capture, _, _>(post_capture)
+        .add::<__path_post_release, _, _>(post_release)
+        .add::<__path_list_transactions, _, _>(list_transactions)
+        .add::<__path_get_idempotency_key, _, _>(get_idempotency_key)
+        .add::<__path_post_transfer, _, _>(post_transfer)
+        .add::<__path_get_transfer, _, _>(get_transfer)
+        .add::<__path_post_batch, _, _>(post_batch)
+        .add::<__path_healthz, _, _>(healthz)
+        .add::<__path_readyz, _, _>(readyz)
+        .add::<__path_openapi, _, _>(openapi);
+    if with_metrics {
+        routes.add::<metrics::__path_render, _, _>(metrics::render)
+    } else {
+        routes
+    }
+}
+
+/// Every route the main router serves (with `/metrics`), with its methods, as registered.
+pub fn route_table() -> Vec<openapi::RouteDoc> {
+    routes(true).table().to_vec()
+}
+
+/// The OpenAPI 3.1 document served at `GET /openapi.json`.
+pub fn openapi_json() -> &'static str {
+    openapi::document_json()
+}
+
 /// The router of a separate metrics listener: `/metrics` only, without authentication.
 pub fn metrics_router(state: AppState) -> Router {
     Router::new()
@@ -150,6 +162,35 @@ pub fn metrics_router(state: AppState) -> Router {
 
 type ApiResult = Result<Response, ApiError>;
 
+problems!(
+    PutAccountProblems = [
+        INVALID_REQUEST,
+        UNAUTHORIZED,
+        ACCOUNT_EXISTS,
+        PAYLOAD_TOO_LARGE,
+        VALIDATION_FAILED,
+        RATE_LIMITED,
+        NOT_READY,
+        STORAGE_FAILURE,
+        OVERLOADED,
+        SHUTTING_DOWN
+    ]
+);
+
+/// Create an account (or confirm it exists)
+///
+/// Creates the account with seq 0. Repeating the PUT with the same `currency` and
+/// `overdraft_limit` answers 200 with the account as it is now; `metadata` is neither compared
+/// nor changed by a repeated PUT (but it is still validated). Needs no Idempotency-Key: the
+/// PUT itself is idempotent.
+#[utoipa::path(put, path = "/v1/accounts/{id}", operation_id = "putAccount", tag = "accounts",
+    params(("id" = schema::AccountIdSchema, Path, description = "Account id. A malformed id is 400 invalid_request.")),
+    request_body = AccountBody,
+    responses(
+        (status = 200, description = "The account already exists with the same currency and overdraft_limit.", body = AccountJson),
+        (status = 201, description = "The account was created.", body = AccountJson),
+        PutAccountProblems,
+    ))]
 async fn put_account(
     State(state): State<AppState>,
     path: Result<Path<String>, PathRejection>,
@@ -181,6 +222,26 @@ async fn put_account(
     Ok(json(status, &AccountJson::from(&view)))
 }
 
+problems!(
+    GetAccountProblems = [
+        INVALID_REQUEST,
+        UNAUTHORIZED,
+        ACCOUNT_NOT_FOUND,
+        RATE_LIMITED,
+        NOT_READY,
+        STORAGE_FAILURE,
+        OVERLOADED,
+        SHUTTING_DOWN
+    ]
+);
+
+/// Read an account
+#[utoipa::path(get, path = "/v1/accounts/{id}", operation_id = "getAccount", tag = "accounts",
+    params(("id" = schema::AccountIdSchema, Path, description = "Account id. A malformed id is 400 invalid_request.")),
+    responses(
+        (status = 200, description = "The account, as durable.", body = AccountJson),
+        GetAccountProblems,
+    ))]
 async fn get_account(
     State(state): State<AppState>,
     path: Result<Path<String>, PathRejection>,
@@ -190,6 +251,34 @@ async fn get_account(
     Ok(json(StatusCode::OK, &AccountJson::from(&view)))
 }
 
+problems!(
+    CreditProblems = [
+        INVALID_REQUEST,
+        IDEMPOTENCY_KEY_MISSING,
+        UNAUTHORIZED,
+        ACCOUNT_NOT_FOUND,
+        BALANCE_LIMIT_EXCEEDED,
+        PAYLOAD_TOO_LARGE,
+        IDEMPOTENCY_KEY_REUSED,
+        VALIDATION_FAILED,
+        RATE_LIMITED,
+        NOT_READY,
+        STORAGE_FAILURE,
+        OVERLOADED,
+        SHUTTING_DOWN
+    ]
+);
+
+/// Credit an account
+///
+/// Adds `amount` to the balance: one `credit` transaction.
+#[utoipa::path(post, path = "/v1/accounts/{id}/credits", operation_id = "postCredit", tag = "money",
+    params(("id" = schema::AccountIdSchema, Path, description = "Account id. A malformed id is 400 invalid_request."), ("Idempotency-Key" = String, Header, min_length = 1, max_length = 255, pattern = "^[!-~]{1,255}$", description = "1..=255 visible ASCII characters, scoped to the account in the path (for a transfer, to `from`). The same key with the same request (method, path and parsed body) returns the original answer with `Idempotent-Replayed: true`; with a different request it is 422 idempotency_key_reused. Only successes are remembered. Absent: 400 idempotency_key_missing; malformed or given twice: 400 invalid_request.")),
+    request_body = MoveBody,
+    responses(
+        (status = 201, description = "Credited: the transaction and the account just after it. On an idempotent replay the stored answer is returned again with `Idempotent-Replayed: true`.", body = ReceiptJson, headers(("Idempotent-Replayed" = String, description = "Present, with the value `true`, only when this answer replays an earlier request with the same Idempotency-Key."))),
+        CreditProblems,
+    ))]
 async fn post_credit(
     State(state): State<AppState>,
     path: Result<Path<String>, PathRejection>,
@@ -206,6 +295,35 @@ async fn post_credit(
     execute(&state, &id, &headers, request).await
 }
 
+problems!(
+    DebitProblems = [
+        INVALID_REQUEST,
+        IDEMPOTENCY_KEY_MISSING,
+        UNAUTHORIZED,
+        ACCOUNT_NOT_FOUND,
+        INSUFFICIENT_FUNDS,
+        PAYLOAD_TOO_LARGE,
+        IDEMPOTENCY_KEY_REUSED,
+        VALIDATION_FAILED,
+        RATE_LIMITED,
+        NOT_READY,
+        STORAGE_FAILURE,
+        OVERLOADED,
+        SHUTTING_DOWN
+    ]
+);
+
+/// Debit an account
+///
+/// Removes `amount` from the balance: one `debit` transaction. Needs
+/// `amount <= available + overdraft_limit`.
+#[utoipa::path(post, path = "/v1/accounts/{id}/debits", operation_id = "postDebit", tag = "money",
+    params(("id" = schema::AccountIdSchema, Path, description = "Account id. A malformed id is 400 invalid_request."), ("Idempotency-Key" = String, Header, min_length = 1, max_length = 255, pattern = "^[!-~]{1,255}$", description = "1..=255 visible ASCII characters, scoped to the account in the path (for a transfer, to `from`). The same key with the same request (method, path and parsed body) returns the original answer with `Idempotent-Replayed: true`; with a different request it is 422 idempotency_key_reused. Only successes are remembered. Absent: 400 idempotency_key_missing; malformed or given twice: 400 invalid_request.")),
+    request_body = MoveBody,
+    responses(
+        (status = 201, description = "Debited: the transaction and the account just after it. On an idempotent replay the stored answer is returned again with `Idempotent-Replayed: true`.", body = ReceiptJson, headers(("Idempotent-Replayed" = String, description = "Present, with the value `true`, only when this answer replays an earlier request with the same Idempotency-Key."))),
+        DebitProblems,
+    ))]
 async fn post_debit(
     State(state): State<AppState>,
     path: Result<Path<String>, PathRejection>,
@@ -222,6 +340,35 @@ async fn post_debit(
     execute(&state, &id, &headers, request).await
 }
 
+problems!(
+    HoldProblems = [
+        INVALID_REQUEST,
+        IDEMPOTENCY_KEY_MISSING,
+        UNAUTHORIZED,
+        ACCOUNT_NOT_FOUND,
+        INSUFFICIENT_FUNDS,
+        PAYLOAD_TOO_LARGE,
+        IDEMPOTENCY_KEY_REUSED,
+        VALIDATION_FAILED,
+        RATE_LIMITED,
+        NOT_READY,
+        STORAGE_FAILURE,
+        OVERLOADED,
+        SHUTTING_DOWN
+    ]
+);
+
+/// Hold money
+///
+/// Reserves `amount` until it is captured, released or expires (`expires_in_secs`, default
+/// 3600): one `hold` transaction. Needs `amount <= available + overdraft_limit`.
+#[utoipa::path(post, path = "/v1/accounts/{id}/holds", operation_id = "postHold", tag = "holds",
+    params(("id" = schema::AccountIdSchema, Path, description = "Account id. A malformed id is 400 invalid_request."), ("Idempotency-Key" = String, Header, min_length = 1, max_length = 255, pattern = "^[!-~]{1,255}$", description = "1..=255 visible ASCII characters, scoped to the account in the path (for a transfer, to `from`). The same key with the same request (method, path and parsed body) returns the original answer with `Idempotent-Replayed: true`; with a different request it is 422 idempotency_key_reused. Only successes are remembered. Absent: 400 idempotency_key_missing; malformed or given twice: 400 invalid_request.")),
+    request_body = HoldBody,
+    responses(
+        (status = 201, description = "Held: the hold, the transaction and the account just after it. On an idempotent replay the stored answer is returned again with `Idempotent-Replayed: true`.", body = HoldReceiptDoc, headers(("Idempotent-Replayed" = String, description = "Present, with the value `true`, only when this answer replays an earlier request with the same Idempotency-Key."))),
+        HoldProblems,
+    ))]
 async fn post_hold(
     State(state): State<AppState>,
     path: Result<Path<String>, PathRejection>,
@@ -239,6 +386,37 @@ async fn post_hold(
     execute(&state, &id, &headers, request).await
 }
 
+problems!(
+    CaptureProblems = [
+        INVALID_REQUEST,
+        IDEMPOTENCY_KEY_MISSING,
+        UNAUTHORIZED,
+        ACCOUNT_NOT_FOUND,
+        HOLD_NOT_FOUND,
+        HOLD_NOT_OPEN,
+        PAYLOAD_TOO_LARGE,
+        IDEMPOTENCY_KEY_REUSED,
+        VALIDATION_FAILED,
+        AMOUNT_EXCEEDS_HOLD,
+        RATE_LIMITED,
+        NOT_READY,
+        STORAGE_FAILURE,
+        OVERLOADED,
+        SHUTTING_DOWN
+    ]
+);
+
+/// Capture a hold
+///
+/// Turns the hold (or `amount` of it; the rest is released at once) into a debit: one
+/// `capture` transaction. The hold ends `captured`. An empty body captures all of it.
+#[utoipa::path(post, path = "/v1/accounts/{id}/holds/{hold_id}/capture", operation_id = "captureHold", tag = "holds",
+    params(("id" = schema::AccountIdSchema, Path, description = "Account id. A malformed id is 400 invalid_request."), ("hold_id" = String, Path, format = Uuid, description = "Hold id (a UUID). Anything else is 400 invalid_request."), ("Idempotency-Key" = String, Header, min_length = 1, max_length = 255, pattern = "^[!-~]{1,255}$", description = "1..=255 visible ASCII characters, scoped to the account in the path (for a transfer, to `from`). The same key with the same request (method, path and parsed body) returns the original answer with `Idempotent-Replayed: true`; with a different request it is 422 idempotency_key_reused. Only successes are remembered. Absent: 400 idempotency_key_missing; malformed or given twice: 400 invalid_request.")),
+    request_body(content = CaptureBody, description = "May be empty: the same as `{}`.", content_type = "application/json"),
+    responses(
+        (status = 200, description = "Captured: the hold, the transaction and the account just after it. On an idempotent replay the stored answer is returned again with `Idempotent-Replayed: true`.", body = HoldReceiptDoc, headers(("Idempotent-Replayed" = String, description = "Present, with the value `true`, only when this answer replays an earlier request with the same Idempotency-Key."))),
+        CaptureProblems,
+    ))]
 async fn post_capture(
     State(state): State<AppState>,
     path: Result<Path<(String, String)>, PathRejection>,
@@ -258,6 +436,36 @@ async fn post_capture(
     execute(&state, &id, &headers, request).await
 }
 
+problems!(
+    ReleaseProblems = [
+        INVALID_REQUEST,
+        IDEMPOTENCY_KEY_MISSING,
+        UNAUTHORIZED,
+        ACCOUNT_NOT_FOUND,
+        HOLD_NOT_FOUND,
+        HOLD_NOT_OPEN,
+        PAYLOAD_TOO_LARGE,
+        IDEMPOTENCY_KEY_REUSED,
+        VALIDATION_FAILED,
+        RATE_LIMITED,
+        NOT_READY,
+        STORAGE_FAILURE,
+        OVERLOADED,
+        SHUTTING_DOWN
+    ]
+);
+
+/// Release a hold
+///
+/// Gives the held money back to `available`: one `release` transaction. The hold ends
+/// `released`. An empty body is the same as `{}`.
+#[utoipa::path(post, path = "/v1/accounts/{id}/holds/{hold_id}/release", operation_id = "releaseHold", tag = "holds",
+    params(("id" = schema::AccountIdSchema, Path, description = "Account id. A malformed id is 400 invalid_request."), ("hold_id" = String, Path, format = Uuid, description = "Hold id (a UUID). Anything else is 400 invalid_request."), ("Idempotency-Key" = String, Header, min_length = 1, max_length = 255, pattern = "^[!-~]{1,255}$", description = "1..=255 visible ASCII characters, scoped to the account in the path (for a transfer, to `from`). The same key with the same request (method, path and parsed body) returns the original answer with `Idempotent-Replayed: true`; with a different request it is 422 idempotency_key_reused. Only successes are remembered. Absent: 400 idempotency_key_missing; malformed or given twice: 400 invalid_request.")),
+    request_body(content = ReleaseBody, description = "May be empty: the same as `{}`.", content_type = "application/json"),
+    responses(
+        (status = 200, description = "Released: the hold, the transaction and the account just after it. On an idempotent replay the stored answer is returned again with `Idempotent-Replayed: true`.", body = HoldReceiptDoc, headers(("Idempotent-Replayed" = String, description = "Present, with the value `true`, only when this answer replays an earlier request with the same Idempotency-Key."))),
+        ReleaseProblems,
+    ))]
 async fn post_release(
     State(state): State<AppState>,
     path: Result<Path<(String, String)>, PathRejection>,
@@ -296,6 +504,41 @@ async fn execute(
     Ok(response)
 }
 
+problems!(
+    TransferProblems = [
+        INVALID_REQUEST,
+        IDEMPOTENCY_KEY_MISSING,
+        UNAUTHORIZED,
+        ACCOUNT_NOT_FOUND,
+        INSUFFICIENT_FUNDS,
+        CURRENCY_MISMATCH,
+        BALANCE_LIMIT_EXCEEDED,
+        PAYLOAD_TOO_LARGE,
+        IDEMPOTENCY_KEY_REUSED,
+        VALIDATION_FAILED,
+        RATE_LIMITED,
+        NOT_READY,
+        STORAGE_FAILURE,
+        OVERLOADED,
+        SHUTTING_DOWN
+    ]
+);
+
+/// Transfer money between two accounts
+///
+/// Debits `from` and credits `to` (a `transfer_out` and a `transfer_in` transaction), exactly
+/// once. The Idempotency-Key is scoped to `from`. `from` equal to `to` is 422
+/// validation_failed; an unknown `from` or `to` is 404; different currencies 409
+/// currency_mismatch; in each case nothing moves. If the destination refuses after the source
+/// was debited, the source is refunded and the answer is the refusal's error.
+#[utoipa::path(post, path = "/v1/transfers", operation_id = "postTransfer", tag = "transfers",
+    params(("Idempotency-Key" = String, Header, min_length = 1, max_length = 255, pattern = "^[!-~]{1,255}$", description = "1..=255 visible ASCII characters, scoped to the account in the path (for a transfer, to `from`). The same key with the same request (method, path and parsed body) returns the original answer with `Idempotent-Replayed: true`; with a different request it is 422 idempotency_key_reused. Only successes are remembered. Absent: 400 idempotency_key_missing; malformed or given twice: 400 invalid_request.")),
+    request_body = TransferBody,
+    responses(
+        (status = 201, description = "Transferred: the transfer and both accounts just after their halves. On an idempotent replay the stored answer is returned again with `Idempotent-Replayed: true`.", body = TransferReceiptJson, headers(("Idempotent-Replayed" = String, description = "Present, with the value `true`, only when this answer replays an earlier request with the same Idempotency-Key."))),
+        (status = 202, description = "Still pending: the destination refused and so did the refund (credits during the transfer pushed the source to the balance limit); the next start finishes it.", body = TransferReceiptJson, headers(("Idempotent-Replayed" = String, description = "Present, with the value `true`, only when this answer replays an earlier request with the same Idempotency-Key."))),
+        TransferProblems,
+    ))]
 async fn post_transfer(State(state): State<AppState>, headers: HeaderMap, body: Body) -> ApiResult {
     let bytes = read_body(body, HTTP_BODY_BYTES_MAX).await?;
     let body: TransferBody = parse_json(&bytes)?;
@@ -337,6 +580,26 @@ fn transfer_status(record: &TransferRecord) -> Result<StatusCode, ApiError> {
     }
 }
 
+problems!(
+    GetTransferProblems = [
+        INVALID_REQUEST,
+        UNAUTHORIZED,
+        TRANSFER_NOT_FOUND,
+        RATE_LIMITED,
+        NOT_READY,
+        STORAGE_FAILURE,
+        OVERLOADED,
+        SHUTTING_DOWN
+    ]
+);
+
+/// Read a transfer
+#[utoipa::path(get, path = "/v1/transfers/{id}", operation_id = "getTransfer", tag = "transfers",
+    params(("id" = String, Path, format = Uuid, description = "Transfer id (a UUID). Anything else is 400 invalid_request.")),
+    responses(
+        (status = 200, description = "The transfer.", body = TransferJson),
+        GetTransferProblems,
+    ))]
 async fn get_transfer(
     State(state): State<AppState>,
     path: Result<Path<String>, PathRejection>,
@@ -348,6 +611,33 @@ async fn get_transfer(
     Ok(json(StatusCode::OK, &TransferJson::from(&*record)))
 }
 
+problems!(
+    BatchProblems = [
+        INVALID_REQUEST,
+        UNAUTHORIZED,
+        PAYLOAD_TOO_LARGE,
+        VALIDATION_FAILED,
+        RATE_LIMITED,
+        NOT_READY,
+        STORAGE_FAILURE,
+        OVERLOADED,
+        SHUTTING_DOWN
+    ]
+);
+
+/// Run up to 1,000 operations in one request
+///
+/// Each operation is idempotent by its own key and answered in order exactly as its single
+/// endpoint would, errors included (a malformed operation gets 400 in its own result). The
+/// whole batch is refused only when the request itself is malformed (400), too large (413)
+/// or has no operation or more than 1,000 (422). Operations are not atomic together;
+/// operations on the same account apply in the order given.
+#[utoipa::path(post, path = "/v1/batch", operation_id = "postBatch", tag = "money",
+    request_body = BatchBody,
+    responses(
+        (status = 200, description = "One result per operation, in order.", body = BatchResponseDoc),
+        BatchProblems,
+    ))]
 async fn post_batch(State(state): State<AppState>, body: Body) -> ApiResult {
     let bytes = read_body(body, BATCH_BODY_BYTES_MAX).await?;
     let batch: BatchBody = parse_json(&bytes)?;
@@ -361,8 +651,8 @@ async fn post_batch(State(state): State<AppState>, body: Body) -> ApiResult {
     let mut early: Vec<Option<ApiError>> = (0..count).map(|_| None).collect();
     let mut valid = Vec::with_capacity(count);
     let mut valid_index = Vec::with_capacity(count);
-    for (index, value) in batch.operations.into_iter().enumerate() {
-        match batch_operation(value) {
+    for (index, raw) in batch.operations.into_iter().enumerate() {
+        match batch_operation(raw) {
             Ok(operation) => {
                 valid.push(operation);
                 valid_index.push(index);
@@ -430,12 +720,12 @@ fn write_batch_result(out: &mut Vec<u8>, result: Result<Executed, ApiError>) {
 /// Parses one batch operation with the checks of its single endpoint, in the same order:
 /// 400 for syntax, path-like ids and key format, then 400 `idempotency_key_missing`.
 fn batch_operation(
-    value: serde_json::Value,
+    raw: &serde_json::value::RawValue,
 ) -> Result<(AccountId, Option<IdempotencyKey>, Request), ApiError> {
-    if !value.is_object() {
+    if !raw.get().trim_start().starts_with('{') {
         return Err(ApiError::invalid("each operation must be a JSON object"));
     }
-    let op: BatchOpBody = serde_json::from_value(value)
+    let op: BatchOpBody = serde_json::from_str(raw.get())
         .map_err(|e| ApiError::invalid(format!("invalid operation: {e}")))?;
     let account = account_id(&op.account)?;
     let not_for =
@@ -515,6 +805,28 @@ fn batch_operation(
     Ok((account, Some(key), request))
 }
 
+problems!(
+    ListHoldsProblems = [
+        INVALID_REQUEST,
+        UNAUTHORIZED,
+        ACCOUNT_NOT_FOUND,
+        RATE_LIMITED,
+        NOT_READY,
+        STORAGE_FAILURE,
+        OVERLOADED,
+        SHUTTING_DOWN
+    ]
+);
+
+/// List an account's holds
+///
+/// Oldest first, paged by hold id.
+#[utoipa::path(get, path = "/v1/accounts/{id}/holds", operation_id = "listHolds", tag = "holds",
+    params(("id" = schema::AccountIdSchema, Path, description = "Account id. A malformed id is 400 invalid_request."), HoldsQuery),
+    responses(
+        (status = 200, description = "A page of holds.", body = HoldPage),
+        ListHoldsProblems,
+    ))]
 async fn list_holds(
     State(state): State<AppState>,
     path: Result<Path<String>, PathRejection>,
@@ -537,18 +849,34 @@ async fn list_holds(
         ),
     };
     let (holds, next) = state.ready()?.holds(&id, status, after, limit).await?;
-    #[derive(Serialize)]
-    struct Page<'a> {
-        holds: Vec<HoldJson<'a>>,
-        next: Option<String>,
-    }
-    let page = Page {
+    let page = HoldPage {
         holds: holds.iter().map(HoldJson::from).collect(),
         next: next.map(|id| id.to_string()),
     };
     Ok(json(StatusCode::OK, &page))
 }
 
+problems!(
+    GetHoldProblems = [
+        INVALID_REQUEST,
+        UNAUTHORIZED,
+        ACCOUNT_NOT_FOUND,
+        HOLD_NOT_FOUND,
+        RATE_LIMITED,
+        NOT_READY,
+        STORAGE_FAILURE,
+        OVERLOADED,
+        SHUTTING_DOWN
+    ]
+);
+
+/// Read a hold
+#[utoipa::path(get, path = "/v1/accounts/{id}/holds/{hold_id}", operation_id = "getHold", tag = "holds",
+    params(("id" = schema::AccountIdSchema, Path, description = "Account id. A malformed id is 400 invalid_request."), ("hold_id" = String, Path, format = Uuid, description = "Hold id (a UUID). Anything else is 400 invalid_request.")),
+    responses(
+        (status = 200, description = "The hold.", body = HoldJson),
+        GetHoldProblems,
+    ))]
 async fn get_hold(
     State(state): State<AppState>,
     path: Result<Path<(String, String)>, PathRejection>,
@@ -560,6 +888,28 @@ async fn get_hold(
     Ok(json(StatusCode::OK, &HoldJson::from(&hold)))
 }
 
+problems!(
+    ListTransactionsProblems = [
+        INVALID_REQUEST,
+        UNAUTHORIZED,
+        ACCOUNT_NOT_FOUND,
+        RATE_LIMITED,
+        NOT_READY,
+        STORAGE_FAILURE,
+        OVERLOADED,
+        SHUTTING_DOWN
+    ]
+);
+
+/// List an account's transactions
+///
+/// Newest first, paged by seq. Accounts keep their last 1000 transactions in memory.
+#[utoipa::path(get, path = "/v1/accounts/{id}/transactions", operation_id = "listTransactions", tag = "accounts",
+    params(("id" = schema::AccountIdSchema, Path, description = "Account id. A malformed id is 400 invalid_request."), TransactionsQuery),
+    responses(
+        (status = 200, description = "A page of transactions.", body = TransactionPage),
+        ListTransactionsProblems,
+    ))]
 async fn list_transactions(
     State(state): State<AppState>,
     path: Result<Path<String>, PathRejection>,
@@ -579,18 +929,38 @@ async fn list_transactions(
         ),
     };
     let (transactions, next) = state.ready()?.transactions(&id, before_seq, limit).await?;
-    #[derive(Serialize)]
-    struct Page<'a> {
-        transactions: Vec<TransactionJson<'a>>,
-        next: Option<String>,
-    }
-    let page = Page {
+    let page = TransactionPage {
         transactions: transactions.iter().map(TransactionJson::from).collect(),
         next: next.map(|seq| seq.to_string()),
     };
     Ok(json(StatusCode::OK, &page))
 }
 
+problems!(
+    KeyLookupProblems = [
+        INVALID_REQUEST,
+        UNAUTHORIZED,
+        ACCOUNT_NOT_FOUND,
+        UNKNOWN_IDEMPOTENCY_KEY,
+        TRANSFER_NOT_FOUND,
+        RATE_LIMITED,
+        NOT_READY,
+        STORAGE_FAILURE,
+        OVERLOADED,
+        SHUTTING_DOWN
+    ]
+);
+
+/// Look up what a request with an idempotency key was answered
+///
+/// For a client that lost an answer: tells whether the request happened. Never applies
+/// anything.
+#[utoipa::path(get, path = "/v1/accounts/{id}/idempotency-keys/{key}", operation_id = "getIdempotencyKey", tag = "money",
+    params(("id" = schema::AccountIdSchema, Path, description = "Account id. A malformed id is 400 invalid_request."), ("key" = String, Path, min_length = 1, max_length = 255, pattern = "^[!-~]{1,255}$", description = "The Idempotency-Key to look up (percent-encoded in the path).")),
+    responses(
+        (status = 200, description = "The stored outcome.", body = IdempotencyLookup),
+        KeyLookupProblems,
+    ))]
 async fn get_idempotency_key(
     State(state): State<AppState>,
     path: Result<Path<(String, String)>, PathRejection>,
@@ -599,23 +969,12 @@ async fn get_idempotency_key(
     let id = account_id(&id)?;
     let key = IdempotencyKey::parse(&key).map_err(|e| ApiError::invalid(e.0))?;
     let engine = state.ready()?;
-    let entry = engine
-        .idempotency_entry(&id, &key)
-        .await?
-        .ok_or_else(|| ApiError {
-            status: StatusCode::NOT_FOUND,
-            code: "unknown_idempotency_key",
-            title: "Unknown idempotency key",
-            detail: format!("no request with key {} on this account", key.as_str()),
-            retry_after_secs: None,
-        })?;
-    #[derive(Serialize)]
-    struct Lookup<'a> {
-        key: &'a str,
-        status: u16,
-        response: serde_json::Value,
-        created_at: Timestamp,
-    }
+    let entry = engine.idempotency_entry(&id, &key).await?.ok_or_else(|| {
+        ApiError::of(
+            error::kinds::UNKNOWN_IDEMPOTENCY_KEY,
+            format!("no request with key {} on this account", key.as_str()),
+        )
+    })?;
     let transaction = &entry.receipt.transaction;
     let (status, response) = match (transaction.kind, transaction.transfer_id) {
         // A transfer's answer names both accounts: it is kept with the transfer.
@@ -636,7 +995,7 @@ async fn get_idempotency_key(
                 .unwrap_or(serde_json::Value::Null),
         ),
     };
-    let lookup = Lookup {
+    let lookup = IdempotencyLookup {
         key: key.as_str(),
         status: status.as_u16(),
         response,
@@ -645,28 +1004,48 @@ async fn get_idempotency_key(
     Ok(json(StatusCode::OK, &lookup))
 }
 
+/// Liveness
+///
+/// 200 while the process runs, also during recovery. Never needs a token.
+#[utoipa::path(get, path = "/healthz", operation_id = "healthz", tag = "operations",
+    security(()),
+    responses((status = 200, description = "The process runs.", body = Health)))]
 async fn healthz() -> Response {
-    json(StatusCode::OK, &serde_json::json!({"status": "ok"}))
+    json(StatusCode::OK, &Health { status: "ok" })
 }
 
+problems!(ReadyzProblems = [NOT_READY, STORAGE_FAILURE]);
+
+/// Readiness
+///
+/// 200 once recovery is done (overdue holds expired) and writes are accepted. Never needs a
+/// token.
+#[utoipa::path(get, path = "/readyz", operation_id = "readyz", tag = "operations",
+    security(()),
+    responses((status = 200, description = "Ready.", body = Readiness), ReadyzProblems))]
 async fn readyz(State(state): State<AppState>) -> ApiResult {
     let engine = state.ready()?;
     if engine.storage_failed() {
         return Err(ApiError::storage_failure());
     }
-    Ok(json(
-        StatusCode::OK,
-        &serde_json::json!({"status": "ready"}),
-    ))
+    Ok(json(StatusCode::OK, &Readiness { status: "ready" }))
 }
 
+problems!(OpenApiProblems = [UNAUTHORIZED, RATE_LIMITED, OVERLOADED]);
+
+/// This document
+#[utoipa::path(get, path = "/openapi.json", operation_id = "openapi", tag = "operations",
+    responses(
+        (status = 200, description = "The OpenAPI 3.1 document of this API.", body = Object, content_type = "application/json"),
+        OpenApiProblems,
+    ))]
 async fn openapi() -> Response {
     (
         [(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         )],
-        OPENAPI_JSON,
+        openapi::document_json(),
     )
         .into_response()
 }
@@ -720,7 +1099,7 @@ fn hold_id_param(text: &str) -> Result<Uuid, ApiError> {
 
 /// Parses a JSON object body. Only an object is a request: serde's derived structs would
 /// also take an array of the fields in order, which must not move money.
-fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+fn parse_json<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, ApiError> {
     let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
     if first != Some(&b'{') {
         return Err(ApiError::invalid("the body must be a JSON object"));
@@ -729,26 +1108,31 @@ fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
 }
 
 /// Bodies whose fields are all optional may be empty.
-fn parse_json_or_empty<T: DeserializeOwned + Default>(bytes: &[u8]) -> Result<T, ApiError> {
+fn parse_json_or_empty<'a, T: Deserialize<'a> + Default>(bytes: &'a [u8]) -> Result<T, ApiError> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }
     parse_json(bytes)
 }
 
-/// Parses a query string strictly (unknown or repeated parameters are 400). A parameter
-/// given with an empty value (`?limit=&after=`) counts as absent, so URL templates work.
-fn parse_query<T: DeserializeOwned + Default>(query: Option<&str>) -> Result<T, ApiError> {
+/// Parses a query string strictly: unknown or repeated parameters are 400, and so is a
+/// parameter given with an empty value (`?after=`). An empty cursor or filter is most likely
+/// a client's unset variable, and taking it as "absent" would silently restart a pagination
+/// from the first page or list every status instead of one.
+fn parse_query<T: serde::de::DeserializeOwned + Default>(
+    query: Option<&str>,
+) -> Result<T, ApiError> {
     let Some(query) = query.filter(|q| !q.is_empty()) else {
         return Ok(T::default());
     };
     let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query)
         .map_err(|e| ApiError::invalid(format!("invalid query: {e}")))?;
-    let kept: Vec<(String, String)> = pairs.into_iter().filter(|(_, v)| !v.is_empty()).collect();
-    let canonical = serde_urlencoded::to_string(&kept)
-        .map_err(|e| ApiError::invalid(format!("invalid query: {e}")))?;
-    serde_urlencoded::from_str(&canonical)
-        .map_err(|e| ApiError::invalid(format!("invalid query: {e}")))
+    if let Some((name, _)) = pairs.iter().find(|(_, value)| value.is_empty()) {
+        return Err(ApiError::invalid(format!(
+            "query parameter {name} is empty; leave it out to mean its default"
+        )));
+    }
+    serde_urlencoded::from_str(query).map_err(|e| ApiError::invalid(format!("invalid query: {e}")))
 }
 
 fn list_limit(text: Option<&str>) -> Result<usize, ApiError> {

@@ -1,0 +1,406 @@
+//! JSON Schemas of the values the API takes and gives, for the OpenAPI document. Their bounds
+//! come from the same constants the parsers and the domain check, so the document cannot
+//! promise what the server refuses.
+
+use std::borrow::Cow;
+
+use serde_json::json;
+use utoipa::openapi::schema::{
+    AdditionalProperties, Object, ObjectBuilder, OneOfBuilder, Schema, SchemaFormat, SchemaType,
+    Type,
+};
+use utoipa::openapi::{KnownFormat, Ref, RefOr};
+use utoipa::{PartialSchema, ToSchema};
+
+use crate::domain::{
+    HoldStatus, TransferStatus, TxKind, ACCOUNT_ID_BYTES_MAX, AMOUNT_MAX, CURRENCY_BYTES_MAX,
+    HOLD_EXPIRES_SECS_DEFAULT, HOLD_EXPIRES_SECS_MAX, IDEMPOTENCY_KEY_BYTES_MAX, METADATA_KEYS_MAX,
+    METADATA_KEY_CHARS_MAX, METADATA_VALUE_CHARS_MAX,
+};
+
+/// The pattern of an account id (API.md: 1..=128 of `[A-Za-z0-9._:-]`).
+pub const ACCOUNT_ID_PATTERN: &str = "^[A-Za-z0-9._:-]{1,128}$";
+/// The pattern of a currency (API.md: 1..=16 of `[A-Z0-9_]`).
+pub const CURRENCY_PATTERN: &str = "^[A-Z0-9_]{1,16}$";
+/// The pattern of an idempotency key (1..=255 visible ASCII characters).
+pub const IDEMPOTENCY_KEY_PATTERN: &str = "^[!-~]{1,255}$";
+
+const _: () = assert!(ACCOUNT_ID_BYTES_MAX == 128);
+const _: () = assert!(CURRENCY_BYTES_MAX == 16);
+const _: () = assert!(IDEMPOTENCY_KEY_BYTES_MAX == 255);
+
+/// The largest amount (2^53-1 fits an i64 with room to spare).
+const AMOUNT_MAX_I64: i64 = AMOUNT_MAX as i64;
+const _: () = assert!(AMOUNT_MAX_I64 as u64 == AMOUNT_MAX);
+
+/// An integer schema within `minimum..=maximum`.
+pub fn integer(minimum: i64, maximum: i64) -> ObjectBuilder {
+    ObjectBuilder::new()
+        .schema_type(Type::Integer)
+        .minimum(Some(minimum))
+        .maximum(Some(maximum))
+}
+
+/// `amount`: an integer in 1..=2^53-1.
+pub fn amount() -> Object {
+    integer(1, AMOUNT_MAX_I64).build()
+}
+
+/// `amount` of a capture: optional, the whole hold when absent.
+pub fn capture_amount() -> Object {
+    integer(1, AMOUNT_MAX_I64)
+        .description(Some("How much to capture; absent means the whole hold."))
+        .build()
+}
+
+/// `overdraft_limit`: an integer in 0..=2^53-1, default 0.
+pub fn overdraft_limit() -> Object {
+    integer(0, AMOUNT_MAX_I64)
+        .default(Some(json!(0)))
+        .description(Some("How far available may go below zero."))
+        .build()
+}
+
+/// `expires_in_secs`: 1..=2592000, default 3600.
+pub fn expires_in_secs() -> Object {
+    integer(1, i64::from(HOLD_EXPIRES_SECS_MAX))
+        .default(Some(json!(HOLD_EXPIRES_SECS_DEFAULT)))
+        .description(Some(
+            "Lifetime of the hold. For idempotency, an absent value and an explicit 3600 are different requests.",
+        ))
+        .build()
+}
+
+/// A signed money value (balance, available): within ±(2^53-1).
+pub fn signed_money() -> Object {
+    integer(-AMOUNT_MAX_I64, AMOUNT_MAX_I64).build()
+}
+
+/// An unsigned money value (held, captured): within 0..=2^53-1.
+pub fn unsigned_money() -> Object {
+    integer(0, AMOUNT_MAX_I64).build()
+}
+
+/// A count or sequence number: 0 and up.
+pub fn count() -> Object {
+    ObjectBuilder::new()
+        .schema_type(Type::Integer)
+        .minimum(Some(0))
+        .build()
+}
+
+/// A UUID string.
+pub fn uuid() -> Object {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .format(Some(SchemaFormat::KnownFormat(KnownFormat::Uuid)))
+        .build()
+}
+
+/// A UUID string or null.
+pub fn uuid_or_null() -> Object {
+    ObjectBuilder::new()
+        .schema_type(SchemaType::from_iter([Type::String, Type::Null]))
+        .format(Some(SchemaFormat::KnownFormat(KnownFormat::Uuid)))
+        .build()
+}
+
+/// An RFC 3339 UTC time with milliseconds.
+pub fn timestamp() -> Object {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .format(Some(SchemaFormat::KnownFormat(KnownFormat::DateTime)))
+        .description(Some(
+            "RFC 3339, UTC, milliseconds, e.g. 2026-11-22T01:02:03.456Z.",
+        ))
+        .build()
+}
+
+/// A string that is one of `values`.
+pub fn one_of_strings(values: impl IntoIterator<Item = &'static str>) -> Object {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .enum_values(Some(values))
+        .build()
+}
+
+/// A transaction's `kind`.
+pub fn tx_kind() -> Object {
+    one_of_strings(
+        [
+            TxKind::Credit,
+            TxKind::Debit,
+            TxKind::Hold,
+            TxKind::Capture,
+            TxKind::Release,
+            TxKind::Expire,
+            TxKind::TransferOut,
+            TxKind::TransferIn,
+        ]
+        .map(TxKind::as_str),
+    )
+}
+
+/// A hold's `status`.
+pub fn hold_status() -> Object {
+    one_of_strings(HOLD_STATUSES.map(HoldStatus::as_str))
+}
+
+/// Every hold status.
+pub const HOLD_STATUSES: [HoldStatus; 4] = [
+    HoldStatus::Open,
+    HoldStatus::Captured,
+    HoldStatus::Released,
+    HoldStatus::Expired,
+];
+
+/// A transfer's `status`.
+pub fn transfer_status() -> Object {
+    one_of_strings(
+        [
+            TransferStatus::Pending,
+            TransferStatus::Completed,
+            TransferStatus::Failed(crate::domain::TransferFailure::AccountNotFound),
+        ]
+        .map(TransferStatus::as_str),
+    )
+}
+
+/// A failed transfer's `failure_code`.
+pub fn transfer_failure_code() -> Object {
+    use crate::domain::TransferFailure;
+    let mut object = one_of_strings(
+        [
+            TransferFailure::AccountNotFound,
+            TransferFailure::CurrencyMismatch,
+            TransferFailure::BalanceLimitExceeded,
+        ]
+        .map(TransferFailure::code),
+    );
+    object.description = Some("Only on a failed transfer: why the destination refused.".into());
+    object
+}
+
+/// An idempotency key: 1..=255 visible ASCII characters.
+pub fn idempotency_key() -> Object {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .min_length(Some(1))
+        .max_length(Some(IDEMPOTENCY_KEY_BYTES_MAX))
+        .pattern(Some(IDEMPOTENCY_KEY_PATTERN))
+        .build()
+}
+
+/// The `AccountId` component.
+pub struct AccountIdSchema;
+
+impl PartialSchema for AccountIdSchema {
+    fn schema() -> RefOr<Schema> {
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .pattern(Some(ACCOUNT_ID_PATTERN))
+            .min_length(Some(1))
+            .max_length(Some(ACCOUNT_ID_BYTES_MAX))
+            .examples([json!("player-42")])
+            .into()
+    }
+}
+
+impl ToSchema for AccountIdSchema {
+    fn name() -> Cow<'static, str> {
+        "AccountId".into()
+    }
+}
+
+/// The `Currency` component.
+pub struct CurrencySchema;
+
+impl PartialSchema for CurrencySchema {
+    fn schema() -> RefOr<Schema> {
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .pattern(Some(CURRENCY_PATTERN))
+            .min_length(Some(1))
+            .max_length(Some(CURRENCY_BYTES_MAX))
+            .examples([json!("GEM"), json!("EUR")])
+            .into()
+    }
+}
+
+impl ToSchema for CurrencySchema {
+    fn name() -> Cow<'static, str> {
+        "Currency".into()
+    }
+}
+
+/// The `Metadata` component.
+pub struct MetadataSchema;
+
+impl PartialSchema for MetadataSchema {
+    fn schema() -> RefOr<Schema> {
+        let value = ObjectBuilder::new()
+            .schema_type(Type::String)
+            .max_length(Some(METADATA_VALUE_CHARS_MAX));
+        let key = ObjectBuilder::new()
+            .schema_type(Type::String)
+            .min_length(Some(1))
+            .max_length(Some(METADATA_KEY_CHARS_MAX))
+            .build();
+        ObjectBuilder::new()
+            .schema_type(Type::Object)
+            .description(Some(
+                "Free-form string pairs, stored and returned as given: at most 16 keys of 1..=40 characters, values of at most 500 characters (characters are Unicode scalar values). Absent is the same as {}; null or a key given twice is refused (400). Values outside the limits are 422.",
+            ))
+            .max_properties(Some(METADATA_KEYS_MAX))
+            .additional_properties(Some(value))
+            .property_names(Some(key))
+            .into()
+    }
+}
+
+impl ToSchema for MetadataSchema {
+    fn name() -> Cow<'static, str> {
+        "Metadata".into()
+    }
+}
+
+/// A transaction's `seq`: 1 and up.
+pub fn seq() -> Object {
+    ObjectBuilder::new()
+        .schema_type(Type::Integer)
+        .minimum(Some(1))
+        .build()
+}
+
+/// The `next` cursor of a transactions page: a seq as a decimal string, or null.
+pub fn seq_cursor() -> Object {
+    ObjectBuilder::new()
+        .schema_type(SchemaType::from_iter([Type::String, Type::Null]))
+        .pattern(Some("^[1-9][0-9]*$"))
+        .build()
+}
+
+/// The original status in an idempotency-key lookup.
+pub fn lookup_status() -> Object {
+    ObjectBuilder::new()
+        .schema_type(Type::Integer)
+        .enum_values(Some([200, 201, 202, 404, 409]))
+        .build()
+}
+
+/// The original body in an idempotency-key lookup.
+pub fn lookup_response() -> Schema {
+    Schema::OneOf(
+        OneOfBuilder::new()
+            .item(Ref::from_schema_name("Receipt"))
+            .item(Ref::from_schema_name("TransferReceipt"))
+            .item(Ref::from_schema_name("Problem"))
+            .build(),
+    )
+}
+
+/// The body of one batch result.
+pub fn batch_result_body() -> Schema {
+    Schema::OneOf(
+        OneOfBuilder::new()
+            .item(Ref::from_schema_name("Receipt"))
+            .item(Ref::from_schema_name("Problem"))
+            .build(),
+    )
+}
+
+/// The constant `ok`.
+pub fn const_ok() -> Object {
+    one_of_strings(["ok"])
+}
+
+/// The constant `ready`.
+pub fn const_ready() -> Object {
+    one_of_strings(["ready"])
+}
+
+/// The `BatchOperation` component: one schema per `op`, each with exactly the fields of its
+/// single endpoint's body plus `op`, `account` and its own `idempotency_key`.
+pub struct BatchOperation;
+
+impl PartialSchema for BatchOperation {
+    fn schema() -> RefOr<Schema> {
+        let account = || RefOr::from(Ref::from_schema_name("AccountId"));
+        let metadata = || RefOr::from(Ref::from_schema_name("Metadata"));
+        let variant = |op: &'static str, fields: Vec<(&'static str, RefOr<Schema>, bool)>| {
+            let mut object = ObjectBuilder::new()
+                .schema_type(Type::Object)
+                .title(Some(op))
+                .additional_properties(Some(AdditionalProperties::FreeForm(false)))
+                .property("op", one_of_strings([op]))
+                .required("op")
+                .property("account", account())
+                .required("account")
+                .property("idempotency_key", idempotency_key())
+                .required("idempotency_key");
+            for (name, schema, required) in fields {
+                object = object.property(name, schema);
+                if required {
+                    object = object.required(name);
+                }
+            }
+            object.property("metadata", metadata()).build()
+        };
+        let amount = || RefOr::from(Schema::Object(amount()));
+        let hold_id = || RefOr::from(Schema::Object(uuid()));
+        OneOfBuilder::new()
+            .description(Some(
+                "One operation of a batch, with the fields of its single endpoint's body plus `op`, `account` and its own `idempotency_key` (scoped to `account`). A malformed operation is answered with 400 in its own result; the rest of the batch proceeds.",
+            ))
+            .item(variant("credit", vec![("amount", amount(), true)]))
+            .item(variant("debit", vec![("amount", amount(), true)]))
+            .item(variant(
+                "hold",
+                vec![
+                    ("amount", amount(), true),
+                    (
+                        "expires_in_secs",
+                        RefOr::from(Schema::Object(expires_in_secs())),
+                        false,
+                    ),
+                ],
+            ))
+            .item(variant(
+                "capture",
+                vec![
+                    ("hold_id", hold_id(), true),
+                    (
+                        "amount",
+                        RefOr::from(Schema::Object(capture_amount())),
+                        false,
+                    ),
+                ],
+            ))
+            .item(variant("release", vec![("hold_id", hold_id(), true)]))
+            .into()
+    }
+}
+
+impl ToSchema for BatchOperation {
+    fn name() -> Cow<'static, str> {
+        "BatchOperation".into()
+    }
+}
+
+/// `limit` of a list: 1..=1000, default 100.
+pub fn list_limit() -> Object {
+    integer(1, LIST_LIMIT_MAX_I64)
+        .default(Some(json!(super::LIST_LIMIT_DEFAULT)))
+        .build()
+}
+
+const LIST_LIMIT_MAX_I64: i64 = super::LIST_LIMIT_MAX as i64;
+
+/// `before_seq` of the transactions list: a seq, 1..=2^64-1 (what the server parses).
+pub fn before_seq() -> Object {
+    ObjectBuilder::new()
+        .schema_type(Type::Integer)
+        .minimum(Some(1))
+        .maximum(Some(u64::MAX))
+        .build()
+}
