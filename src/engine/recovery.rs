@@ -212,8 +212,9 @@ fn replay_inline(
     book: &mut TransferBook,
 ) -> Result<Replayed, OpenError> {
     let mut progress = Progress::new();
-    let outcome = wal::replay_after(storage, dir, after_lsn, repair, |event| {
-        progress.count(event.lsn);
+    let outcome = wal::replay_frames_after(storage, dir, after_lsn, repair, |frame| {
+        progress.count(frame.lsn);
+        let event = shard.decode(frame).map_err(|e| e.to_string())?;
         shard.replay(event)?;
         for (event, view) in shard.transfers.drain(..) {
             book.record(&event, view).map_err(|e| e.to_string())?;
@@ -417,10 +418,17 @@ impl Shard {
                 payload: &batch.bytes[start..end],
             };
             start = end;
-            let event = wal::codec::decode_frame_event(&frame).map_err(|e| (lsn, e.to_string()))?;
+            let event = self.decode(&frame).map_err(|e| (lsn, e.to_string()))?;
             self.replay(event).map_err(|reason| (lsn, reason))?;
         }
         Ok(())
+    }
+
+    /// Decodes a record, with the id of the account it names when this shard has it.
+    fn decode(&self, frame: &wal::codec::Frame<'_>) -> Result<Event, wal::codec::DecodeError> {
+        wal::codec::decode_frame_event_with(frame, |id| {
+            self.accounts.get_str(id).map(|slot| slot.id.clone())
+        })
     }
 
     /// Replay of one event, with the same checks and changes as the live path. Events at or

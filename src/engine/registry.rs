@@ -57,7 +57,13 @@ impl Table {
 
     /// The slot of an account.
     pub(crate) fn get(&self, id: &AccountId) -> Option<&Arc<Slot>> {
-        self.slots.find(self.hash(id), |slot| slot.id == *id)
+        self.get_str(id.as_str())
+    }
+
+    /// The slot of an account, by the id's text.
+    pub(crate) fn get_str(&self, id: &str) -> Option<&Arc<Slot>> {
+        let hash = self.hasher.hash_one(id);
+        self.slots.find(hash, |slot| slot.id.as_str() == id)
     }
 
     /// An account, without its lock: for recovery, which owns the table alone. `None` if
