@@ -406,6 +406,7 @@ impl Engine {
                         overdraft_limit,
                         metadata,
                     },
+                    outcome: None,
                 };
                 event.lsn = self.inner.append(&event)?;
                 let mut account = Account::open(&event)
@@ -746,10 +747,14 @@ impl Inner {
             tx_id: self.ids.next(now_ms),
             idempotency_key: key,
             body,
+            outcome: None,
         };
-        if let Err(error) = account.check(&event) {
+        // The outcome (balances after) is recorded with the event, so the event stream can
+        // show the transaction from the log alone; replay checks it like every other field.
+        match account.outcome_of(&event) {
+            Ok(outcome) => event.outcome = Some(outcome),
             // decide() accepted this request under the same lock: a refusal here is a bug.
-            panic!("decided event refused by check: {error}");
+            Err(error) => panic!("decided event refused by check: {error}"),
         }
         if event.body.is_transfer() {
             // The transfer steps re-check the book under this lock: a refusal is a bug too,

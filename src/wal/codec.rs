@@ -6,7 +6,7 @@
 //! ```text
 //! offset size field
 //!      0    4 magic      = 0x5746_4643 ("CFFW" as little-endian bytes)
-//!      4    2 version    = 2 (format of frame and payload; 1 is read too)
+//!      4    2 version    = 3 (format of frame and payload; 1 and 2 are read too)
 //!      6    1 kind       = 1 (event)
 //!      7    1 pad        = 0
 //!      8    4 len        payload length in bytes, 1..=RECORD_PAYLOAD_BYTES_MAX
@@ -15,7 +15,8 @@
 //!     24  len payload
 //! ```
 //!
-//! Event payload, version 2 (version 1 is the same without tags 8..=10):
+//! Event payload, version 3 (version 2 is the same without the outcome at the end, version 1
+//! also without tags 8..=10):
 //!
 //! ```text
 //! u8 id_len, id bytes          account id
@@ -35,6 +36,10 @@
 //!   9 transfer_in      [16] transfer_id, u8 len + from account id, u64 amount, metadata
 //!  10 transfer_refund  [16] transfer_id, u8 len + to account id, u64 amount, u8 failure
 //!                      (1 account_not_found, 2 currency_mismatch, 3 balance_limit_exceeded)
+//! u8 has_outcome               version 3: 1 if the transaction's figures follow (always for
+//!                              what coffer writes, except opened: 0)
+//!   [u64 amount]               only for release and expire: the hold's amount
+//!   i64 balance, u64 held      the account's balance and held just after the event
 //! metadata = u8 count, then count x (u16 key_len, key, u16 value_len, value), UTF-8
 //! ```
 
@@ -43,13 +48,17 @@ use std::collections::BTreeMap;
 use uuid::Uuid;
 
 use crate::domain::{
-    AccountId, Amount, Currency, Event, EventBody, IdempotencyKey, Metadata, TransferFailure,
+    AccountId, Amount, Currency, Event, EventBody, IdempotencyKey, Metadata, Outcome,
+    TransferFailure,
 };
 
 /// Frame magic, "CFFW" as little-endian bytes.
 pub const FRAME_MAGIC: u32 = 0x5746_4643;
-/// Current frame and payload version: what this coffer writes.
-pub const FRAME_VERSION: u16 = 2;
+/// Current frame and payload version: what this coffer writes. Version 3 added the
+/// transaction's outcome (amount, balance and held after) at the end of the payload.
+pub const FRAME_VERSION: u16 = 3;
+/// The first version whose records carry their outcome (what the event stream shows).
+pub const FRAME_VERSION_OUTCOME: u16 = 3;
 /// Oldest version this coffer reads. Version 1 has no transfer events (tags 8..=10).
 pub const FRAME_VERSION_MIN: u16 = 1;
 /// Record kind of an event.
@@ -107,8 +116,14 @@ pub struct Frame<'a> {
     pub payload: &'a [u8],
 }
 
-/// Appends one frame with the given LSN and payload to `out`.
+/// Appends one frame with the given LSN and payload to `out`, in the current version.
 pub fn encode_frame(lsn: u64, payload: &[u8], out: &mut Vec<u8>) {
+    encode_frame_version(lsn, FRAME_VERSION, payload, out);
+}
+
+/// [`encode_frame`] in another version, for tests and tools that write an older log (the
+/// payload must then be of that version: see [`encode_event_version`]).
+pub fn encode_frame_version(lsn: u64, version: u16, payload: &[u8], out: &mut Vec<u8>) {
     assert!(!payload.is_empty(), "empty payload");
     assert!(
         payload.len() <= RECORD_PAYLOAD_BYTES_MAX,
@@ -116,7 +131,7 @@ pub fn encode_frame(lsn: u64, payload: &[u8], out: &mut Vec<u8>) {
     );
     let start = out.len();
     out.extend_from_slice(&FRAME_MAGIC.to_le_bytes());
-    out.extend_from_slice(&FRAME_VERSION.to_le_bytes());
+    out.extend_from_slice(&version.to_le_bytes());
     out.push(RECORD_KIND_EVENT);
     out.push(0);
     // Exact: the length is at most RECORD_PAYLOAD_BYTES_MAX, asserted above.
@@ -176,7 +191,7 @@ pub fn decode_frame(bytes: &[u8]) -> Result<(Frame<'_>, usize), DecodeError> {
 /// Decodes the event of a frame by the frame's version: a version 1 record cannot hold a
 /// transfer event, which came with version 2.
 pub fn decode_frame_event(frame: &Frame<'_>) -> Result<Event, DecodeError> {
-    let event = decode_event(frame.lsn, frame.payload)?;
+    let event = decode_event_version(frame.version, frame.lsn, frame.payload)?;
     let transfer = matches!(
         event.body,
         EventBody::TransferOut { .. }
@@ -189,8 +204,33 @@ pub fn decode_frame_event(frame: &Frame<'_>) -> Result<Event, DecodeError> {
     Ok(event)
 }
 
-/// Encodes an event's payload (everything but the LSN, which the frame carries).
+/// Encodes an event's payload in the current version (everything but the LSN, which the
+/// frame carries).
 pub fn encode_event(event: &Event, out: &mut Vec<u8>) {
+    encode_event_version(event, FRAME_VERSION, out);
+}
+
+/// Encodes an event's payload in `version` (1..=3); versions before 3 leave the outcome out.
+pub fn encode_event_version(event: &Event, version: u16, out: &mut Vec<u8>) {
+    encode_body(event, out);
+    if version < FRAME_VERSION_OUTCOME {
+        return;
+    }
+    match (&event.outcome, &event.body) {
+        (None, _) => out.push(0),
+        (Some(_), EventBody::Opened { .. }) => panic!("an opened event has no outcome"),
+        (Some(outcome), body) => {
+            out.push(1);
+            if matches!(body, EventBody::Release { .. } | EventBody::Expire { .. }) {
+                out.extend_from_slice(&outcome.amount.to_le_bytes());
+            }
+            out.extend_from_slice(&outcome.balance.to_le_bytes());
+            out.extend_from_slice(&outcome.held.to_le_bytes());
+        }
+    }
+}
+
+fn encode_body(event: &Event, out: &mut Vec<u8>) {
     put_str8(out, event.account.as_str());
     out.extend_from_slice(&event.seq.to_le_bytes());
     out.extend_from_slice(&event.at_ms.to_le_bytes());
@@ -297,9 +337,15 @@ pub fn encode_event(event: &Event, out: &mut Vec<u8>) {
     }
 }
 
-/// Decodes an event payload; `lsn` comes from its frame. Every value is validated as on
-/// the request path, so a decoded event satisfies the same type invariants.
+/// Decodes an event payload of the current version; `lsn` comes from its frame. Every value
+/// is validated as on the request path, so a decoded event satisfies the same type
+/// invariants.
 pub fn decode_event(lsn: u64, payload: &[u8]) -> Result<Event, DecodeError> {
+    decode_event_version(FRAME_VERSION, lsn, payload)
+}
+
+/// [`decode_event`] for a payload of `version` (older ones have no outcome).
+pub fn decode_event_version(version: u16, lsn: u64, payload: &[u8]) -> Result<Event, DecodeError> {
     let mut r = Reader { bytes: payload };
     let account = AccountId::parse(r.str8()?).map_err(|_| bad("account id"))?;
     let seq = r.u64()?;
@@ -369,6 +415,11 @@ pub fn decode_event(lsn: u64, payload: &[u8]) -> Result<Event, DecodeError> {
         },
         _ => return Err(bad("unknown event tag")),
     };
+    let outcome = if version >= FRAME_VERSION_OUTCOME {
+        decode_outcome(&mut r, &body)?
+    } else {
+        None
+    };
     if !r.bytes.is_empty() {
         return Err(bad("trailing bytes"));
     }
@@ -380,7 +431,38 @@ pub fn decode_event(lsn: u64, payload: &[u8]) -> Result<Event, DecodeError> {
         tx_id,
         idempotency_key,
         body,
+        outcome,
     })
+}
+
+/// The outcome at the end of a version 3 payload, checked for what can be checked without
+/// the account: an amount where the body has one is the body's, `available` fits.
+fn decode_outcome(r: &mut Reader<'_>, body: &EventBody) -> Result<Option<Outcome>, DecodeError> {
+    if !r.flag()? {
+        return Ok(None);
+    }
+    let amount = match body {
+        EventBody::Opened { .. } => return Err(bad("an opened event with an outcome")),
+        EventBody::Release { .. } | EventBody::Expire { .. } => r.amount()?.get(),
+        EventBody::Credit { amount, .. }
+        | EventBody::Debit { amount, .. }
+        | EventBody::Hold { amount, .. }
+        | EventBody::Capture { amount, .. }
+        | EventBody::TransferOut { amount, .. }
+        | EventBody::TransferIn { amount, .. }
+        | EventBody::TransferRefund { amount, .. } => amount.get(),
+    };
+    let balance = r.i64()?;
+    let held = r.u64()?;
+    // Exact: AMOUNT_MAX < i64::MAX.
+    if balance > crate::domain::AMOUNT_MAX as i64 || balance.checked_sub_unsigned(held).is_none() {
+        return Err(bad("outcome out of range"));
+    }
+    Ok(Some(Outcome {
+        amount,
+        balance,
+        held,
+    }))
 }
 
 pub(crate) fn bad(what: &'static str) -> DecodeError {
@@ -601,6 +683,7 @@ mod tests {
                 idempotency_key: (i % 2 == 1)
                     .then(|| IdempotencyKey::parse(&format!("key-{i}")).expect("valid")),
                 body,
+                outcome: None,
             })
             .collect()
     }
