@@ -19,6 +19,7 @@ const ROUTES: &[(&str, &[&str])] = &[
     ("/v1/accounts/{id}/holds/{hold_id}/release", &["post"]),
     ("/v1/accounts/{id}/transactions", &["get"]),
     ("/v1/batch", &["post"]),
+    ("/v1/events", &["get"]),
     ("/v1/transfers", &["post"]),
     ("/v1/transfers/{id}", &["get"]),
     ("/v1/accounts/{id}/idempotency-keys/{key}", &["get"]),

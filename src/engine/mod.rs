@@ -7,12 +7,14 @@
 //! Reads take the state lock directly and wait until everything they show is durable.
 
 mod actor;
+mod events;
 mod expiry;
 mod ids;
 mod recovery;
 mod snapshots;
 mod transfers;
 
+pub use events::{EventFilter, EventPage, EVENTS_SCAN_RECORDS_MAX};
 pub(crate) use recovery::recover_state;
 pub use snapshots::{SnapshotFailed, SnapshotReport};
 pub use transfers::{Conservation, TransferOutcome};
@@ -79,6 +81,9 @@ pub struct EngineConfig {
     pub snapshot_interval: Option<Duration>,
     /// Move WAL segments no snapshot needs here instead of deleting them.
     pub wal_archive: Option<PathBuf>,
+    /// Keep WAL segments at least this long after the kept snapshots cover them, so the
+    /// event stream can still serve their events (zero: remove them at once).
+    pub event_retention: Duration,
     /// Threads that apply the WAL at start (0: one per core, up to 4; 1: the reading thread
     /// alone).
     pub replay_threads: usize,
@@ -103,6 +108,7 @@ impl EngineConfig {
             snapshot_every_records: Some(SNAPSHOT_EVERY_RECORDS_DEFAULT),
             snapshot_interval: Some(SNAPSHOT_INTERVAL_DEFAULT),
             wal_archive: None,
+            event_retention: Duration::ZERO,
             replay_threads: 0,
             id_seed: None,
         }
@@ -138,6 +144,21 @@ pub enum EngineError {
     /// No transfer with this id is remembered.
     #[error("transfer {0} not found")]
     TransferNotFound(Uuid),
+    /// An event-stream position older than the oldest event kept.
+    #[error("cursor expired: the oldest position kept is after {floor}")]
+    CursorExpired {
+        /// The oldest position a read may start after.
+        floor: u64,
+    },
+    /// An event-stream position past the durable end of the log (not one this log gave).
+    #[error("cursor past the end of the log at {durable}")]
+    CursorAhead {
+        /// The durable end of the log.
+        durable: u64,
+    },
+    /// Something that should not happen did (logged where it happened).
+    #[error("internal error")]
+    Internal,
 }
 
 impl From<WalError> for EngineError {
@@ -258,6 +279,11 @@ pub(crate) struct Inner {
     transfers: Mutex<TransferBook>,
     /// How long recovery took (ms): replay at open, then `finish_recovery` adds its part.
     recovery_millis: AtomicU64,
+    /// The event stream's state.
+    events: events::EventsState,
+    /// When each WAL segment was first found covered by the kept snapshots (by its first
+    /// LSN): it is removed `event_retention` after that.
+    covered_since: Mutex<std::collections::HashMap<u64, Instant>>,
 }
 
 /// One account: its state behind a short lock. The id is the registry's key and the
@@ -336,6 +362,8 @@ impl Engine {
             recovery_millis: AtomicU64::new(
                 u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
             ),
+            events: events::EventsState::default(),
+            covered_since: Mutex::new(Default::default()),
         };
         Ok((
             Engine {

@@ -20,6 +20,9 @@ pub struct ApiError {
     pub detail: String,
     /// Seconds for `Retry-After`, on 503.
     pub retry_after_secs: Option<u32>,
+    /// One more member of the problem body (RFC 9457 extension), e.g. the oldest cursor of
+    /// a 410 `cursor_expired`.
+    pub extension: Option<(&'static str, String)>,
 }
 
 impl ApiError {
@@ -35,6 +38,7 @@ impl ApiError {
             title,
             detail: detail.into(),
             retry_after_secs: None,
+            extension: None,
         }
     }
 
@@ -200,6 +204,29 @@ impl From<EngineError> for ApiError {
                 format!("no transfer {id}"),
             ),
             EngineError::Overloaded => ApiError::overloaded(),
+            EngineError::CursorExpired { floor } => {
+                let oldest = super::dto::cursor::encode(floor);
+                let mut e = ApiError::new(
+                    StatusCode::GONE,
+                    "cursor_expired",
+                    "Cursor expired",
+                    format!(
+                        "the events after this cursor are no longer kept; the oldest available cursor is {oldest}"
+                    ),
+                );
+                e.extension = Some(("oldest_cursor", oldest));
+                e
+            }
+            EngineError::CursorAhead { durable } => ApiError::invalid(format!(
+                "the cursor is past the end of the log (the newest cursor is {}): it was not made by this server",
+                super::dto::cursor::encode(durable)
+            )),
+            EngineError::Internal => ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal_error",
+                "Internal error",
+                "the server could not answer; the error is logged",
+            ),
             EngineError::ShuttingDown => {
                 let mut e = ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -319,13 +346,17 @@ impl ApiError {
 
     /// The problem+json body.
     pub fn body(&self) -> serde_json::Value {
-        serde_json::json!({
+        let mut body = serde_json::json!({
             "type": format!("urn:coffer:error:{}", self.code),
             "title": self.title,
             "status": self.status.as_u16(),
             "detail": self.detail,
             "code": self.code,
-        })
+        });
+        if let (Some((name, value)), Some(map)) = (&self.extension, body.as_object_mut()) {
+            map.insert((*name).to_string(), serde_json::Value::from(value.as_str()));
+        }
+        body
     }
 }
 

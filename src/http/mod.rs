@@ -5,6 +5,7 @@
 
 pub mod dto;
 pub mod error;
+pub mod events;
 pub mod guard;
 mod metrics;
 
@@ -52,10 +53,23 @@ pub struct AppState {
     inner: Arc<AppInner>,
 }
 
-#[derive(Default)]
 struct AppInner {
     engine: OnceLock<Engine>,
     stats: HttpStats,
+    events: events::EventStats,
+    /// Set when the server stops: long polls and event streams end at once.
+    stopping: tokio::sync::watch::Sender<bool>,
+}
+
+impl Default for AppInner {
+    fn default() -> AppInner {
+        AppInner {
+            engine: OnceLock::new(),
+            stats: HttpStats::default(),
+            events: events::EventStats::default(),
+            stopping: tokio::sync::watch::Sender::new(false),
+        }
+    }
 }
 
 impl AppState {
@@ -67,6 +81,15 @@ impl AppState {
     /// Marks recovery as done.
     pub fn set_engine(&self, engine: Engine) {
         let _ = self.inner.engine.set(engine);
+    }
+
+    /// Ends long polls and event streams (the server is stopping).
+    pub fn begin_stop(&self) {
+        self.inner.stopping.send_replace(true);
+    }
+
+    fn stopping(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.inner.stopping.subscribe()
     }
 
     /// The engine, once ready.
@@ -119,6 +142,7 @@ pub fn router_with(state: AppState, config: RouterConfig) -> Router {
         .route("/v1/transfers", post(post_transfer))
         .route("/v1/transfers/{id}", get(get_transfer))
         .route("/v1/batch", post(post_batch))
+        .route("/v1/events", get(events::get_events))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/openapi.json", get(openapi));
@@ -608,6 +632,7 @@ async fn get_idempotency_key(
             title: "Unknown idempotency key",
             detail: format!("no request with key {} on this account", key.as_str()),
             retry_after_secs: None,
+            extension: None,
         })?;
     #[derive(Serialize)]
     struct Lookup<'a> {
