@@ -201,7 +201,7 @@ async fn a_bad_event_in_the_middle_is_named_alike_by_one_and_by_several_threads(
         },
         &mut payload,
     );
-    let tag_at = payload.len() - 18; // the tag, the hold id, then the outcome flag
+    let tag_at = payload.len() - 18; // the tag, the outcome flag, then the hold id
     payload[tag_at] = 99;
     encode_frame(report.last_lsn + 1, &payload, &mut undecodable);
     let mut rest = Vec::new();

@@ -15,8 +15,8 @@
 //!     24  len payload
 //! ```
 //!
-//! Event payload, version 3 (version 2 is the same without the outcome at the end, version 1
-//! also without tags 8..=10):
+//! Event payload, version 3 (version 2 is the same without the outcome after the tag,
+//! version 1 also without tags 8..=10):
 //!
 //! ```text
 //! u8 id_len, id bytes          account id
@@ -24,7 +24,12 @@
 //! u64 at_ms                    unix milliseconds
 //! [16] tx_id                   UUID bytes (nil for opened)
 //! u8 has_key, [u8 len, bytes]  idempotency key, when has_key = 1
-//! u8 tag, fields               the body, by tag:
+//! u8 tag                       what happened, then (version 3) the outcome:
+//!   u8 has_outcome             1 if the transaction's figures follow (always for what coffer
+//!                              writes, except opened: 0)
+//!   [u64 amount]               only for release and expire: the hold's amount
+//!   i64 balance, u64 held      the account's balance and held just after the event
+//! fields                       the body, by tag:
 //!   1 opened   u8 len + currency, u64 overdraft_limit, metadata
 //!   2 credit   u64 amount, metadata
 //!   3 debit    u64 amount, metadata
@@ -36,10 +41,6 @@
 //!   9 transfer_in      [16] transfer_id, u8 len + from account id, u64 amount, metadata
 //!  10 transfer_refund  [16] transfer_id, u8 len + to account id, u64 amount, u8 failure
 //!                      (1 account_not_found, 2 currency_mismatch, 3 balance_limit_exceeded)
-//! u8 has_outcome               version 3: 1 if the transaction's figures follow (always for
-//!                              what coffer writes, except opened: 0)
-//!   [u64 amount]               only for release and expire: the hold's amount
-//!   i64 balance, u64 held      the account's balance and held just after the event
 //! metadata = u8 count, then count x (u16 key_len, key, u16 value_len, value), UTF-8
 //! ```
 
@@ -212,7 +213,12 @@ pub fn encode_event(event: &Event, out: &mut Vec<u8>) {
 
 /// Encodes an event's payload in `version` (1..=3); versions before 3 leave the outcome out.
 pub fn encode_event_version(event: &Event, version: u16, out: &mut Vec<u8>) {
-    encode_body(event, out);
+    encode_body(event, version, out);
+}
+
+/// The outcome, right after the tag byte in version 3 (nothing before): the record then
+/// still ends with the fields of its tag, as in version 2.
+fn put_outcome(event: &Event, version: u16, out: &mut Vec<u8>) {
     if version < FRAME_VERSION_OUTCOME {
         return;
     }
@@ -230,7 +236,7 @@ pub fn encode_event_version(event: &Event, version: u16, out: &mut Vec<u8>) {
     }
 }
 
-fn encode_body(event: &Event, out: &mut Vec<u8>) {
+fn encode_body(event: &Event, version: u16, out: &mut Vec<u8>) {
     put_str8(out, event.account.as_str());
     out.extend_from_slice(&event.seq.to_le_bytes());
     out.extend_from_slice(&event.at_ms.to_le_bytes());
@@ -249,17 +255,20 @@ fn encode_body(event: &Event, out: &mut Vec<u8>) {
             metadata,
         } => {
             out.push(TAG_OPENED);
+            put_outcome(event, version, out);
             put_str8(out, currency.as_str());
             out.extend_from_slice(&overdraft_limit.to_le_bytes());
             put_metadata(out, metadata);
         }
         EventBody::Credit { amount, metadata } => {
             out.push(TAG_CREDIT);
+            put_outcome(event, version, out);
             out.extend_from_slice(&amount.get().to_le_bytes());
             put_metadata(out, metadata);
         }
         EventBody::Debit { amount, metadata } => {
             out.push(TAG_DEBIT);
+            put_outcome(event, version, out);
             out.extend_from_slice(&amount.get().to_le_bytes());
             put_metadata(out, metadata);
         }
@@ -271,6 +280,7 @@ fn encode_body(event: &Event, out: &mut Vec<u8>) {
             metadata,
         } => {
             out.push(TAG_HOLD);
+            put_outcome(event, version, out);
             out.extend_from_slice(hold_id.as_bytes());
             out.extend_from_slice(&amount.get().to_le_bytes());
             out.extend_from_slice(&expires_at_ms.to_le_bytes());
@@ -284,6 +294,7 @@ fn encode_body(event: &Event, out: &mut Vec<u8>) {
             metadata,
         } => {
             out.push(TAG_CAPTURE);
+            put_outcome(event, version, out);
             out.extend_from_slice(hold_id.as_bytes());
             out.extend_from_slice(&amount.get().to_le_bytes());
             out.push(u8::from(*amount_given));
@@ -291,11 +302,13 @@ fn encode_body(event: &Event, out: &mut Vec<u8>) {
         }
         EventBody::Release { hold_id, metadata } => {
             out.push(TAG_RELEASE);
+            put_outcome(event, version, out);
             out.extend_from_slice(hold_id.as_bytes());
             put_metadata(out, metadata);
         }
         EventBody::Expire { hold_id } => {
             out.push(TAG_EXPIRE);
+            put_outcome(event, version, out);
             out.extend_from_slice(hold_id.as_bytes());
         }
         EventBody::TransferOut {
@@ -305,6 +318,7 @@ fn encode_body(event: &Event, out: &mut Vec<u8>) {
             metadata,
         } => {
             out.push(TAG_TRANSFER_OUT);
+            put_outcome(event, version, out);
             out.extend_from_slice(transfer_id.as_bytes());
             put_str8(out, to.as_str());
             out.extend_from_slice(&amount.get().to_le_bytes());
@@ -317,6 +331,7 @@ fn encode_body(event: &Event, out: &mut Vec<u8>) {
             metadata,
         } => {
             out.push(TAG_TRANSFER_IN);
+            put_outcome(event, version, out);
             out.extend_from_slice(transfer_id.as_bytes());
             put_str8(out, from.as_str());
             out.extend_from_slice(&amount.get().to_le_bytes());
@@ -329,6 +344,7 @@ fn encode_body(event: &Event, out: &mut Vec<u8>) {
             failure,
         } => {
             out.push(TAG_TRANSFER_REFUND);
+            put_outcome(event, version, out);
             out.extend_from_slice(transfer_id.as_bytes());
             put_str8(out, to.as_str());
             out.extend_from_slice(&amount.get().to_le_bytes());
@@ -356,7 +372,13 @@ pub fn decode_event_version(version: u16, lsn: u64, payload: &[u8]) -> Result<Ev
         1 => Some(IdempotencyKey::parse(r.str8()?).map_err(|_| bad("idempotency key"))?),
         _ => return Err(bad("key flag")),
     };
-    let body = match r.u8()? {
+    let tag = r.u8()?;
+    let recorded = if version >= FRAME_VERSION_OUTCOME {
+        read_outcome(&mut r, tag)?
+    } else {
+        None
+    };
+    let body = match tag {
         TAG_OPENED => EventBody::Opened {
             currency: Currency::parse(r.str8()?).map_err(|_| bad("currency"))?,
             overdraft_limit: r.u64()?,
@@ -415,10 +437,9 @@ pub fn decode_event_version(version: u16, lsn: u64, payload: &[u8]) -> Result<Ev
         },
         _ => return Err(bad("unknown event tag")),
     };
-    let outcome = if version >= FRAME_VERSION_OUTCOME {
-        decode_outcome(&mut r, &body)?
-    } else {
-        None
+    let outcome = match recorded {
+        None => None,
+        Some(raw) => Some(finish_outcome(raw, &body)?),
     };
     if !r.bytes.is_empty() {
         return Err(bad("trailing bytes"));
@@ -435,15 +456,33 @@ pub fn decode_event_version(version: u16, lsn: u64, payload: &[u8]) -> Result<Ev
     })
 }
 
-/// The outcome at the end of a version 3 payload, checked for what can be checked without
-/// the account: an amount where the body has one is the body's, `available` fits.
-fn decode_outcome(r: &mut Reader<'_>, body: &EventBody) -> Result<Option<Outcome>, DecodeError> {
+/// The outcome of a version 3 payload as stored after the tag byte: the amount (release
+/// and expire only), balance and held, if the flag says one is there.
+type RawOutcome = (Option<u64>, i64, u64);
+
+fn read_outcome(r: &mut Reader<'_>, tag: u8) -> Result<Option<RawOutcome>, DecodeError> {
     if !r.flag()? {
         return Ok(None);
     }
+    let amount = match tag {
+        TAG_OPENED => return Err(bad("an opened event with an outcome")),
+        TAG_RELEASE | TAG_EXPIRE => Some(r.amount()?.get()),
+        _ => None,
+    };
+    let balance = r.i64()?;
+    let held = r.u64()?;
+    Ok(Some((amount, balance, held)))
+}
+
+/// The outcome of a decoded body, checked for what can be checked without the account: the
+/// amount is the body's where it has one, and the balances are in range.
+fn finish_outcome(raw: RawOutcome, body: &EventBody) -> Result<Outcome, DecodeError> {
+    let (stored, balance, held) = raw;
     let amount = match body {
         EventBody::Opened { .. } => return Err(bad("an opened event with an outcome")),
-        EventBody::Release { .. } | EventBody::Expire { .. } => r.amount()?.get(),
+        EventBody::Release { .. } | EventBody::Expire { .. } => {
+            stored.ok_or(bad("release or expire without its amount"))?
+        }
         EventBody::Credit { amount, .. }
         | EventBody::Debit { amount, .. }
         | EventBody::Hold { amount, .. }
@@ -452,17 +491,15 @@ fn decode_outcome(r: &mut Reader<'_>, body: &EventBody) -> Result<Option<Outcome
         | EventBody::TransferIn { amount, .. }
         | EventBody::TransferRefund { amount, .. } => amount.get(),
     };
-    let balance = r.i64()?;
-    let held = r.u64()?;
     // Exact: AMOUNT_MAX < i64::MAX.
     if balance > crate::domain::AMOUNT_MAX as i64 || balance.checked_sub_unsigned(held).is_none() {
         return Err(bad("outcome out of range"));
     }
-    Ok(Some(Outcome {
+    Ok(Outcome {
         amount,
         balance,
         held,
-    }))
+    })
 }
 
 pub(crate) fn bad(what: &'static str) -> DecodeError {

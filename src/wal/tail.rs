@@ -67,10 +67,10 @@ mod tests {
     fn the_tail_answers_only_from_where_it_reaches_back_to() {
         let mut tail = Tail::default();
         assert!(tail.from(1).is_none());
-        for first in [1u64, 4, 9] {
+        for (first_lsn, last_lsn) in [(1u64, 3u64), (4, 8), (9, 9)] {
             tail.push(Batch {
-                first_lsn: first,
-                last_lsn: if first == 9 { 9 } else { first + 2 + first / 4 },
+                first_lsn,
+                last_lsn,
                 bytes: vec![1; 10],
             });
         }
