@@ -39,6 +39,7 @@ fn opened(id: &AccountId) -> Account {
             overdraft_limit: 0,
             metadata: Metadata::empty(),
         },
+        outcome: None,
     };
     let mut account = Account::open(&event).expect("open");
     let credit = Event {
@@ -120,6 +121,7 @@ fn domain(c: &mut Criterion) {
                     tx_id: Uuid::nil(),
                     idempotency_key: Some(key),
                     body,
+                    outcome: None,
                 };
                 account.apply(&event, Retention::UNLIMITED).expect("apply");
             }
@@ -147,6 +149,7 @@ fn wal_group_commit(c: &mut Criterion) {
             amount: coffer::domain::Amount::new(1).expect("amount"),
             metadata: Metadata::empty(),
         },
+        outcome: None,
     };
     let mut payload = Vec::new();
     codec::encode_event(&event, &mut payload);

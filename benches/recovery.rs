@@ -108,6 +108,7 @@ fn build(dir: &Path, accounts: u64, events: u64) -> Duration {
                     metadata: Metadata::empty(),
                 }
             },
+            outcome: None,
         };
         if !first {
             seqs[i as usize] += 1;

@@ -82,6 +82,12 @@ pub struct ServeArgs {
     /// system) instead of deleting them: the complete journal, for audits.
     #[arg(long, env = "COFFER_WAL_ARCHIVE")]
     pub wal_archive: Option<PathBuf>,
+    /// Keep WAL segments at least this long after the kept snapshots cover them, so that
+    /// `GET /v1/events` can still serve their transactions to a consumer that fell behind
+    /// (e.g. 1h, 7d; 0s: remove them at the first snapshot that covers them). A consumer
+    /// whose cursor is older than what is kept gets 410 `cursor_expired`.
+    #[arg(long, env = "COFFER_EVENT_RETENTION", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub event_retention: Duration,
     /// Size in bytes at which the WAL starts a new segment file.
     #[arg(long, env = "COFFER_WAL_SEGMENT_BYTES", default_value_t = crate::wal::SEGMENT_BYTES_DEFAULT)]
     pub wal_segment_bytes: u64,
@@ -221,6 +227,7 @@ impl ServeArgs {
         config.snapshot_interval =
             (!self.snapshot_interval.is_zero()).then_some(self.snapshot_interval);
         config.wal_archive = self.wal_archive.clone();
+        config.event_retention = self.event_retention;
         config.retention = Retention {
             history: self.history_limit.max(1),
             ttl_ms: u64::try_from(self.idempotency_ttl.as_millis()).unwrap_or(u64::MAX),

@@ -92,6 +92,10 @@ pub struct LoadArgs {
     /// Server name to check the certificate against with --tls-ca (default: the target IP).
     #[arg(long)]
     pub tls_server_name: Option<String>,
+    /// Event-stream consumers that long-poll `GET /v1/events` from the end of the log while
+    /// the load runs (each on its own connection); the report gives the events they got.
+    #[arg(long, default_value_t = 0)]
+    pub consumers: u64,
     /// The TLS client configuration built from --tls-ca (by `run`).
     #[arg(skip)]
     pub tls: Option<Arc<rustls::ClientConfig>>,
@@ -150,6 +154,12 @@ pub struct LoadReport {
     pub mismatched_accounts: u64,
     /// Accounts checked.
     pub verified_accounts: u64,
+    /// Event-stream consumers that ran (`--consumers`).
+    pub consumers: u64,
+    /// Events they received during the load, all together.
+    pub events_delivered: u64,
+    /// Events per second received by one consumer (the mean over the consumers).
+    pub events_per_sec_per_consumer: f64,
 }
 
 /// Latency percentiles (ms).
@@ -339,6 +349,19 @@ pub async fn run(mut args: LoadArgs) -> Result<LoadReport, LoadError> {
         };
         workers.push(tokio::spawn(worker_loop(ctx, conn)));
     }
+    let mut consumers = Vec::new();
+    if args.consumers > 0 {
+        let mut conn = Conn::open(&args).await?;
+        let from = durable_cursor(&mut conn).await?;
+        for _ in 0..args.consumers {
+            let conn = Conn::open(&args).await?;
+            consumers.push(tokio::spawn(consumer_loop(
+                conn,
+                from.clone(),
+                stop.clone(),
+            )));
+        }
+    }
     let progress = progress_bar(&args);
     while started.elapsed() < args.duration {
         tokio::time::sleep(Duration::from_millis(250)).await;
@@ -357,6 +380,10 @@ pub async fn run(mut args: LoadArgs) -> Result<LoadReport, LoadError> {
         results.push(handle.await.map_err(|e| err("worker", e))?);
     }
     let seconds = started.elapsed().as_secs_f64();
+    let mut events_delivered = 0;
+    for handle in consumers {
+        events_delivered += handle.await.map_err(|e| err("consumer", e))??;
+    }
     if let Some(bar) = progress {
         bar.finish_and_clear();
     }
@@ -403,7 +430,55 @@ pub async fn run(mut args: LoadArgs) -> Result<LoadReport, LoadError> {
         errors,
         mismatched_accounts: mismatched,
         verified_accounts: verified,
+        consumers: args.consumers,
+        events_delivered,
+        events_per_sec_per_consumer: if args.consumers == 0 {
+            0.0
+        } else {
+            events_delivered as f64 / args.consumers as f64 / seconds
+        },
     })
+}
+
+/// The cursor of the durable end of the log now, from `/metrics` (the load tool knows that a
+/// cursor is `e` and the LSN in 16 hex digits; clients should treat cursors as opaque).
+async fn durable_cursor(conn: &mut Conn) -> Result<String, LoadError> {
+    let (status, body) = conn
+        .call(Method::GET, "/metrics", None, String::new())
+        .await?;
+    let text = String::from_utf8_lossy(&body);
+    let lsn = text
+        .lines()
+        .find_map(|l| l.strip_prefix("coffer_wal_durable_lsn "))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .ok_or_else(|| LoadError(format!("GET /metrics: {status}: no coffer_wal_durable_lsn")))?;
+    Ok(format!("e{lsn:016x}"))
+}
+
+/// One consumer: long polls from `from` until the load stops; returns the events received.
+async fn consumer_loop(
+    mut conn: Conn,
+    from: String,
+    stop: Arc<AtomicBool>,
+) -> Result<u64, LoadError> {
+    #[derive(serde::Deserialize)]
+    struct Page {
+        events: Vec<serde::de::IgnoredAny>,
+        next: String,
+    }
+    let mut after = from;
+    let mut received = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let path = format!("/v1/events?after={after}&limit=1000&wait_ms=200");
+        let (status, body) = conn.call(Method::GET, &path, None, String::new()).await?;
+        if status != 200 {
+            return Err(LoadError(format!("GET /v1/events: {status}")));
+        }
+        let page: Page = serde_json::from_slice(&body).map_err(|e| err("events page", e))?;
+        received += page.events.len() as u64;
+        after = page.next;
+    }
+    Ok(received)
 }
 
 impl LoadReport {
@@ -416,7 +491,8 @@ impl LoadReport {
              flows: {} ({:.0}/s), requests {:.0}/s\n\
              latency ms: p50 {:.3}  p90 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}\n\
              errors: {:?}\n\
-             verified {} accounts: {} mismatched",
+             verified {} accounts: {} mismatched\n\
+             event consumers: {}, {} events delivered ({:.0}/s per consumer)",
             self.workload,
             self.connections,
             self.accounts,
@@ -432,7 +508,10 @@ impl LoadReport {
             self.latency_ms.max,
             errors,
             self.verified_accounts,
-            self.mismatched_accounts
+            self.mismatched_accounts,
+            self.consumers,
+            self.events_delivered,
+            self.events_per_sec_per_consumer
         )
     }
 }

@@ -233,6 +233,7 @@ impl Server {
 
     async fn stop_serving(&mut self) {
         let _ = self.stop.send(true);
+        self.state.begin_stop();
         const GRACE: Duration = Duration::from_secs(10);
         if tokio::time::timeout(GRACE, &mut self.serving)
             .await

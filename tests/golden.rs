@@ -1,7 +1,8 @@
 //! Golden bytes of the WAL format: one complete frame per event tag, built from fixed
-//! values, must encode to exactly the committed files in `tests/golden/v2/` (the version
-//! this coffer writes), and each file must decode back to its event. The version 1 files in
-//! `tests/golden/` stay as they were written and must still decode. A change to the codec that alters a single byte fails here, so
+//! values, must encode to exactly the committed files in `tests/golden/v3/` (the version
+//! this coffer writes), and each file must decode back to its event. The version 2 files in
+//! `tests/golden/v2/` must still encode (as version 2) and decode exactly, and the version 1
+//! files in `tests/golden/` stay as they were written and must still decode. A change to the codec that alters a single byte fails here, so
 //! the on-disk format (docs/wal-format.md) cannot drift by accident.
 //!
 //! To create or deliberately re-create the files (a format change, with a new version
@@ -11,9 +12,12 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use coffer::domain::{
-    AccountId, Amount, Currency, Event, EventBody, IdempotencyKey, Metadata, TransferFailure,
+    AccountId, Amount, Currency, Event, EventBody, IdempotencyKey, Metadata, Outcome,
+    TransferFailure,
 };
-use coffer::wal::codec::{decode_frame, decode_frame_event, encode_event, encode_frame};
+use coffer::wal::codec::{
+    decode_frame, decode_frame_event, encode_event_version, encode_frame_version,
+};
 use uuid::Uuid;
 
 /// 2026-01-01T00:00:00.000Z in unix milliseconds.
@@ -56,6 +60,7 @@ fn event(lsn: u64, key: Option<IdempotencyKey>, body: EventBody) -> Event {
         },
         idempotency_key: key,
         body,
+        outcome: None,
     }
 }
 
@@ -109,6 +114,33 @@ fn cases() -> Vec<(&'static str, Event)> {
         ),
     ]);
     cases
+}
+
+/// Every golden case of version 3: the version 2 cases, each with the outcome the engine
+/// records (the amount, balance and held after it; fixed values, not a real history).
+fn cases_v3() -> Vec<(&'static str, Event)> {
+    cases()
+        .into_iter()
+        .map(|(name, mut event)| {
+            let (amount, balance, held) = match name {
+                "opened" => return (name, event),
+                "credit" => (1500, 1500, 0),
+                "debit" => (300, 1200, 0),
+                "hold" => (200, 1200, 200),
+                "capture" => (150, 1050, 0),
+                "release" | "expire" => (200, 1050, 0),
+                "transfer_out" => (25, 1025, 0),
+                "transfer_in" => (40, 1065, 0),
+                _ => (25, 1090, 0),
+            };
+            event.outcome = Some(Outcome {
+                amount,
+                balance,
+                held,
+            });
+            (name, event)
+        })
+        .collect()
 }
 
 /// The cases of version 1: one per event tag it had.
@@ -191,8 +223,17 @@ fn cases_v1() -> Vec<(&'static str, Event)> {
     ]
 }
 
-/// A version 2 file.
+/// A version 3 file.
 fn golden_path(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join("golden")
+        .join("v3")
+        .join(format!("{name}.bin"))
+}
+
+/// A version 2 file (written before outcomes; never re-blessed).
+fn golden_v2_path(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests")
         .join("golden")
@@ -209,10 +250,14 @@ fn golden_v1_path(name: &str) -> PathBuf {
 }
 
 fn frame_of(event: &Event) -> Vec<u8> {
+    frame_of_version(event, 3)
+}
+
+fn frame_of_version(event: &Event, version: u16) -> Vec<u8> {
     let mut payload = Vec::new();
-    encode_event(event, &mut payload);
+    encode_event_version(event, version, &mut payload);
     let mut frame = Vec::new();
-    encode_frame(event.lsn, &payload, &mut frame);
+    encode_frame_version(event.lsn, version, &payload, &mut frame);
     frame
 }
 
@@ -227,12 +272,20 @@ fn every_event_encodes_to_its_golden_bytes() {
         let dir = golden_path("x");
         let dir = dir.parent().expect("the golden file has a directory");
         std::fs::create_dir_all(dir).expect("create tests/golden");
-        for (name, event) in cases() {
+        for (name, event) in cases_v3() {
             std::fs::write(golden_path(name), frame_of(&event)).expect("write a golden file");
         }
         return;
     }
     for (name, event) in cases() {
+        let golden = std::fs::read(golden_v2_path(name)).expect("read a version 2 file");
+        assert_eq!(
+            hex(&frame_of_version(&event, 2)),
+            hex(&golden),
+            "{name}: the version 2 encoding changed"
+        );
+    }
+    for (name, event) in cases_v3() {
         let path = golden_path(name);
         let golden = std::fs::read(&path).unwrap_or_else(|e| {
             panic!(
@@ -256,14 +309,29 @@ fn every_golden_file_decodes_to_its_event() {
     if blessing() {
         return;
     }
-    for (name, event) in cases() {
+    for (name, event) in cases_v3() {
         let golden = std::fs::read(golden_path(name)).expect("read a golden file");
         let (frame, size) = decode_frame(&golden).expect("a golden file is one valid frame");
         assert_eq!(size, golden.len(), "{name}: one frame, nothing after it");
         assert_eq!(frame.lsn, event.lsn, "{name}: lsn");
+        assert_eq!(frame.version, 3, "{name}: version");
+        let decoded = decode_frame_event(&frame).expect("a valid payload");
+        assert_eq!(decoded, event, "{name}: decoded event");
+    }
+}
+
+#[test]
+fn version_2_files_still_decode_to_their_events() {
+    // Goal: a log written before outcomes were recorded is read exactly as before, without
+    // an outcome (the event stream starts after such records).
+    for (name, event) in cases() {
+        let golden = std::fs::read(golden_v2_path(name)).expect("read a version 2 file");
+        let (frame, size) = decode_frame(&golden).expect("a golden file is one valid frame");
+        assert_eq!(size, golden.len(), "{name}: one frame, nothing after it");
         assert_eq!(frame.version, 2, "{name}: version");
         let decoded = decode_frame_event(&frame).expect("a valid payload");
         assert_eq!(decoded, event, "{name}: decoded event");
+        assert_eq!(decoded.outcome, None, "{name}: no outcome before version 3");
     }
 }
 
@@ -285,7 +353,7 @@ fn a_version_1_record_cannot_hold_a_transfer() {
     // Goal: tags 8..=10 exist only from version 2 on; an intact version 1 frame with one is
     // corruption, not a transfer.
     for (name, event) in cases().into_iter().skip(cases_v1().len()) {
-        let mut frame = frame_of(&event);
+        let mut frame = frame_of_version(&event, 2);
         frame[4..6].copy_from_slice(&1u16.to_le_bytes());
         let mut crc = crc32fast::Hasher::new();
         crc.update(&frame[0..20]);
@@ -308,7 +376,7 @@ fn the_frame_header_layout_is_pinned() {
     }
     let golden = std::fs::read(golden_path("credit")).expect("read credit.bin");
     assert_eq!(&golden[0..4], b"CFFW", "magic");
-    assert_eq!(&golden[4..6], &2u16.to_le_bytes(), "version");
+    assert_eq!(&golden[4..6], &3u16.to_le_bytes(), "version");
     assert_eq!(golden[6], 1, "kind: event");
     assert_eq!(golden[7], 0, "pad");
     let len = u32::from_le_bytes(golden[8..12].try_into().expect("4 bytes"));

@@ -384,6 +384,7 @@ async fn tls_serves_https_to_a_client_trusting_the_certificate_only() {
         token: Some(PLAIN.to_string()),
         tls_ca: Some(cert.clone()),
         tls_server_name: None,
+        consumers: 0,
         tls: None,
     };
     let report = tokio::time::timeout(Duration::from_secs(60), coffer::load::run(load))

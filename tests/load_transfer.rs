@@ -32,6 +32,7 @@ fn args(ts: &TestServer, workload: Workload, accounts: u64, prefix: &str) -> Loa
         token: None,
         tls_ca: None,
         tls_server_name: None,
+        consumers: 0,
         tls: None,
     }
 }

@@ -779,6 +779,7 @@ impl DomainRun {
                     overdraft_limit: *overdraft,
                     metadata: Metadata::empty(),
                 },
+                outcome: None,
             };
             run.accounts
                 .push(Account::open(&event).map_err(|e| fail(format!("open: {e}")))?);
@@ -809,6 +810,7 @@ impl DomainRun {
             tx_id: Uuid::from_u128(0x0193_0000_0000_7000_9000_0000_0000_0000 + u128::from(lsn)),
             idempotency_key: key.map(parse_key),
             body,
+            outcome: None,
         };
         account
             .check(&event)

@@ -172,6 +172,7 @@ async fn a_bad_event_in_the_middle_is_named_alike_by_one_and_by_several_threads(
             },
             idempotency_key: None,
             body,
+            outcome: None,
         };
         let mut payload = Vec::new();
         encode_event(&event, &mut payload);
@@ -196,10 +197,11 @@ async fn a_bad_event_in_the_middle_is_named_alike_by_one_and_by_several_threads(
             body: EventBody::Expire {
                 hold_id: Uuid::now_v7(),
             },
+            outcome: None,
         },
         &mut payload,
     );
-    let tag_at = payload.len() - 17;
+    let tag_at = payload.len() - 18; // the tag, the outcome flag, then the hold id
     payload[tag_at] = 99;
     encode_frame(report.last_lsn + 1, &payload, &mut undecodable);
     let mut rest = Vec::new();

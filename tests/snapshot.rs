@@ -270,6 +270,7 @@ fn golden_account() -> Account {
             overdraft_limit: 50,
             metadata,
         },
+        outcome: None,
     };
     let mut account = Account::open(&opened).expect("open");
     let requests = [
@@ -311,6 +312,7 @@ fn golden_account() -> Account {
             tx_id: Uuid::from_u128(0x019b_76da_a800_7000_9000_0000_0000_0000 + u128::from(lsn)),
             idempotency_key: key,
             body,
+            outcome: None,
         };
         account.apply(&event, Retention::UNLIMITED).expect("apply")
     };
@@ -356,6 +358,7 @@ fn golden_v2() -> (Account, TransferRecord) {
         tx_id: Uuid::from_u128(0x019b_76da_a800_7000_9000_0000_0000_0007),
         idempotency_key: Some(key),
         body,
+        outcome: None,
     };
     account
         .apply(&out, Retention::UNLIMITED)
@@ -375,6 +378,7 @@ fn golden_v2() -> (Account, TransferRecord) {
             overdraft_limit: 0,
             metadata: Metadata::empty(),
         },
+        outcome: None,
     })
     .expect("open house");
     let inn = Event {
@@ -391,6 +395,7 @@ fn golden_v2() -> (Account, TransferRecord) {
             metadata: Metadata::new(BTreeMap::from([("prize".into(), "weekly".into())]))
                 .expect("metadata"),
         },
+        outcome: None,
     };
     receiver
         .apply(&inn, Retention::UNLIMITED)

@@ -32,6 +32,23 @@ pub enum TxKind {
 }
 
 impl TxKind {
+    /// Every kind, in the order of API.md.
+    pub const ALL: [TxKind; 8] = [
+        TxKind::Credit,
+        TxKind::Debit,
+        TxKind::Hold,
+        TxKind::Capture,
+        TxKind::Release,
+        TxKind::Expire,
+        TxKind::TransferOut,
+        TxKind::TransferIn,
+    ];
+
+    /// Parses an API name.
+    pub fn parse(text: &str) -> Option<TxKind> {
+        TxKind::ALL.into_iter().find(|k| k.as_str() == text)
+    }
+
     /// The API name of the kind.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -242,7 +259,80 @@ pub struct Event {
     pub idempotency_key: Option<IdempotencyKey>,
     /// What happened.
     pub body: EventBody,
+    /// The transaction's figures as recorded in the log (format version 3 on): its amount
+    /// and the balances just after it. `None` for `Opened` and for records of older versions.
+    /// When present, `check` refuses the event unless they are what applying it gives.
+    pub outcome: Option<Outcome>,
 }
+
+/// What a transaction shows besides its event: the amount it moved (for a release or an
+/// expire, the hold's amount, which the event does not carry) and the account's `balance` and
+/// `held` just after it. Recorded with each event so that the event stream can show the
+/// Transaction resource from the log alone, and checked on replay like every other field.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Outcome {
+    /// The transaction's amount.
+    pub amount: u64,
+    /// The balance just after.
+    pub balance: i64,
+    /// The sum of open holds just after.
+    pub held: u64,
+}
+
+impl Transaction {
+    /// The Transaction resource of an event that records its outcome; `None` for `Opened`
+    /// (not a transaction) and for events without an outcome (older log records). The live
+    /// path builds the same value in `apply` (asserted), so the event stream and the
+    /// transactions list show identical transactions.
+    pub fn of_event(event: &Event) -> Option<Transaction> {
+        let outcome = event.outcome?;
+        let (kind, hold_id, transfer_id, metadata) = match &event.body {
+            EventBody::Opened { .. } => return None,
+            EventBody::Credit { metadata, .. } => (TxKind::Credit, None, None, metadata),
+            EventBody::Debit { metadata, .. } => (TxKind::Debit, None, None, metadata),
+            EventBody::Hold {
+                hold_id, metadata, ..
+            } => (TxKind::Hold, Some(*hold_id), None, metadata),
+            EventBody::Capture {
+                hold_id, metadata, ..
+            } => (TxKind::Capture, Some(*hold_id), None, metadata),
+            EventBody::Release { hold_id, metadata } => {
+                (TxKind::Release, Some(*hold_id), None, metadata)
+            }
+            EventBody::Expire { hold_id } => (TxKind::Expire, Some(*hold_id), None, &EMPTY),
+            EventBody::TransferOut {
+                transfer_id,
+                metadata,
+                ..
+            } => (TxKind::TransferOut, None, Some(*transfer_id), metadata),
+            EventBody::TransferIn {
+                transfer_id,
+                metadata,
+                ..
+            } => (TxKind::TransferIn, None, Some(*transfer_id), metadata),
+            // A refund is money coming back by the same transfer: a `transfer_in`.
+            EventBody::TransferRefund { transfer_id, .. } => {
+                (TxKind::TransferIn, None, Some(*transfer_id), &EMPTY)
+            }
+        };
+        Some(Transaction {
+            id: event.tx_id,
+            account_id: event.account.clone(),
+            seq: event.seq,
+            kind,
+            amount: outcome.amount,
+            hold_id,
+            transfer_id,
+            balance: outcome.balance,
+            held: outcome.held,
+            available: outcome.balance.checked_sub_unsigned(outcome.held)?,
+            created_at_ms: event.at_ms,
+            metadata: metadata.clone(),
+        })
+    }
+}
+
+static EMPTY: Metadata = Metadata::EMPTY;
 
 /// What an event does.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -1103,6 +1193,19 @@ impl Account {
     /// calls it before writing the event to the log, so the log never holds an event that
     /// replay would refuse; `apply` calls it again.
     pub fn check(&self, event: &Event) -> Result<(), ApplyError> {
+        let outcome = self.outcome_of(event)?;
+        match event.outcome {
+            Some(recorded) if recorded != outcome => Err(ApplyError(
+                "the recorded balances after the event differ from the computed ones",
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Checks that `event` can follow this state, as [`Account::check`], ignoring the
+    /// outcome it may record, and computes that outcome: what the live path records with the
+    /// event (computed under the account's lock, before the event is written).
+    pub fn outcome_of(&self, event: &Event) -> Result<Outcome, ApplyError> {
         if event.account != self.id {
             return Err(ApplyError("event for another account"));
         }
@@ -1124,14 +1227,19 @@ impl Account {
                 ));
             }
         }
-        match &event.body {
-            EventBody::Opened { .. } => Err(ApplyError("account opened twice")),
-            EventBody::Credit { amount, .. } => self
-                .check_credit(*amount)
-                .map_err(|_| ApplyError("credit over the balance limit")),
-            EventBody::Debit { amount, .. } => self
-                .check_funds(*amount)
-                .map_err(|_| ApplyError("debit beyond available funds")),
+        // (amount, balance delta, held after) of the event, once it is known to be allowed.
+        let (amount, delta, held) = match &event.body {
+            EventBody::Opened { .. } => return Err(ApplyError("account opened twice")),
+            EventBody::Credit { amount, .. } => {
+                self.check_credit(*amount)
+                    .map_err(|_| ApplyError("credit over the balance limit"))?;
+                (*amount, amount.signed(), self.held())
+            }
+            EventBody::Debit { amount, .. } => {
+                self.check_funds(*amount)
+                    .map_err(|_| ApplyError("debit beyond available funds"))?;
+                (*amount, -amount.signed(), self.held())
+            }
             EventBody::Hold {
                 hold_id, amount, ..
             } => {
@@ -1139,7 +1247,9 @@ impl Account {
                     return Err(ApplyError("hold id used twice"));
                 }
                 self.check_funds(*amount)
-                    .map_err(|_| ApplyError("hold beyond available funds"))
+                    .map_err(|_| ApplyError("hold beyond available funds"))?;
+                let held = self.held().checked_add(amount.get());
+                (*amount, 0, held.ok_or(ApplyError("held overflows"))?)
             }
             EventBody::Capture {
                 hold_id,
@@ -1156,10 +1266,14 @@ impl Account {
                         "capture without an amount must take the whole hold",
                     ));
                 }
-                Ok(())
+                let held = self.held().checked_sub(hold.amount.get());
+                let held = held.ok_or(ApplyError("held below zero"))?;
+                (*amount, -amount.signed(), held)
             }
             EventBody::Release { hold_id, .. } | EventBody::Expire { hold_id } => {
-                self.check_open(hold_id).map(|_| ())
+                let hold = self.check_open(hold_id)?;
+                let held = self.held().checked_sub(hold.amount.get());
+                (hold.amount, 0, held.ok_or(ApplyError("held below zero"))?)
             }
             EventBody::TransferOut { to, amount, .. } => {
                 if *to == self.id {
@@ -1169,23 +1283,35 @@ impl Account {
                     return Err(ApplyError("transfer without an idempotency key"));
                 }
                 self.check_funds(*amount)
-                    .map_err(|_| ApplyError("transfer beyond available funds"))
+                    .map_err(|_| ApplyError("transfer beyond available funds"))?;
+                (*amount, -amount.signed(), self.held())
             }
             EventBody::TransferIn { from, amount, .. } => {
                 if *from == self.id {
                     return Err(ApplyError("transfer from the same account"));
                 }
                 self.check_credit(*amount)
-                    .map_err(|_| ApplyError("transfer over the balance limit"))
+                    .map_err(|_| ApplyError("transfer over the balance limit"))?;
+                (*amount, amount.signed(), self.held())
             }
             EventBody::TransferRefund { to, amount, .. } => {
                 if *to == self.id {
                     return Err(ApplyError("refund of a transfer to the same account"));
                 }
                 self.check_credit(*amount)
-                    .map_err(|_| ApplyError("refund over the balance limit"))
+                    .map_err(|_| ApplyError("refund over the balance limit"))?;
+                (*amount, amount.signed(), self.held())
             }
-        }
+        };
+        let balance = self
+            .balance
+            .checked_add(delta)
+            .ok_or(ApplyError("balance overflows"))?;
+        Ok(Outcome {
+            amount: amount.get(),
+            balance,
+            held,
+        })
     }
 
     fn check_open(&self, hold_id: &Uuid) -> Result<&Hold, ApplyError> {
@@ -1248,6 +1374,16 @@ impl Account {
         );
         let seq_before = self.seq;
         let (tx, hold) = self.mutate(event);
+        if let Some(outcome) = &event.outcome {
+            // Paired with the check before the change: the recorded figures are the state.
+            assert_eq!(
+                outcome.balance, self.balance,
+                "recorded balance after the event"
+            );
+            assert_eq!(outcome.held, self.held(), "recorded held after the event");
+            assert_eq!(outcome.amount, tx.amount, "recorded amount of the event");
+            debug_assert_eq!(Transaction::of_event(event).as_ref(), Some(&tx));
+        }
         self.seq = event.seq;
         self.last_lsn = event.lsn;
         if let Some(hold) = hold.as_ref().filter(|h| h.status != HoldStatus::Open) {

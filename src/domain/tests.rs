@@ -46,6 +46,7 @@ fn open_event(overdraft_limit: u64) -> Event {
             overdraft_limit,
             metadata: Metadata::new(meta(&[("tier", "gold")])).expect("valid metadata"),
         },
+        outcome: None,
     }
 }
 
@@ -106,6 +107,7 @@ fn next_event(account: &Account, k: Option<&str>, body: EventBody, at_ms: u64) -
         tx_id: Uuid::from_u128(0x0193_0000_0000_7000_9000_0000_0000_0000 + u128::from(lsn)),
         idempotency_key: k.map(key),
         body,
+        outcome: None,
     }
 }
 
@@ -1583,6 +1585,7 @@ fn apply_refuses_a_capture_without_amount_that_takes_less_than_the_hold() {
             amount_given: false,
             metadata: Metadata::empty(),
         },
+        outcome: None,
     };
     assert!(account.apply(&event, Retention::UNLIMITED).is_err());
     assert_eq!(account.view(), before);
@@ -1861,6 +1864,7 @@ fn house(balance: i128) -> Account {
             overdraft_limit: 0,
             metadata: Metadata::empty(),
         },
+        outcome: None,
     })
     .expect("open house");
     if balance > 0 {

@@ -191,6 +191,9 @@ impl Metadata {
         Ok(Metadata(Some(Arc::new(map))))
     }
 
+    /// An empty map, as a constant.
+    pub const EMPTY: Metadata = Metadata(None);
+
     /// An empty map.
     pub fn empty() -> Metadata {
         Metadata(None)

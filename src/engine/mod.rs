@@ -7,6 +7,7 @@
 //! Reads take the state lock directly and wait until everything they show is durable.
 
 mod actor;
+mod events;
 mod expiry;
 mod ids;
 mod recovery;
@@ -14,6 +15,7 @@ mod registry;
 mod snapshots;
 mod transfers;
 
+pub use events::{EventFilter, EventPage, EVENTS_SCAN_RECORDS_MAX};
 pub(crate) use recovery::recover_state;
 pub(crate) use registry::{Registry, Slot, Table};
 pub use snapshots::{SnapshotFailed, SnapshotReport};
@@ -81,6 +83,9 @@ pub struct EngineConfig {
     pub snapshot_interval: Option<Duration>,
     /// Move WAL segments no snapshot needs here instead of deleting them.
     pub wal_archive: Option<PathBuf>,
+    /// Keep WAL segments at least this long after the kept snapshots cover them, so the
+    /// event stream can still serve their events (zero: remove them at once).
+    pub event_retention: Duration,
     /// Threads that apply the WAL at start (0: one per core, up to 4; 1: the reading thread
     /// alone).
     pub replay_threads: usize,
@@ -105,6 +110,7 @@ impl EngineConfig {
             snapshot_every_records: Some(SNAPSHOT_EVERY_RECORDS_DEFAULT),
             snapshot_interval: Some(SNAPSHOT_INTERVAL_DEFAULT),
             wal_archive: None,
+            event_retention: Duration::ZERO,
             replay_threads: 0,
             id_seed: None,
         }
@@ -140,6 +146,21 @@ pub enum EngineError {
     /// No transfer with this id is remembered.
     #[error("transfer {0} not found")]
     TransferNotFound(Uuid),
+    /// An event-stream position older than the oldest event kept.
+    #[error("cursor expired: the oldest position kept is after {floor}")]
+    CursorExpired {
+        /// The oldest position a read may start after.
+        floor: u64,
+    },
+    /// An event-stream position past the durable end of the log (not one this log gave).
+    #[error("cursor past the end of the log at {durable}")]
+    CursorAhead {
+        /// The durable end of the log.
+        durable: u64,
+    },
+    /// Something that should not happen did (logged where it happened).
+    #[error("internal error")]
+    Internal,
 }
 
 impl From<WalError> for EngineError {
@@ -260,6 +281,11 @@ pub(crate) struct Inner {
     transfers: Mutex<TransferBook>,
     /// How long recovery took (ms): replay at open, then `finish_recovery` adds its part.
     recovery_millis: AtomicU64,
+    /// The event stream's state.
+    events: events::EventsState,
+    /// When each WAL segment was first found covered by the kept snapshots (by its first
+    /// LSN): it is removed `event_retention` after that.
+    covered_since: Mutex<std::collections::HashMap<u64, Instant>>,
 }
 
 impl Engine {
@@ -329,6 +355,8 @@ impl Engine {
             recovery_millis: AtomicU64::new(
                 u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
             ),
+            events: events::EventsState::default(),
+            covered_since: Mutex::new(Default::default()),
         };
         Ok((
             Engine {
@@ -399,6 +427,7 @@ impl Engine {
                         overdraft_limit,
                         metadata,
                     },
+                    outcome: None,
                 };
                 event.lsn = self.inner.append(&event)?;
                 let account = Account::open(&event)
@@ -732,10 +761,14 @@ impl Inner {
             tx_id: self.ids.next(now_ms),
             idempotency_key: key,
             body,
+            outcome: None,
         };
-        if let Err(error) = account.check(&event) {
+        // The outcome (balances after) is recorded with the event, so the event stream can
+        // show the transaction from the log alone; replay checks it like every other field.
+        match account.outcome_of(&event) {
+            Ok(outcome) => event.outcome = Some(outcome),
             // decide() accepted this request under the same lock: a refusal here is a bug.
-            panic!("decided event refused by check: {error}");
+            Err(error) => panic!("decided event refused by check: {error}"),
         }
         if event.body.is_transfer() {
             // The transfer steps re-check the book under this lock: a refusal is a bug too,

@@ -179,6 +179,7 @@ mod tests {
             at_ms: 0,
             tx_id: uuid::Uuid::nil(),
             idempotency_key: None,
+            outcome: None,
             body: EventBody::Opened {
                 currency: Currency::parse("GEM").expect("currency"),
                 overdraft_limit: 0,

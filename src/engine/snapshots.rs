@@ -142,15 +142,25 @@ impl Inner {
         let wal_dir = self.config.data_dir.join("wal");
         let segments = reader::list_segments(storage, &wal_dir)?;
         let mut removed = 0;
+        let now = Instant::now();
+        let retention = self.config.event_retention;
+        let mut covered_since = self.covered_since.lock();
         // Never the last segment (the writer appends to it); a segment goes when the next
-        // one starts at or before floor + 1, so every record in it is at or below floor.
+        // one starts at or before floor + 1, so every record in it is at or below floor, and
+        // once it has been covered for the event retention (its events stay readable).
         for pair in segments.windows(2) {
             if pair[1].first_lsn > floor.saturating_add(1) {
                 break;
             }
+            let since = *covered_since.entry(pair[0].first_lsn).or_insert(now);
+            if now.duration_since(since) < retention {
+                break;
+            }
             self.retire_segment(&pair[0].path)?;
+            covered_since.remove(&pair[0].first_lsn);
             removed += 1;
         }
+        drop(covered_since);
         if removed > 0 {
             crate::wal::sync_dir(storage, &wal_dir)?;
             if let Some(archive) = &self.config.wal_archive {

@@ -335,6 +335,92 @@ pub struct TransactionsQuery {
     pub before_seq: Option<String>,
 }
 
+/// Query of `GET /v1/events`
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct EventsQuery {
+    /// Cursor: only events after it (`next` of the previous page, or an event's `cursor`).
+    /// Omitted: from the oldest event kept.
+    #[param(schema_with = schema::event_cursor)]
+    pub after: Option<String>,
+    /// Page size, 1..=1000 (default 100).
+    #[param(schema_with = schema::list_limit)]
+    pub limit: Option<String>,
+    /// How long to wait (ms) for an event when none is newer than `after` (long poll).
+    #[param(schema_with = schema::wait_ms)]
+    pub wait_ms: Option<String>,
+    /// Only this account's transactions.
+    #[param(schema_with = schema::account_id)]
+    pub account: Option<String>,
+    /// Only transactions of this kind.
+    #[param(schema_with = schema::tx_kind)]
+    pub kind: Option<String>,
+}
+
+/// Event-stream cursors: opaque to clients, here `e` followed by the 16 lowercase hex digits
+/// of the log position (LSN) of the last record the page looked at. Fixed width, so cursors
+/// also sort in commit order as strings.
+pub mod cursor {
+    const PREFIX: char = 'e';
+    const DIGITS: usize = 16;
+
+    /// The cursor of a position.
+    pub fn encode(lsn: u64) -> String {
+        format!("{PREFIX}{lsn:016x}")
+    }
+
+    /// The position of a cursor; `None` if the text is not one this server makes.
+    pub fn decode(text: &str) -> Option<u64> {
+        let hex = text.strip_prefix(PREFIX)?;
+        if hex.len() != DIGITS
+            || !hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
+            return None;
+        }
+        u64::from_str_radix(hex, 16).ok()
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn cursors_round_trip_and_refuse_anything_else() {
+            for lsn in [0, 1, 255, u64::MAX] {
+                assert_eq!(decode(&encode(lsn)), Some(lsn));
+            }
+            assert_eq!(encode(255), "e00000000000000ff");
+            for bad in [
+                "",
+                "e",
+                "e00000000000000FF",
+                "x00000000000000ff",
+                "e0ff",
+                "e+0000000000000ff",
+                "e00000000000000ff0",
+            ] {
+                assert_eq!(decode(bad), None, "{bad:?}");
+            }
+        }
+    }
+}
+
+/// One event of the stream: `{"cursor", "transaction"}`.
+#[derive(Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(as = Event)]
+pub struct EventJson<'a> {
+    /// Opaque position of this event; pass it as `after` (or `Last-Event-ID`) to continue
+    /// after it.
+    #[schema(schema_with = schema::event_cursor)]
+    pub cursor: String,
+    /// The transaction, exactly as `GET .../transactions` shows it.
+    pub transaction: TransactionJson<'a>,
+}
+
 /// RFC 3339 UTC with milliseconds, e.g. `2026-11-22T01:02:03.456Z`.
 pub struct Timestamp(pub u64);
 

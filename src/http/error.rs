@@ -20,6 +20,9 @@ pub struct ApiError {
     pub detail: String,
     /// Seconds for `Retry-After`, on 429 and 503.
     pub retry_after_secs: Option<u32>,
+    /// With 410 `cursor_expired`: the oldest cursor still available (an RFC 9457 extension
+    /// member of the body).
+    pub oldest_cursor: Option<String>,
 }
 
 /// One kind of error answer: status, stable code, title, and what the OpenAPI document says
@@ -220,6 +223,22 @@ pub mod kinds {
         "rate_limited: this token (or client IP without tokens) is over --rate-limit; retry after Retry-After seconds",
         "too many requests for this client; retry after the Retry-After seconds",
     );
+    /// 410: the events after a cursor are no longer kept.
+    pub const CURSOR_EXPIRED: ErrorKind = kind(
+        StatusCode::GONE,
+        "cursor_expired",
+        "Cursor expired",
+        "cursor_expired: the events after this cursor are no longer kept; `oldest_cursor` is the oldest one that is (start there, knowing that the events in between are lost to this consumer)",
+        "the events after this cursor are no longer kept; the oldest available cursor is e00000000000003e8",
+    );
+    /// 500: an answer the server could not produce (a failed read of the log).
+    pub const INTERNAL_ERROR: ErrorKind = kind(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal_error",
+        "Internal error",
+        "internal_error: the server could not answer (reading the log failed); the error is logged",
+        "the server could not answer; the error is logged",
+    );
     /// 503: recovery is still running.
     pub const NOT_READY: ErrorKind = retry(kind(
         StatusCode::SERVICE_UNAVAILABLE,
@@ -263,6 +282,7 @@ impl ApiError {
             title: kind.title,
             detail: detail.into(),
             retry_after_secs: kind.retry_after_secs,
+            oldest_cursor: None,
         }
     }
 
@@ -380,6 +400,25 @@ impl From<EngineError> for ApiError {
                 format!("no transfer {id}"),
             ),
             EngineError::Overloaded => ApiError::overloaded(),
+            EngineError::CursorExpired { floor } => {
+                let oldest = super::dto::cursor::encode(floor);
+                let mut e = ApiError::of(
+                    kinds::CURSOR_EXPIRED,
+                    format!(
+                        "the events after this cursor are no longer kept; the oldest available cursor is {oldest}"
+                    ),
+                );
+                e.oldest_cursor = Some(oldest);
+                e
+            }
+            EngineError::CursorAhead { durable } => ApiError::invalid(format!(
+                "the cursor is past the end of the log (the newest cursor is {}): it was not made by this server",
+                super::dto::cursor::encode(durable)
+            )),
+            EngineError::Internal => ApiError::of(
+                kinds::INTERNAL_ERROR,
+                "the server could not answer; the error is logged",
+            ),
             EngineError::ShuttingDown => {
                 ApiError::of(kinds::SHUTTING_DOWN, "the server is shutting down")
             }
@@ -478,6 +517,7 @@ impl ApiError {
             status: self.status.as_u16(),
             detail: &self.detail,
             code: self.code,
+            oldest_cursor: self.oldest_cursor.as_deref(),
         })
         .unwrap_or(serde_json::Value::Null)
     }
@@ -508,6 +548,10 @@ pub struct ProblemJson<'a> {
     /// (429); not_ready, storage_failure, overloaded (503).
     #[schema(pattern = "^[a-z_]+$", examples("insufficient_funds"))]
     pub code: &'a str,
+    /// With `cursor_expired`: the oldest cursor still available.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = "^e[0-9a-f]{16}$")]
+    pub oldest_cursor: Option<&'a str>,
 }
 
 impl IntoResponse for ApiError {

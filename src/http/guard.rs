@@ -246,6 +246,10 @@ fn sane_request_id(bytes: &[u8]) -> bool {
         && bytes.iter().all(|b| (0x21..=0x7e).contains(b))
 }
 
+/// When the request timeout will cut the request short: a long poll answers before it.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestDeadline(pub std::time::Instant);
+
 /// Authentication (when tokens are configured; `/healthz` and `/readyz` stay open), then
 /// the rate limit, then the request timeout.
 pub(crate) async fn guard(State(guard): State<Guard>, request: Request, next: Next) -> Response {
@@ -268,6 +272,10 @@ pub(crate) async fn guard(State(guard): State<Guard>, request: Request, next: Ne
         }
     }
     let timeout = guard.config.request_timeout;
+    let mut request = request;
+    request
+        .extensions_mut()
+        .insert(RequestDeadline(std::time::Instant::now() + timeout));
     match tokio::time::timeout(timeout, next.run(request)).await {
         Ok(response) => response,
         Err(_) => {

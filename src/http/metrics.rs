@@ -110,6 +110,18 @@ pub(crate) async fn render(State(state): State<AppState>) -> Response {
             counter.load(Ordering::Relaxed)
         );
     }
+    gauge(
+        &mut out,
+        "coffer_event_consumers",
+        "Event-stream consumers connected now (long polls waiting and SSE streams open).",
+        state.inner.events.consumers.load(Ordering::Relaxed),
+    );
+    counter(
+        &mut out,
+        "coffer_events_delivered_total",
+        "Events sent to event-stream consumers (pages and SSE).",
+        state.inner.events.delivered.load(Ordering::Relaxed),
+    );
     let ready = state.engine().is_some();
     gauge(
         &mut out,

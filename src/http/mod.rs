@@ -5,6 +5,7 @@
 
 pub mod dto;
 pub mod error;
+pub mod events;
 pub mod guard;
 mod metrics;
 pub mod openapi;
@@ -53,10 +54,23 @@ pub struct AppState {
     inner: Arc<AppInner>,
 }
 
-#[derive(Default)]
 struct AppInner {
     engine: OnceLock<Engine>,
     stats: HttpStats,
+    events: events::EventStats,
+    /// Set when the server stops: long polls and event streams end at once.
+    stopping: tokio::sync::watch::Sender<bool>,
+}
+
+impl Default for AppInner {
+    fn default() -> AppInner {
+        AppInner {
+            engine: OnceLock::new(),
+            stats: HttpStats::default(),
+            events: events::EventStats::default(),
+            stopping: tokio::sync::watch::Sender::new(false),
+        }
+    }
 }
 
 impl AppState {
@@ -68,6 +82,15 @@ impl AppState {
     /// Marks recovery as done.
     pub fn set_engine(&self, engine: Engine) {
         let _ = self.inner.engine.set(engine);
+    }
+
+    /// Ends long polls and event streams (the server is stopping).
+    pub fn begin_stop(&self) {
+        self.inner.stopping.send_replace(true);
+    }
+
+    fn stopping(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.inner.stopping.subscribe()
     }
 
     /// The engine, once ready.
@@ -131,6 +154,7 @@ fn routes(with_metrics: bool) -> openapi::Routes {
         .add::<__path_post_transfer, _, _>(post_transfer)
         .add::<__path_get_transfer, _, _>(get_transfer)
         .add::<__path_post_batch, _, _>(post_batch)
+        .add::<events::__path_get_events, _, _>(events::get_events)
         .add::<__path_healthz, _, _>(healthz)
         .add::<__path_readyz, _, _>(readyz)
         .add::<__path_openapi, _, _>(openapi);

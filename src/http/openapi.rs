@@ -224,6 +224,8 @@ fn component_schemas() -> Vec<(String, RefOr<Schema>)> {
     add::<dto::BatchResponseDoc>(&mut out);
     add::<dto::Health>(&mut out);
     add::<dto::Readiness>(&mut out);
+    add::<dto::EventJson>(&mut out);
+    add::<super::events::PageJson>(&mut out);
     // One entry per name (a schema reached twice is the same schema).
     let mut seen = std::collections::BTreeSet::new();
     out.retain(|(name, _)| seen.insert(name.clone()));
@@ -256,13 +258,16 @@ fn problem_response(kinds: &[ErrorKind]) -> Response {
     let mut content =
         ContentBuilder::new().schema(Some(Ref::from_schema_name(ProblemJson::name())));
     for kind in kinds {
-        let example = json!({
+        let mut example = json!({
             "type": format!("urn:coffer:error:{}", kind.code),
             "title": kind.title,
             "status": kind.status.as_u16(),
             "detail": kind.example_detail,
             "code": kind.code,
         });
+        if kind == &crate::http::error::kinds::CURSOR_EXPIRED {
+            example["oldest_cursor"] = json!("e00000000000003e8");
+        }
         let name = if kind.title == "Shutting down" {
             "shutting_down"
         } else {

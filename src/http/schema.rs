@@ -404,3 +404,32 @@ pub fn before_seq() -> Object {
         .maximum(Some(u64::MAX))
         .build()
 }
+
+/// The pattern of an event-stream cursor (`dto::cursor`): `e` and 16 lowercase hex digits.
+pub const EVENT_CURSOR_PATTERN: &str = "^e[0-9a-f]{16}$";
+
+/// An event-stream cursor.
+pub fn event_cursor() -> Object {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .pattern(Some(EVENT_CURSOR_PATTERN))
+        .examples([json!("e00000000000003e8")])
+        .build()
+}
+
+/// `wait_ms` of the event stream: 0..=30000 (default 0).
+pub fn wait_ms() -> Object {
+    integer(0, super::events::EVENTS_WAIT_MS_MAX as i64)
+        .default(Some(json!(0)))
+        .build()
+}
+
+/// An account id as a query parameter.
+pub fn account_id() -> Object {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .pattern(Some(ACCOUNT_ID_PATTERN))
+        .min_length(Some(1))
+        .max_length(Some(ACCOUNT_ID_BYTES_MAX))
+        .build()
+}

@@ -6,7 +6,7 @@
 //! ```text
 //! offset size field
 //!      0    4 magic      = 0x5746_4643 ("CFFW" as little-endian bytes)
-//!      4    2 version    = 2 (format of frame and payload; 1 is read too)
+//!      4    2 version    = 3 (format of frame and payload; 1 and 2 are read too)
 //!      6    1 kind       = 1 (event)
 //!      7    1 pad        = 0
 //!      8    4 len        payload length in bytes, 1..=RECORD_PAYLOAD_BYTES_MAX
@@ -15,7 +15,8 @@
 //!     24  len payload
 //! ```
 //!
-//! Event payload, version 2 (version 1 is the same without tags 8..=10):
+//! Event payload, version 3 (version 2 is the same without the outcome after the tag,
+//! version 1 also without tags 8..=10):
 //!
 //! ```text
 //! u8 id_len, id bytes          account id
@@ -23,7 +24,12 @@
 //! u64 at_ms                    unix milliseconds
 //! [16] tx_id                   UUID bytes (nil for opened)
 //! u8 has_key, [u8 len, bytes]  idempotency key, when has_key = 1
-//! u8 tag, fields               the body, by tag:
+//! u8 tag                       what happened, then (version 3) the outcome:
+//!   u8 has_outcome             1 if the transaction's figures follow (always for what coffer
+//!                              writes, except opened: 0)
+//!   [u64 amount]               only for release and expire: the hold's amount
+//!   i64 balance, u64 held      the account's balance and held just after the event
+//! fields                       the body, by tag:
 //!   1 opened   u8 len + currency, u64 overdraft_limit, metadata
 //!   2 credit   u64 amount, metadata
 //!   3 debit    u64 amount, metadata
@@ -43,13 +49,17 @@ use std::collections::BTreeMap;
 use uuid::Uuid;
 
 use crate::domain::{
-    AccountId, Amount, Currency, Event, EventBody, IdempotencyKey, Metadata, TransferFailure,
+    AccountId, Amount, Currency, Event, EventBody, IdempotencyKey, Metadata, Outcome,
+    TransferFailure,
 };
 
 /// Frame magic, "CFFW" as little-endian bytes.
 pub const FRAME_MAGIC: u32 = 0x5746_4643;
-/// Current frame and payload version: what this coffer writes.
-pub const FRAME_VERSION: u16 = 2;
+/// Current frame and payload version: what this coffer writes. Version 3 added the
+/// transaction's outcome (amount, balance and held after) at the end of the payload.
+pub const FRAME_VERSION: u16 = 3;
+/// The first version whose records carry their outcome (what the event stream shows).
+pub const FRAME_VERSION_OUTCOME: u16 = 3;
 /// Oldest version this coffer reads. Version 1 has no transfer events (tags 8..=10).
 pub const FRAME_VERSION_MIN: u16 = 1;
 /// Record kind of an event.
@@ -107,8 +117,14 @@ pub struct Frame<'a> {
     pub payload: &'a [u8],
 }
 
-/// Appends one frame with the given LSN and payload to `out`.
+/// Appends one frame with the given LSN and payload to `out`, in the current version.
 pub fn encode_frame(lsn: u64, payload: &[u8], out: &mut Vec<u8>) {
+    encode_frame_version(lsn, FRAME_VERSION, payload, out);
+}
+
+/// [`encode_frame`] in another version, for tests and tools that write an older log (the
+/// payload must then be of that version: see [`encode_event_version`]).
+pub fn encode_frame_version(lsn: u64, version: u16, payload: &[u8], out: &mut Vec<u8>) {
     assert!(!payload.is_empty(), "empty payload");
     assert!(
         payload.len() <= RECORD_PAYLOAD_BYTES_MAX,
@@ -116,7 +132,7 @@ pub fn encode_frame(lsn: u64, payload: &[u8], out: &mut Vec<u8>) {
     );
     let start = out.len();
     out.extend_from_slice(&FRAME_MAGIC.to_le_bytes());
-    out.extend_from_slice(&FRAME_VERSION.to_le_bytes());
+    out.extend_from_slice(&version.to_le_bytes());
     out.push(RECORD_KIND_EVENT);
     out.push(0);
     // Exact: the length is at most RECORD_PAYLOAD_BYTES_MAX, asserted above.
@@ -186,7 +202,7 @@ pub fn decode_frame_event_with(
     frame: &Frame<'_>,
     known: impl FnOnce(&str) -> Option<AccountId>,
 ) -> Result<Event, DecodeError> {
-    let event = decode_event_with(frame.lsn, frame.payload, known)?;
+    let event = decode_event_with(frame.version, frame.lsn, frame.payload, known)?;
     let transfer = matches!(
         event.body,
         EventBody::TransferOut { .. }
@@ -199,8 +215,38 @@ pub fn decode_frame_event_with(
     Ok(event)
 }
 
-/// Encodes an event's payload (everything but the LSN, which the frame carries).
+/// Encodes an event's payload in the current version (everything but the LSN, which the
+/// frame carries).
 pub fn encode_event(event: &Event, out: &mut Vec<u8>) {
+    encode_event_version(event, FRAME_VERSION, out);
+}
+
+/// Encodes an event's payload in `version` (1..=3); versions before 3 leave the outcome out.
+pub fn encode_event_version(event: &Event, version: u16, out: &mut Vec<u8>) {
+    encode_body(event, version, out);
+}
+
+/// The outcome, right after the tag byte in version 3 (nothing before): the record then
+/// still ends with the fields of its tag, as in version 2.
+fn put_outcome(event: &Event, version: u16, out: &mut Vec<u8>) {
+    if version < FRAME_VERSION_OUTCOME {
+        return;
+    }
+    match (&event.outcome, &event.body) {
+        (None, _) => out.push(0),
+        (Some(_), EventBody::Opened { .. }) => panic!("an opened event has no outcome"),
+        (Some(outcome), body) => {
+            out.push(1);
+            if matches!(body, EventBody::Release { .. } | EventBody::Expire { .. }) {
+                out.extend_from_slice(&outcome.amount.to_le_bytes());
+            }
+            out.extend_from_slice(&outcome.balance.to_le_bytes());
+            out.extend_from_slice(&outcome.held.to_le_bytes());
+        }
+    }
+}
+
+fn encode_body(event: &Event, version: u16, out: &mut Vec<u8>) {
     put_str8(out, event.account.as_str());
     out.extend_from_slice(&event.seq.to_le_bytes());
     out.extend_from_slice(&event.at_ms.to_le_bytes());
@@ -219,17 +265,20 @@ pub fn encode_event(event: &Event, out: &mut Vec<u8>) {
             metadata,
         } => {
             out.push(TAG_OPENED);
+            put_outcome(event, version, out);
             put_str8(out, currency.as_str());
             out.extend_from_slice(&overdraft_limit.to_le_bytes());
             put_metadata(out, metadata);
         }
         EventBody::Credit { amount, metadata } => {
             out.push(TAG_CREDIT);
+            put_outcome(event, version, out);
             out.extend_from_slice(&amount.get().to_le_bytes());
             put_metadata(out, metadata);
         }
         EventBody::Debit { amount, metadata } => {
             out.push(TAG_DEBIT);
+            put_outcome(event, version, out);
             out.extend_from_slice(&amount.get().to_le_bytes());
             put_metadata(out, metadata);
         }
@@ -241,6 +290,7 @@ pub fn encode_event(event: &Event, out: &mut Vec<u8>) {
             metadata,
         } => {
             out.push(TAG_HOLD);
+            put_outcome(event, version, out);
             out.extend_from_slice(hold_id.as_bytes());
             out.extend_from_slice(&amount.get().to_le_bytes());
             out.extend_from_slice(&expires_at_ms.to_le_bytes());
@@ -254,6 +304,7 @@ pub fn encode_event(event: &Event, out: &mut Vec<u8>) {
             metadata,
         } => {
             out.push(TAG_CAPTURE);
+            put_outcome(event, version, out);
             out.extend_from_slice(hold_id.as_bytes());
             out.extend_from_slice(&amount.get().to_le_bytes());
             out.push(u8::from(*amount_given));
@@ -261,11 +312,13 @@ pub fn encode_event(event: &Event, out: &mut Vec<u8>) {
         }
         EventBody::Release { hold_id, metadata } => {
             out.push(TAG_RELEASE);
+            put_outcome(event, version, out);
             out.extend_from_slice(hold_id.as_bytes());
             put_metadata(out, metadata);
         }
         EventBody::Expire { hold_id } => {
             out.push(TAG_EXPIRE);
+            put_outcome(event, version, out);
             out.extend_from_slice(hold_id.as_bytes());
         }
         EventBody::TransferOut {
@@ -275,6 +328,7 @@ pub fn encode_event(event: &Event, out: &mut Vec<u8>) {
             metadata,
         } => {
             out.push(TAG_TRANSFER_OUT);
+            put_outcome(event, version, out);
             out.extend_from_slice(transfer_id.as_bytes());
             put_str8(out, to.as_str());
             out.extend_from_slice(&amount.get().to_le_bytes());
@@ -287,6 +341,7 @@ pub fn encode_event(event: &Event, out: &mut Vec<u8>) {
             metadata,
         } => {
             out.push(TAG_TRANSFER_IN);
+            put_outcome(event, version, out);
             out.extend_from_slice(transfer_id.as_bytes());
             put_str8(out, from.as_str());
             out.extend_from_slice(&amount.get().to_le_bytes());
@@ -299,6 +354,7 @@ pub fn encode_event(event: &Event, out: &mut Vec<u8>) {
             failure,
         } => {
             out.push(TAG_TRANSFER_REFUND);
+            put_outcome(event, version, out);
             out.extend_from_slice(transfer_id.as_bytes());
             put_str8(out, to.as_str());
             out.extend_from_slice(&amount.get().to_le_bytes());
@@ -307,15 +363,22 @@ pub fn encode_event(event: &Event, out: &mut Vec<u8>) {
     }
 }
 
-/// Decodes an event payload; `lsn` comes from its frame. Every value is validated as on
-/// the request path, so a decoded event satisfies the same type invariants.
+/// Decodes an event payload of the current version; `lsn` comes from its frame. Every value
+/// is validated as on the request path, so a decoded event satisfies the same type
+/// invariants.
 pub fn decode_event(lsn: u64, payload: &[u8]) -> Result<Event, DecodeError> {
-    decode_event_with(lsn, payload, |_| None)
+    decode_event_version(FRAME_VERSION, lsn, payload)
 }
 
-/// [`decode_event`], taking the account id from `known` when it has one equal to the
-/// record's (an id already known is valid).
+/// [`decode_event`] for a payload of `version` (older ones have no outcome).
+pub fn decode_event_version(version: u16, lsn: u64, payload: &[u8]) -> Result<Event, DecodeError> {
+    decode_event_with(version, lsn, payload, |_| None)
+}
+
+/// [`decode_event_version`], taking the account id from `known` when it has one equal to
+/// the record's (an id already known is valid).
 fn decode_event_with(
+    version: u16,
     lsn: u64,
     payload: &[u8],
     known: impl FnOnce(&str) -> Option<AccountId>,
@@ -334,7 +397,13 @@ fn decode_event_with(
         1 => Some(IdempotencyKey::parse(r.str8()?).map_err(|_| bad("idempotency key"))?),
         _ => return Err(bad("key flag")),
     };
-    let body = match r.u8()? {
+    let tag = r.u8()?;
+    let recorded = if version >= FRAME_VERSION_OUTCOME {
+        read_outcome(&mut r, tag)?
+    } else {
+        None
+    };
+    let body = match tag {
         TAG_OPENED => EventBody::Opened {
             currency: Currency::parse(r.str8()?).map_err(|_| bad("currency"))?,
             overdraft_limit: r.u64()?,
@@ -393,6 +462,10 @@ fn decode_event_with(
         },
         _ => return Err(bad("unknown event tag")),
     };
+    let outcome = match recorded {
+        None => None,
+        Some(raw) => Some(finish_outcome(raw, &body)?),
+    };
     if !r.bytes.is_empty() {
         return Err(bad("trailing bytes"));
     }
@@ -404,6 +477,53 @@ fn decode_event_with(
         tx_id,
         idempotency_key,
         body,
+        outcome,
+    })
+}
+
+/// The outcome of a version 3 payload as stored after the tag byte: the amount (release
+/// and expire only), balance and held, if the flag says one is there.
+type RawOutcome = (Option<u64>, i64, u64);
+
+fn read_outcome(r: &mut Reader<'_>, tag: u8) -> Result<Option<RawOutcome>, DecodeError> {
+    if !r.flag()? {
+        return Ok(None);
+    }
+    let amount = match tag {
+        TAG_OPENED => return Err(bad("an opened event with an outcome")),
+        TAG_RELEASE | TAG_EXPIRE => Some(r.amount()?.get()),
+        _ => None,
+    };
+    let balance = r.i64()?;
+    let held = r.u64()?;
+    Ok(Some((amount, balance, held)))
+}
+
+/// The outcome of a decoded body, checked for what can be checked without the account: the
+/// amount is the body's where it has one, and the balances are in range.
+fn finish_outcome(raw: RawOutcome, body: &EventBody) -> Result<Outcome, DecodeError> {
+    let (stored, balance, held) = raw;
+    let amount = match body {
+        EventBody::Opened { .. } => return Err(bad("an opened event with an outcome")),
+        EventBody::Release { .. } | EventBody::Expire { .. } => {
+            stored.ok_or(bad("release or expire without its amount"))?
+        }
+        EventBody::Credit { amount, .. }
+        | EventBody::Debit { amount, .. }
+        | EventBody::Hold { amount, .. }
+        | EventBody::Capture { amount, .. }
+        | EventBody::TransferOut { amount, .. }
+        | EventBody::TransferIn { amount, .. }
+        | EventBody::TransferRefund { amount, .. } => amount.get(),
+    };
+    // Exact: AMOUNT_MAX < i64::MAX.
+    if balance > crate::domain::AMOUNT_MAX as i64 || balance.checked_sub_unsigned(held).is_none() {
+        return Err(bad("outcome out of range"));
+    }
+    Ok(Outcome {
+        amount,
+        balance,
+        held,
     })
 }
 
@@ -625,6 +745,7 @@ mod tests {
                 idempotency_key: (i % 2 == 1)
                     .then(|| IdempotencyKey::parse(&format!("key-{i}")).expect("valid")),
                 body,
+                outcome: None,
             })
             .collect()
     }

@@ -14,6 +14,7 @@
 
 pub mod codec;
 pub mod reader;
+pub mod tail;
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -22,7 +23,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use parking_lot::{Condvar, Mutex};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
 pub use reader::{
     cut_tail, locate, replay, replay_after, replay_frames_after, replay_from, ReplayOutcome,
@@ -174,6 +175,12 @@ struct Shared {
     failed: AtomicBool,
     waiters: Mutex<Vec<Waiter>>,
     stats: WalStats,
+    /// The last durable batches, for the event stream.
+    tail: Mutex<tail::Tail>,
+    /// The durable LSN, for those who wait for it to move (event-stream long polls).
+    durable_watch: watch::Sender<u64>,
+    /// The first LSN this process writes (every record from it on is of the current version).
+    start_lsn: u64,
 }
 
 /// Work to run once an LSN is durable (with `Ok`), or once the log has failed (with the
@@ -212,10 +219,17 @@ impl Wal {
             failed: AtomicBool::new(false),
             waiters: Mutex::new(Vec::new()),
             stats: WalStats::default(),
+            tail: Mutex::new(tail::Tail::default()),
+            durable_watch: watch::Sender::new(start.last_lsn),
+            start_lsn: start.last_lsn + 1,
         });
         let segment = match &start.last_segment {
             Some((path, len)) => {
-                let file = storage.open(path).map_err(|e| WalError::io(path, e))?;
+                let mut file = storage.open(path).map_err(|e| WalError::io(path, e))?;
+                // Recovery read these records, possibly from the page cache of a process that
+                // died before its fdatasync: make them durable before anything shows them
+                // (the event stream serves every record up to the recovered LSN).
+                file.sync().map_err(|e| WalError::io(path, e))?;
                 let allocated = file.size().map_err(|e| WalError::io(path, e))?;
                 Some(Segment {
                     file,
@@ -301,6 +315,23 @@ impl Wal {
         self.shared.stats.records.fetch_add(1, Ordering::Relaxed);
         self.shared.wake.notify_one();
         Ok(lsn)
+    }
+
+    /// A receiver of the durable LSN: `changed()` wakes when it moves.
+    pub fn subscribe_durable(&self) -> watch::Receiver<u64> {
+        self.shared.durable_watch.subscribe()
+    }
+
+    /// The recent durable batches holding `lsn` and everything after it, if memory still
+    /// reaches back to `lsn` (else read the segments).
+    pub fn recent_from(&self, lsn: u64) -> Option<Vec<Arc<tail::Batch>>> {
+        self.shared.tail.lock().from(lsn)
+    }
+
+    /// The first LSN this process wrote or will write: every record from it on is of the
+    /// current format version.
+    pub fn start_lsn(&self) -> u64 {
+        self.shared.start_lsn
     }
 
     /// The highest LSN known to be on stable storage.
@@ -438,7 +469,15 @@ impl Writer {
             self.fail(error);
             return Step::Failed;
         }
+        // Durable now: the batch joins the in-memory tail before the watermark moves, so a
+        // reader that sees the new watermark finds the records in memory or on disk.
+        self.shared.tail.lock().push(tail::Batch {
+            first_lsn,
+            last_lsn,
+            bytes: batch.clone(),
+        });
         self.shared.durable_lsn.store(last_lsn, Ordering::Release);
+        self.shared.durable_watch.send_replace(last_lsn);
         self.wake_waiters(last_lsn);
         self.batch = batch;
         self.batch.clear();

@@ -290,6 +290,160 @@ fn truncate(storage: &dyn Storage, path: &Path, len: u64) -> Result<(), WalError
     file.sync().map_err(|e| WalError::io(path, e))
 }
 
+/// Bytes read from a segment at a time when reading a range of records.
+pub const READ_CHUNK_BYTES: usize = 1024 * 1024;
+
+const _: () =
+    assert!(READ_CHUNK_BYTES > codec::FRAME_HEADER_BYTES + codec::RECORD_PAYLOAD_BYTES_MAX);
+
+/// Where a range read stopped: the segment, the LSN of the next record and its offset, so
+/// that the next read of the same consumer starts there instead of at the segment's start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadPosition {
+    /// The first LSN of the segment (its name).
+    pub segment_first_lsn: u64,
+    /// The LSN of the record at `offset`.
+    pub lsn: u64,
+    /// Its byte offset in the segment.
+    pub offset: u64,
+}
+
+/// Why a range read failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RangeError {
+    /// The first record asked for is in no segment any more (removed after a snapshot).
+    #[error("the records from lsn {0} are no longer kept")]
+    Gone(u64),
+    /// Reading failed, or the bytes are not the log they should be.
+    #[error(transparent)]
+    Wal(#[from] WalError),
+}
+
+/// Reads the records with LSNs `after + 1 ..= upto` from the segments of `dir`, in order,
+/// handing each checked frame to `visit` until it returns `false` (that frame counts as
+/// read). Every frame's LSN must be the one expected, so a read never skips a record: it
+/// fails instead. `start` is a position an earlier read returned; it is used if it lies at or
+/// before `after + 1`. Returns where the next read continues.
+///
+/// Records after `upto` are never decoded beyond their header: they may not be durable yet.
+pub fn read_range(
+    storage: &dyn Storage,
+    dir: &Path,
+    after: u64,
+    upto: u64,
+    start: Option<ReadPosition>,
+    mut visit: impl FnMut(&codec::Frame<'_>) -> bool,
+) -> Result<ReadPosition, RangeError> {
+    let want = after.saturating_add(1);
+    let segments = list_segments(storage, dir)?;
+    let index = segments
+        .iter()
+        .rposition(|s| s.first_lsn <= want)
+        .ok_or(RangeError::Gone(want))?;
+    let mut lsn = segments[index].first_lsn;
+    let mut offset = 0u64;
+    if let Some(p) = start.filter(|p| {
+        p.segment_first_lsn == segments[index].first_lsn && p.lsn <= want && p.lsn >= lsn
+    }) {
+        (lsn, offset) = (p.lsn, p.offset);
+    }
+    for (i, segment) in segments.iter().enumerate().skip(index) {
+        let corrupt = |offset: u64, reason: String| WalError::Corrupt {
+            path: segment.path.clone(),
+            offset,
+            reason,
+        };
+        if i > index {
+            if segment.first_lsn != lsn {
+                return Err(corrupt(
+                    0,
+                    format!(
+                        "segment starts at lsn {} where {lsn} was expected",
+                        segment.first_lsn
+                    ),
+                )
+                .into());
+            }
+            offset = 0;
+        }
+        loop {
+            if lsn > upto {
+                return Ok(ReadPosition {
+                    segment_first_lsn: segment.first_lsn,
+                    lsn,
+                    offset,
+                });
+            }
+            let chunk = match storage.read_at(&segment.path, offset, READ_CHUNK_BYTES) {
+                Ok(chunk) => chunk,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Err(RangeError::Gone(lsn))
+                }
+                Err(e) => return Err(WalError::io(&segment.path, e).into()),
+            };
+            let full = chunk.len() == READ_CHUNK_BYTES;
+            let mut pos = 0usize;
+            let mut segment_ended = false;
+            while lsn <= upto {
+                // A frame never starts with a zero byte: zeros are the space the writer
+                // allocated ahead, the end of the segment's records.
+                if pos >= chunk.len() || chunk[pos] == 0 {
+                    segment_ended = pos < chunk.len() || !full;
+                    break;
+                }
+                match codec::decode_frame(&chunk[pos..]) {
+                    Ok((frame, size)) => {
+                        if frame.lsn != lsn {
+                            let at = offset + pos as u64;
+                            let reason = format!("lsn {} where {lsn} was expected", frame.lsn);
+                            return Err(corrupt(at, reason).into());
+                        }
+                        pos += size;
+                        lsn += 1;
+                        if frame.lsn >= want && !visit(&frame) {
+                            return Ok(ReadPosition {
+                                segment_first_lsn: segment.first_lsn,
+                                lsn,
+                                offset: offset + pos as u64,
+                            });
+                        }
+                    }
+                    // The frame goes on in the next chunk.
+                    Err(DecodeError::Incomplete) if full => break,
+                    Err(error) => {
+                        let at = offset + pos as u64;
+                        return Err(corrupt(at, format!("record {lsn}: {error}")).into());
+                    }
+                }
+            }
+            offset += pos as u64;
+            if segment_ended {
+                break;
+            }
+            if pos == 0 && lsn <= upto {
+                // A whole chunk without one record: impossible with frames smaller than a
+                // chunk; refuse rather than loop.
+                return Err(corrupt(offset, "no record in a whole chunk".to_string()).into());
+            }
+        }
+    }
+    if lsn <= upto {
+        return Err(RangeError::Wal(WalError::Corrupt {
+            path: dir.to_path_buf(),
+            offset: 0,
+            reason: format!(
+                "the segments end at lsn {} before the durable lsn {upto}",
+                lsn - 1
+            ),
+        }));
+    }
+    Ok(ReadPosition {
+        segment_first_lsn: segments.last().map_or(0, |s| s.first_lsn),
+        lsn,
+        offset: 0,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
