@@ -12,7 +12,7 @@ use std::collections::BTreeSet;
 use coffer::domain::{AMOUNT_MAX, HOLD_EXPIRES_SECS_MAX};
 use coffer::http::schema::{ACCOUNT_ID_PATTERN, CURRENCY_PATTERN, IDEMPOTENCY_KEY_PATTERN};
 use common::TestServer;
-use serde_json::Value;
+use serde_json::{json, Value};
 
 /// The POST endpoints that move money: each must require an `Idempotency-Key` header.
 const MONEY_MOVING: &[&str] = &[
@@ -328,8 +328,104 @@ fn bounds_patterns_and_formats_are_the_contracts() {
         .as_array()
         .expect("parameters");
     let limit = holds.iter().find(|p| p["name"] == "limit").expect("limit");
-    assert_eq!(limit["schema"]["minimum"], 1);
-    assert_eq!(limit["schema"]["maximum"], 1000);
+    assert_eq!(limit["schema"]["anyOf"][0]["minimum"], 1);
+    assert_eq!(limit["schema"]["anyOf"][0]["maximum"], 1000);
+}
+
+#[test]
+fn query_parameters_are_their_exact_value_or_empty() {
+    // Goal: every query parameter is documented as its exact non-empty form (bounds, format,
+    // enum unchanged) or the empty string, which the server takes as absent (API.md's URL
+    // template `?status=open&limit=&after=`), so the document and the server agree.
+    let doc = document();
+    let empty = json!({"type": "string", "maxLength": 0});
+    let expected = [
+        (
+            "/v1/accounts/{id}/holds",
+            "status",
+            json!({"type": "string", "enum": ["open", "captured", "released", "expired"]}),
+        ),
+        (
+            "/v1/accounts/{id}/holds",
+            "limit",
+            json!({"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}),
+        ),
+        (
+            "/v1/accounts/{id}/holds",
+            "after",
+            json!({"type": "string", "format": "uuid"}),
+        ),
+        (
+            "/v1/accounts/{id}/transactions",
+            "limit",
+            json!({"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}),
+        ),
+        (
+            "/v1/accounts/{id}/transactions",
+            "before_seq",
+            json!({"type": "integer", "minimum": 1, "maximum": u64::MAX}),
+        ),
+        (
+            "/v1/events",
+            "after",
+            json!({"type": "string", "pattern": "^e[0-9a-f]{16}$", "examples": ["e00000000000003e8"]}),
+        ),
+        (
+            "/v1/events",
+            "limit",
+            json!({"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}),
+        ),
+        (
+            "/v1/events",
+            "wait_ms",
+            json!({"type": "integer", "minimum": 0, "maximum": 30000, "default": 0}),
+        ),
+        (
+            "/v1/events",
+            "account",
+            json!({"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$", "minLength": 1, "maxLength": 128}),
+        ),
+        (
+            "/v1/events",
+            "kind",
+            json!({"type": "string", "enum": ["credit", "debit", "hold", "capture", "release", "expire", "transfer_out", "transfer_in"]}),
+        ),
+    ];
+    let mut seen = 0;
+    for (path, methods) in doc["paths"].as_object().expect("paths") {
+        for (method, operation) in methods.as_object().expect("methods") {
+            for parameter in operation["parameters"].as_array().into_iter().flatten() {
+                if parameter["in"] != "query" {
+                    continue;
+                }
+                let name = parameter["name"].as_str().unwrap_or_default();
+                let (_, _, value) = expected
+                    .iter()
+                    .find(|(p, n, _)| p == path && *n == name)
+                    .unwrap_or_else(|| {
+                        panic!("{method} {path}: unexpected query parameter {name}")
+                    });
+                let schema = &parameter["schema"];
+                assert_eq!(
+                    schema["anyOf"],
+                    json!([value, empty]),
+                    "{method} {path}: {name}"
+                );
+                let description = schema["description"].as_str().unwrap_or_default();
+                assert!(
+                    description.contains("empty value counts as absent"),
+                    "{method} {path}: {name}: {description}"
+                );
+                assert_eq!(parameter["required"], false, "{method} {path}: {name}");
+                seen += 1;
+            }
+        }
+    }
+    assert_eq!(
+        seen,
+        expected.len(),
+        "every listed query parameter is documented"
+    );
 }
 
 #[test]

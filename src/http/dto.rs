@@ -306,32 +306,34 @@ pub struct BatchOpBody {
     pub metadata: BTreeMap<String, String>,
 }
 
-/// Query of `GET .../holds`
+/// Query of `GET .../holds`. A parameter given empty (`?limit=&after=`) counts as absent.
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub struct HoldsQuery {
-    /// Only holds of this status; absent lists every status.
-    #[param(schema_with = schema::hold_status)]
+    /// Only holds of this status; absent or empty lists every status.
+    #[param(schema_with = schema::query_hold_status)]
     pub status: Option<String>,
-    /// Page size, 1..=1000 (default 100).
-    #[param(schema_with = schema::list_limit)]
+    /// Page size, 1..=1000 (default 100, also when empty).
+    #[param(schema_with = schema::query_list_limit)]
     pub limit: Option<String>,
     /// Cursor: the `next` of the previous page (a hold id); lists holds created after it.
-    #[param(schema_with = schema::uuid)]
+    /// Absent or empty: the first page.
+    #[param(schema_with = schema::query_after_hold)]
     pub after: Option<String>,
 }
 
-/// Query of `GET .../transactions`
+/// Query of `GET .../transactions`. A parameter given empty counts as absent.
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub struct TransactionsQuery {
-    /// Page size, 1..=1000 (default 100).
-    #[param(schema_with = schema::list_limit)]
+    /// Page size, 1..=1000 (default 100, also when empty).
+    #[param(schema_with = schema::query_list_limit)]
     pub limit: Option<String>,
     /// Cursor: the `next` of the previous page; lists transactions with a smaller seq.
-    #[param(schema_with = schema::before_seq)]
+    /// Absent or empty: the newest first.
+    #[param(schema_with = schema::query_before_seq)]
     pub before_seq: Option<String>,
 }
 
@@ -342,19 +344,19 @@ pub struct TransactionsQuery {
 pub struct EventsQuery {
     /// Cursor: only events after it (`next` of the previous page, or an event's `cursor`).
     /// Omitted: from the oldest event kept.
-    #[param(schema_with = schema::event_cursor)]
+    #[param(schema_with = schema::query_event_cursor)]
     pub after: Option<String>,
     /// Page size, 1..=1000 (default 100).
-    #[param(schema_with = schema::list_limit)]
+    #[param(schema_with = schema::query_list_limit)]
     pub limit: Option<String>,
     /// How long to wait (ms) for an event when none is newer than `after` (long poll).
-    #[param(schema_with = schema::wait_ms)]
+    #[param(schema_with = schema::query_wait_ms)]
     pub wait_ms: Option<String>,
     /// Only this account's transactions.
-    #[param(schema_with = schema::account_id)]
+    #[param(schema_with = schema::query_account)]
     pub account: Option<String>,
     /// Only transactions of this kind.
-    #[param(schema_with = schema::tx_kind)]
+    #[param(schema_with = schema::query_tx_kind)]
     pub kind: Option<String>,
 }
 

@@ -76,7 +76,7 @@ pub mod kinds {
         StatusCode::BAD_REQUEST,
         "invalid_request",
         "Invalid request",
-        "invalid_request: malformed JSON, a body that is not an object, an unknown field, a field of the wrong JSON type (a string, a number with a fractional part, null or a boolean where an integer is expected; null for metadata), a missing required field, a malformed account id, hold id or key in the path, a bad or empty query parameter, or an Idempotency-Key that is empty, longer than 255 characters, not visible ASCII or given twice",
+        "invalid_request: malformed JSON, a body that is not an object, an unknown field, a field of the wrong JSON type (a string, a number with a fractional part, null or a boolean where an integer is expected; null for metadata), a missing required field, a malformed account id, hold id or key in the path, a malformed non-empty query parameter (an empty one counts as absent), or an Idempotency-Key that is empty, longer than 255 characters, not visible ASCII or given twice",
         "invalid JSON body: unknown field `amont`, expected `amount` or `metadata` at line 1 column 8",
     );
     /// 400: a money-moving request without `Idempotency-Key`.

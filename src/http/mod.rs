@@ -1139,10 +1139,11 @@ fn parse_json_or_empty<'a, T: Deserialize<'a> + Default>(bytes: &'a [u8]) -> Res
     parse_json(bytes)
 }
 
-/// Parses a query string strictly: unknown or repeated parameters are 400, and so is a
-/// parameter given with an empty value (`?after=`). An empty cursor or filter is most likely
-/// a client's unset variable, and taking it as "absent" would silently restart a pagination
-/// from the first page or list every status instead of one.
+/// Parses a query string strictly: unknown or repeated parameters are 400, and so is any
+/// malformed non-empty value (`limit=0`, `limit=+5`, `status=foo`). A parameter given with an
+/// empty value (`?limit=&after=`) counts as absent, exactly as if it were left out: API.md
+/// shows the list URL as the template `?status=open&limit=&after=`, and a client written
+/// against it may send the parameters it does not use empty. Refusing those would break it.
 fn parse_query<T: serde::de::DeserializeOwned + Default>(
     query: Option<&str>,
 ) -> Result<T, ApiError> {
@@ -1151,12 +1152,11 @@ fn parse_query<T: serde::de::DeserializeOwned + Default>(
     };
     let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query)
         .map_err(|e| ApiError::invalid(format!("invalid query: {e}")))?;
-    if let Some((name, _)) = pairs.iter().find(|(_, value)| value.is_empty()) {
-        return Err(ApiError::invalid(format!(
-            "query parameter {name} is empty; leave it out to mean its default"
-        )));
-    }
-    serde_urlencoded::from_str(query).map_err(|e| ApiError::invalid(format!("invalid query: {e}")))
+    let kept: Vec<(String, String)> = pairs.into_iter().filter(|(_, v)| !v.is_empty()).collect();
+    let canonical = serde_urlencoded::to_string(&kept)
+        .map_err(|e| ApiError::invalid(format!("invalid query: {e}")))?;
+    serde_urlencoded::from_str(&canonical)
+        .map_err(|e| ApiError::invalid(format!("invalid query: {e}")))
 }
 
 fn list_limit(text: Option<&str>) -> Result<usize, ApiError> {

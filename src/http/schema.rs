@@ -6,8 +6,8 @@ use std::borrow::Cow;
 
 use serde_json::json;
 use utoipa::openapi::schema::{
-    AdditionalProperties, Object, ObjectBuilder, OneOfBuilder, Schema, SchemaFormat, SchemaType,
-    Type,
+    AdditionalProperties, AnyOfBuilder, Object, ObjectBuilder, OneOfBuilder, Schema, SchemaFormat,
+    SchemaType, Type,
 };
 use utoipa::openapi::{KnownFormat, Ref, RefOr};
 use utoipa::{PartialSchema, ToSchema};
@@ -432,4 +432,77 @@ pub fn account_id() -> Object {
         .min_length(Some(1))
         .max_length(Some(ACCOUNT_ID_BYTES_MAX))
         .build()
+}
+
+/// A query parameter's schema: `value`, or the empty string, which the server takes as the
+/// parameter being absent (API.md's list URL is the template `?status=open&limit=&after=`, so
+/// clients may send unused parameters empty). The non-empty form keeps `value`'s exact bounds,
+/// format or enum; only a zero-length string is added. `meaning` describes the parameter
+/// (utoipa does not carry a field's doc comment into a `schema_with` parameter).
+pub fn or_empty(value: Object, meaning: &str) -> Schema {
+    let empty = ObjectBuilder::new()
+        .schema_type(Type::String)
+        .max_length(Some(0));
+    AnyOfBuilder::new()
+        .item(value)
+        .item(empty)
+        .description(Some(format!(
+            "{meaning} An empty value counts as absent, the same as leaving the parameter out."
+        )))
+        .into()
+}
+
+/// `status` of the holds list, or empty (absent).
+pub fn query_hold_status() -> Schema {
+    or_empty(
+        hold_status(),
+        "Only holds of this status; absent lists every status.",
+    )
+}
+
+/// `limit` of a list, or empty (absent: the default).
+pub fn query_list_limit() -> Schema {
+    or_empty(list_limit(), "Page size, 1..=1000 (default 100).")
+}
+
+/// `after` of the holds list (a hold id), or empty (absent: the first page).
+pub fn query_after_hold() -> Schema {
+    or_empty(
+        uuid(),
+        "Cursor: the `next` of the previous page (a hold id); lists holds created after it.",
+    )
+}
+
+/// `before_seq` of the transactions list, or empty (absent: the newest first).
+pub fn query_before_seq() -> Schema {
+    or_empty(
+        before_seq(),
+        "Cursor: the `next` of the previous page; lists transactions with a smaller seq.",
+    )
+}
+
+/// `after` of the event stream (a cursor), or empty (absent: the oldest event kept).
+pub fn query_event_cursor() -> Schema {
+    or_empty(
+        event_cursor(),
+        "Cursor: only events after it (`next` of the previous page, or an event's `cursor`); absent: from the oldest event kept.",
+    )
+}
+
+/// `wait_ms` of the event stream, or empty (absent: 0).
+pub fn query_wait_ms() -> Schema {
+    or_empty(
+        wait_ms(),
+        "How long to wait (ms) for an event when none is newer than `after` (long poll), 0..=30000 (default 0).",
+    )
+}
+
+/// `account` filter of the event stream, or empty (absent: every account).
+pub fn query_account() -> Schema {
+    or_empty(account_id(), "Only this account's transactions.")
+}
+
+/// `kind` filter of the event stream, or empty (absent: every kind).
+pub fn query_tx_kind() -> Schema {
+    or_empty(tx_kind(), "Only transactions of this kind.")
 }
