@@ -186,6 +186,11 @@ pub fn metrics_router(state: AppState) -> Router {
 
 type ApiResult = Result<Response, ApiError>;
 
+/// The `{id}` path parameter, as every account endpoint documents it.
+const ACCOUNT_ID_DOC: &str = "Account id. A malformed id is 400 invalid_request.";
+/// The `Idempotency-Key` header, as every endpoint that moves money documents it.
+const IDEMPOTENCY_KEY_DOC: &str = "1..=255 visible ASCII characters, scoped to the account in the path (for a transfer, to `from`). The same key with the same request (method, path and parsed body) returns the original answer with `Idempotent-Replayed: true`; with a different request it is 422 idempotency_key_reused. Only successes are remembered. Absent: 400 idempotency_key_missing; malformed or given twice: 400 invalid_request.";
+
 problems!(
     PutAccountProblems = [
         INVALID_REQUEST,
@@ -208,7 +213,7 @@ problems!(
 /// nor changed by a repeated PUT (but it is still validated). Needs no Idempotency-Key: the
 /// PUT itself is idempotent.
 #[utoipa::path(put, path = "/v1/accounts/{id}", operation_id = "putAccount", tag = "accounts",
-    params(("id" = schema::AccountIdSchema, Path, description = "Account id. A malformed id is 400 invalid_request.")),
+    params(("id" = schema::AccountIdSchema, Path, description = ACCOUNT_ID_DOC)),
     request_body = AccountBody,
     responses(
         (status = 200, description = "The account already exists with the same currency and overdraft_limit.", body = AccountJson),
@@ -261,7 +266,7 @@ problems!(
 
 /// Read an account
 #[utoipa::path(get, path = "/v1/accounts/{id}", operation_id = "getAccount", tag = "accounts",
-    params(("id" = schema::AccountIdSchema, Path, description = "Account id. A malformed id is 400 invalid_request.")),
+    params(("id" = schema::AccountIdSchema, Path, description = ACCOUNT_ID_DOC)),
     responses(
         (status = 200, description = "The account, as durable.", body = AccountJson),
         GetAccountProblems,
@@ -297,7 +302,7 @@ problems!(
 ///
 /// Adds `amount` to the balance: one `credit` transaction.
 #[utoipa::path(post, path = "/v1/accounts/{id}/credits", operation_id = "postCredit", tag = "money",
-    params(("id" = schema::AccountIdSchema, Path, description = "Account id. A malformed id is 400 invalid_request."), ("Idempotency-Key" = String, Header, min_length = 1, max_length = 255, pattern = "^[!-~]{1,255}$", description = "1..=255 visible ASCII characters, scoped to the account in the path (for a transfer, to `from`). The same key with the same request (method, path and parsed body) returns the original answer with `Idempotent-Replayed: true`; with a different request it is 422 idempotency_key_reused. Only successes are remembered. Absent: 400 idempotency_key_missing; malformed or given twice: 400 invalid_request.")),
+    params(("id" = schema::AccountIdSchema, Path, description = ACCOUNT_ID_DOC), ("Idempotency-Key" = String, Header, min_length = 1, max_length = 255, pattern = "^[!-~]{1,255}$", description = IDEMPOTENCY_KEY_DOC)),
     request_body = MoveBody,
     responses(
         (status = 201, description = "Credited: the transaction and the account just after it. On an idempotent replay the stored answer is returned again with `Idempotent-Replayed: true`.", body = ReceiptJson, headers(("Idempotent-Replayed" = String, description = "Present, with the value `true`, only when this answer replays an earlier request with the same Idempotency-Key."))),
@@ -342,7 +347,7 @@ problems!(
 /// Removes `amount` from the balance: one `debit` transaction. Needs
 /// `amount <= available + overdraft_limit`.
 #[utoipa::path(post, path = "/v1/accounts/{id}/debits", operation_id = "postDebit", tag = "money",
-    params(("id" = schema::AccountIdSchema, Path, description = "Account id. A malformed id is 400 invalid_request."), ("Idempotency-Key" = String, Header, min_length = 1, max_length = 255, pattern = "^[!-~]{1,255}$", description = "1..=255 visible ASCII characters, scoped to the account in the path (for a transfer, to `from`). The same key with the same request (method, path and parsed body) returns the original answer with `Idempotent-Replayed: true`; with a different request it is 422 idempotency_key_reused. Only successes are remembered. Absent: 400 idempotency_key_missing; malformed or given twice: 400 invalid_request.")),
+    params(("id" = schema::AccountIdSchema, Path, description = ACCOUNT_ID_DOC), ("Idempotency-Key" = String, Header, min_length = 1, max_length = 255, pattern = "^[!-~]{1,255}$", description = IDEMPOTENCY_KEY_DOC)),
     request_body = MoveBody,
     responses(
         (status = 201, description = "Debited: the transaction and the account just after it. On an idempotent replay the stored answer is returned again with `Idempotent-Replayed: true`.", body = ReceiptJson, headers(("Idempotent-Replayed" = String, description = "Present, with the value `true`, only when this answer replays an earlier request with the same Idempotency-Key."))),
@@ -387,7 +392,7 @@ problems!(
 /// Reserves `amount` until it is captured, released or expires (`expires_in_secs`, default
 /// 3600): one `hold` transaction. Needs `amount <= available + overdraft_limit`.
 #[utoipa::path(post, path = "/v1/accounts/{id}/holds", operation_id = "postHold", tag = "holds",
-    params(("id" = schema::AccountIdSchema, Path, description = "Account id. A malformed id is 400 invalid_request."), ("Idempotency-Key" = String, Header, min_length = 1, max_length = 255, pattern = "^[!-~]{1,255}$", description = "1..=255 visible ASCII characters, scoped to the account in the path (for a transfer, to `from`). The same key with the same request (method, path and parsed body) returns the original answer with `Idempotent-Replayed: true`; with a different request it is 422 idempotency_key_reused. Only successes are remembered. Absent: 400 idempotency_key_missing; malformed or given twice: 400 invalid_request.")),
+    params(("id" = schema::AccountIdSchema, Path, description = ACCOUNT_ID_DOC), ("Idempotency-Key" = String, Header, min_length = 1, max_length = 255, pattern = "^[!-~]{1,255}$", description = IDEMPOTENCY_KEY_DOC)),
     request_body = HoldBody,
     responses(
         (status = 201, description = "Held: the hold, the transaction and the account just after it. On an idempotent replay the stored answer is returned again with `Idempotent-Replayed: true`.", body = HoldReceiptDoc, headers(("Idempotent-Replayed" = String, description = "Present, with the value `true`, only when this answer replays an earlier request with the same Idempotency-Key."))),
@@ -435,7 +440,7 @@ problems!(
 /// Turns the hold (or `amount` of it; the rest is released at once) into a debit: one
 /// `capture` transaction. The hold ends `captured`. An empty body captures all of it.
 #[utoipa::path(post, path = "/v1/accounts/{id}/holds/{hold_id}/capture", operation_id = "captureHold", tag = "holds",
-    params(("id" = schema::AccountIdSchema, Path, description = "Account id. A malformed id is 400 invalid_request."), ("hold_id" = String, Path, format = Uuid, description = "Hold id (a UUID). Anything else is 400 invalid_request."), ("Idempotency-Key" = String, Header, min_length = 1, max_length = 255, pattern = "^[!-~]{1,255}$", description = "1..=255 visible ASCII characters, scoped to the account in the path (for a transfer, to `from`). The same key with the same request (method, path and parsed body) returns the original answer with `Idempotent-Replayed: true`; with a different request it is 422 idempotency_key_reused. Only successes are remembered. Absent: 400 idempotency_key_missing; malformed or given twice: 400 invalid_request.")),
+    params(("id" = schema::AccountIdSchema, Path, description = ACCOUNT_ID_DOC), ("hold_id" = String, Path, format = Uuid, description = "Hold id (a UUID). Anything else is 400 invalid_request."), ("Idempotency-Key" = String, Header, min_length = 1, max_length = 255, pattern = "^[!-~]{1,255}$", description = IDEMPOTENCY_KEY_DOC)),
     request_body(content = CaptureBody, description = "May be empty: the same as `{}`.", content_type = "application/json"),
     responses(
         (status = 200, description = "Captured: the hold, the transaction and the account just after it. On an idempotent replay the stored answer is returned again with `Idempotent-Replayed: true`.", body = HoldReceiptDoc, headers(("Idempotent-Replayed" = String, description = "Present, with the value `true`, only when this answer replays an earlier request with the same Idempotency-Key."))),
@@ -484,7 +489,7 @@ problems!(
 /// Gives the held money back to `available`: one `release` transaction. The hold ends
 /// `released`. An empty body is the same as `{}`.
 #[utoipa::path(post, path = "/v1/accounts/{id}/holds/{hold_id}/release", operation_id = "releaseHold", tag = "holds",
-    params(("id" = schema::AccountIdSchema, Path, description = "Account id. A malformed id is 400 invalid_request."), ("hold_id" = String, Path, format = Uuid, description = "Hold id (a UUID). Anything else is 400 invalid_request."), ("Idempotency-Key" = String, Header, min_length = 1, max_length = 255, pattern = "^[!-~]{1,255}$", description = "1..=255 visible ASCII characters, scoped to the account in the path (for a transfer, to `from`). The same key with the same request (method, path and parsed body) returns the original answer with `Idempotent-Replayed: true`; with a different request it is 422 idempotency_key_reused. Only successes are remembered. Absent: 400 idempotency_key_missing; malformed or given twice: 400 invalid_request.")),
+    params(("id" = schema::AccountIdSchema, Path, description = ACCOUNT_ID_DOC), ("hold_id" = String, Path, format = Uuid, description = "Hold id (a UUID). Anything else is 400 invalid_request."), ("Idempotency-Key" = String, Header, min_length = 1, max_length = 255, pattern = "^[!-~]{1,255}$", description = IDEMPOTENCY_KEY_DOC)),
     request_body(content = ReleaseBody, description = "May be empty: the same as `{}`.", content_type = "application/json"),
     responses(
         (status = 200, description = "Released: the hold, the transaction and the account just after it. On an idempotent replay the stored answer is returned again with `Idempotent-Replayed: true`.", body = HoldReceiptDoc, headers(("Idempotent-Replayed" = String, description = "Present, with the value `true`, only when this answer replays an earlier request with the same Idempotency-Key."))),
@@ -556,7 +561,7 @@ problems!(
 /// currency_mismatch; in each case nothing moves. If the destination refuses after the source
 /// was debited, the source is refunded and the answer is the refusal's error.
 #[utoipa::path(post, path = "/v1/transfers", operation_id = "postTransfer", tag = "transfers",
-    params(("Idempotency-Key" = String, Header, min_length = 1, max_length = 255, pattern = "^[!-~]{1,255}$", description = "1..=255 visible ASCII characters, scoped to the account in the path (for a transfer, to `from`). The same key with the same request (method, path and parsed body) returns the original answer with `Idempotent-Replayed: true`; with a different request it is 422 idempotency_key_reused. Only successes are remembered. Absent: 400 idempotency_key_missing; malformed or given twice: 400 invalid_request.")),
+    params(("Idempotency-Key" = String, Header, min_length = 1, max_length = 255, pattern = "^[!-~]{1,255}$", description = IDEMPOTENCY_KEY_DOC)),
     request_body = TransferBody,
     responses(
         (status = 201, description = "Transferred: the transfer and both accounts just after their halves. On an idempotent replay the stored answer is returned again with `Idempotent-Replayed: true`.", body = TransferReceiptJson, headers(("Idempotent-Replayed" = String, description = "Present, with the value `true`, only when this answer replays an earlier request with the same Idempotency-Key."))),
@@ -846,7 +851,7 @@ problems!(
 ///
 /// Oldest first, paged by hold id.
 #[utoipa::path(get, path = "/v1/accounts/{id}/holds", operation_id = "listHolds", tag = "holds",
-    params(("id" = schema::AccountIdSchema, Path, description = "Account id. A malformed id is 400 invalid_request."), HoldsQuery),
+    params(("id" = schema::AccountIdSchema, Path, description = ACCOUNT_ID_DOC), HoldsQuery),
     responses(
         (status = 200, description = "A page of holds.", body = HoldPage),
         ListHoldsProblems,
@@ -896,7 +901,7 @@ problems!(
 
 /// Read a hold
 #[utoipa::path(get, path = "/v1/accounts/{id}/holds/{hold_id}", operation_id = "getHold", tag = "holds",
-    params(("id" = schema::AccountIdSchema, Path, description = "Account id. A malformed id is 400 invalid_request."), ("hold_id" = String, Path, format = Uuid, description = "Hold id (a UUID). Anything else is 400 invalid_request.")),
+    params(("id" = schema::AccountIdSchema, Path, description = ACCOUNT_ID_DOC), ("hold_id" = String, Path, format = Uuid, description = "Hold id (a UUID). Anything else is 400 invalid_request.")),
     responses(
         (status = 200, description = "The hold.", body = HoldJson),
         GetHoldProblems,
@@ -929,7 +934,7 @@ problems!(
 ///
 /// Newest first, paged by seq. Accounts keep their last 1000 transactions in memory.
 #[utoipa::path(get, path = "/v1/accounts/{id}/transactions", operation_id = "listTransactions", tag = "accounts",
-    params(("id" = schema::AccountIdSchema, Path, description = "Account id. A malformed id is 400 invalid_request."), TransactionsQuery),
+    params(("id" = schema::AccountIdSchema, Path, description = ACCOUNT_ID_DOC), TransactionsQuery),
     responses(
         (status = 200, description = "A page of transactions.", body = TransactionPage),
         ListTransactionsProblems,
@@ -980,7 +985,7 @@ problems!(
 /// For a client that lost an answer: tells whether the request happened. Never applies
 /// anything.
 #[utoipa::path(get, path = "/v1/accounts/{id}/idempotency-keys/{key}", operation_id = "getIdempotencyKey", tag = "money",
-    params(("id" = schema::AccountIdSchema, Path, description = "Account id. A malformed id is 400 invalid_request."), ("key" = String, Path, min_length = 1, max_length = 255, pattern = "^[!-~]{1,255}$", description = "The Idempotency-Key to look up (percent-encoded in the path).")),
+    params(("id" = schema::AccountIdSchema, Path, description = ACCOUNT_ID_DOC), ("key" = String, Path, min_length = 1, max_length = 255, pattern = "^[!-~]{1,255}$", description = "The Idempotency-Key to look up (percent-encoded in the path).")),
     responses(
         (status = 200, description = "The stored outcome.", body = IdempotencyLookup),
         KeyLookupProblems,

@@ -126,19 +126,7 @@ pub fn one_of_strings(values: impl IntoIterator<Item = &'static str>) -> Object 
 
 /// A transaction's `kind`.
 pub fn tx_kind() -> Object {
-    one_of_strings(
-        [
-            TxKind::Credit,
-            TxKind::Debit,
-            TxKind::Hold,
-            TxKind::Capture,
-            TxKind::Release,
-            TxKind::Expire,
-            TxKind::TransferOut,
-            TxKind::TransferIn,
-        ]
-        .map(TxKind::as_str),
-    )
+    one_of_strings(TxKind::ALL.map(TxKind::as_str))
 }
 
 /// A hold's `status`.
