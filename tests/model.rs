@@ -1165,10 +1165,7 @@ impl DomainRun {
             let view = account.view();
             check_view(&view, model)?;
             check_holds(account.holds_after(None), view.held, model)?;
-            check_history(
-                &account.history().iter().cloned().collect::<Vec<_>>(),
-                &view,
-            )?;
+            check_history(&account.history().to_vec(), &view)?;
             let events = self
                 .events
                 .iter()

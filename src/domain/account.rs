@@ -150,6 +150,161 @@ pub struct Transaction {
     pub metadata: Metadata,
 }
 
+/// A transaction as an account keeps it in its history: without the account's id (the
+/// account has it), its seq (the kept ones are consecutive and end at the account's), the
+/// available balance (balance - held) and the link its kind rules out. 80 bytes instead of
+/// the resource's 128, for each of up to `--history-limit` transactions of every account;
+/// and keeping one takes no reference to the id.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Kept {
+    id: Uuid,
+    /// The hold (hold, capture, release, expire) or the transfer (transfer kinds) involved;
+    /// nil for a credit or a debit.
+    link: Uuid,
+    amount: u64,
+    balance: i64,
+    held: u64,
+    created_at_ms: u64,
+    metadata: Metadata,
+    kind: TxKind,
+}
+
+// The point of `Kept`: pinned, so that a new field shows up here.
+#[cfg(target_pointer_width = "64")]
+const _: () = assert!(std::mem::size_of::<Kept>() == 80);
+
+/// Which link a kind of transaction has.
+enum Link {
+    None,
+    Hold,
+    Transfer,
+}
+
+impl TxKind {
+    fn link(self) -> Link {
+        match self {
+            TxKind::Credit | TxKind::Debit => Link::None,
+            TxKind::Hold | TxKind::Capture | TxKind::Release | TxKind::Expire => Link::Hold,
+            TxKind::TransferOut | TxKind::TransferIn => Link::Transfer,
+        }
+    }
+}
+
+impl Kept {
+    /// `None` if the transaction's links are not those of its kind (only a damaged
+    /// snapshot has such a transaction).
+    fn of(tx: Transaction) -> Option<Kept> {
+        let link = match (tx.kind.link(), tx.hold_id, tx.transfer_id) {
+            (Link::None, None, None) => Uuid::nil(),
+            (Link::Hold, Some(id), None) | (Link::Transfer, None, Some(id)) => id,
+            _ => return None,
+        };
+        if tx.available != tx.balance.saturating_sub_unsigned(tx.held) {
+            return None;
+        }
+        Some(Kept {
+            id: tx.id,
+            link,
+            amount: tx.amount,
+            balance: tx.balance,
+            held: tx.held,
+            created_at_ms: tx.created_at_ms,
+            metadata: tx.metadata,
+            kind: tx.kind,
+        })
+    }
+
+    /// The transaction resource, of `account` at `seq`.
+    fn transaction(&self, account: &AccountId, seq: u64) -> Transaction {
+        let (hold_id, transfer_id) = match self.kind.link() {
+            Link::None => (None, None),
+            Link::Hold => (Some(self.link), None),
+            Link::Transfer => (None, Some(self.link)),
+        };
+        Transaction {
+            id: self.id,
+            account_id: account.clone(),
+            seq,
+            kind: self.kind,
+            amount: self.amount,
+            hold_id,
+            transfer_id,
+            balance: self.balance,
+            held: self.held,
+            available: self.balance.saturating_sub_unsigned(self.held),
+            created_at_ms: self.created_at_ms,
+            metadata: self.metadata.clone(),
+        }
+    }
+}
+
+/// The transactions an account keeps, oldest first, with consecutive seqs ending at the
+/// account's `seq()`; read as transaction resources, built on demand.
+#[derive(Clone, Copy)]
+pub struct History<'a> {
+    account: &'a AccountId,
+    /// The account's seq: the newest kept transaction's.
+    last_seq: u64,
+    kept: &'a VecDeque<Kept>,
+}
+
+impl<'a> History<'a> {
+    /// Transactions kept.
+    pub fn len(&self) -> usize {
+        self.kept.len()
+    }
+    /// Whether none is kept.
+    pub fn is_empty(&self) -> bool {
+        self.kept.is_empty()
+    }
+    /// The seq of the oldest one kept.
+    pub fn first_seq(&self) -> Option<u64> {
+        (!self.kept.is_empty()).then(|| self.seq_of(0))
+    }
+    /// The seq of the `i`-th oldest (`Account::check_invariants` keeps `len <= last_seq`).
+    fn seq_of(&self, i: usize) -> u64 {
+        (self.last_seq + 1 + i as u64).saturating_sub(self.kept.len() as u64)
+    }
+    /// The `i`-th oldest.
+    pub fn get(&self, i: usize) -> Option<Transaction> {
+        let kept = self.kept.get(i)?;
+        Some(kept.transaction(self.account, self.seq_of(i)))
+    }
+    /// The ones at positions `range` (oldest first); an out-of-bounds range is clamped.
+    pub fn range(
+        &self,
+        range: std::ops::Range<usize>,
+    ) -> impl DoubleEndedIterator<Item = Transaction> + ExactSizeIterator + 'a {
+        let end = range.end.min(self.kept.len());
+        let start = range.start.min(end);
+        let (account, first) = (self.account, self.seq_of(start));
+        self.kept
+            .range(start..end)
+            .enumerate()
+            .map(move |(i, kept)| kept.transaction(account, first + i as u64))
+    }
+    /// All of them, oldest first.
+    pub fn iter(&self) -> impl DoubleEndedIterator<Item = Transaction> + ExactSizeIterator + 'a {
+        self.range(0..self.kept.len())
+    }
+    /// All of them, oldest first, in a vector.
+    pub fn to_vec(&self) -> Vec<Transaction> {
+        self.iter().collect()
+    }
+}
+
+impl PartialEq for History<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        self.account == other.account && self.last_seq == other.last_seq && self.kept == other.kept
+    }
+}
+
+impl std::fmt::Debug for History<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
+}
+
 /// A point-in-time copy of an account's public fields.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AccountView {
@@ -674,7 +829,7 @@ pub struct Account {
     /// most the retention's `history`. Allocated at the first transaction.
     // Boxed on purpose: one pointer (8 bytes) in every account instead of a 32-byte deque.
     #[allow(clippy::box_collection)]
-    history: Option<Box<VecDeque<Transaction>>>,
+    history: Option<Box<VecDeque<Kept>>>,
     /// Running totals for the conservation check (invariant 3): credits; debits and
     /// captures; transfers received minus sent. Modulo 2^64 (wrapping): the sums of a long
     /// life may pass i64's range, and the check `balance = in - out + net` holds exactly
@@ -774,9 +929,13 @@ impl Account {
     }
     /// The newest transactions kept (at most the retention's `history`), oldest first, with
     /// consecutive seqs ending at `seq()`.
-    pub fn history(&self) -> &VecDeque<Transaction> {
-        static NONE: VecDeque<Transaction> = VecDeque::new();
-        self.history.as_deref().unwrap_or(&NONE)
+    pub fn history(&self) -> History<'_> {
+        static NONE: VecDeque<Kept> = VecDeque::new();
+        History {
+            account: &self.id,
+            last_seq: self.seq,
+            kept: self.history.as_deref().unwrap_or(&NONE),
+        }
     }
     /// The remembered outcome of an idempotency key.
     pub fn idempotency_entry(&self, key: &IdempotencyKey) -> Option<&IdempotencyEntry> {
@@ -832,7 +991,7 @@ impl Account {
             last_lsn: self.last_lsn,
             holds: self.ex().holds.values().cloned().collect(),
             ended_holds: self.ex().ended_holds.iter().copied().collect(),
-            history: self.history().iter().cloned().collect(),
+            history: self.history().to_vec(),
             keys,
             total_in: self.total_in,
             total_out: self.total_out,
@@ -893,10 +1052,14 @@ impl Account {
             .seq
             .checked_sub(parts.history.len() as u64)
             .ok_or(ApplyError("snapshot: more history than seq"))?;
-        for (i, tx) in parts.history.iter().enumerate() {
+        let mut history = VecDeque::with_capacity(parts.history.len());
+        for (i, tx) in parts.history.into_iter().enumerate() {
             if tx.seq != dropped + 1 + i as u64 || tx.account_id != parts.id {
                 return Err(ApplyError("snapshot: history out of step with seq"));
             }
+            history.push_back(Kept::of(tx).ok_or(ApplyError(
+                "snapshot: a transaction whose links or available do not fit it",
+            ))?);
         }
         let mut idempotency = FastMap::default();
         let mut key_order = VecDeque::with_capacity(parts.keys.len());
@@ -925,7 +1088,7 @@ impl Account {
             seq: parts.seq,
             last_lsn: parts.last_lsn,
             extras: None,
-            history: (!parts.history.is_empty()).then(|| Box::new(parts.history.into())),
+            history: (!history.is_empty()).then(|| Box::new(history)),
             total_in: parts.total_in,
             total_out: parts.total_out,
             transfers_net: parts.transfers_net,
@@ -1373,7 +1536,7 @@ impl Account {
             "apply_checked on an unchecked event"
         );
         let seq_before = self.seq;
-        let (tx, hold) = self.mutate(event);
+        let (kept, hold) = self.mutate(event);
         if let Some(outcome) = &event.outcome {
             // Paired with the check before the change: the recorded figures are the state.
             assert_eq!(
@@ -1381,8 +1544,11 @@ impl Account {
                 "recorded balance after the event"
             );
             assert_eq!(outcome.held, self.held(), "recorded held after the event");
-            assert_eq!(outcome.amount, tx.amount, "recorded amount of the event");
-            debug_assert_eq!(Transaction::of_event(event).as_ref(), Some(&tx));
+            assert_eq!(outcome.amount, kept.amount, "recorded amount of the event");
+            debug_assert_eq!(
+                Transaction::of_event(event),
+                Some(kept.transaction(&self.id, event.seq))
+            );
         }
         self.seq = event.seq;
         self.last_lsn = event.lsn;
@@ -1396,14 +1562,15 @@ impl Account {
             .and_then(|_| Account::request_of(&event.body));
         let keyed = request.is_some();
         let receipt = if want_receipt || keyed {
-            self.remember(tx.clone(), retention.history);
+            let transaction = kept.transaction(&self.id, event.seq);
+            self.remember(kept, retention.history);
             Some(Arc::new(Receipt {
-                transaction: tx,
+                transaction,
                 account: self.view(),
                 hold,
             }))
         } else {
-            self.remember(tx, retention.history);
+            self.remember(kept, retention.history);
             None
         };
         if let (Some(key), Some(request), Some(receipt)) =
@@ -1429,8 +1596,10 @@ impl Account {
     }
 
     /// Adds the newest transaction to the history, forgetting the oldest beyond `limit`.
-    fn remember(&mut self, tx: Transaction, limit: usize) {
-        self.history.get_or_insert_with(Box::default).push_back(tx);
+    fn remember(&mut self, kept: Kept, limit: usize) {
+        self.history
+            .get_or_insert_with(Box::default)
+            .push_back(kept);
         self.keep_history(limit);
     }
 
@@ -1533,7 +1702,7 @@ impl Account {
     }
 
     /// Changes balances and holds by an event that `check` accepted.
-    fn mutate(&mut self, event: &Event) -> (Transaction, Option<Hold>) {
+    fn mutate(&mut self, event: &Event) -> (Kept, Option<Hold>) {
         let mut hold_after = None;
         let mut transfer = None;
         let (kind, amount, hold_id, metadata) = match &event.body {
@@ -1629,21 +1798,17 @@ impl Account {
                 (TxKind::TransferIn, *amount, None, metadata)
             }
         };
-        let tx = Transaction {
+        let kept = Kept {
             id: event.tx_id,
-            account_id: self.id.clone(),
-            seq: event.seq,
-            kind,
+            link: hold_id.or(transfer).unwrap_or(Uuid::nil()),
             amount: amount.get(),
-            hold_id,
-            transfer_id: transfer,
             balance: self.balance,
             held: self.held(),
-            available: self.available(),
             created_at_ms: event.at_ms,
             metadata,
+            kind,
         };
-        (tx, hold_after)
+        (kept, hold_after)
     }
 
     /// Ends an open hold (checked by `check`) exactly once.
@@ -1689,8 +1854,10 @@ impl Account {
             "invariant 2: deadline index out of step with open holds"
         );
         assert!(
-            self.history().back().is_none_or(|tx| tx.seq == self.seq),
-            "invariant 4: history out of step with seq"
+            self.history
+                .as_ref()
+                .is_none_or(|h| h.len() as u64 <= self.seq),
+            "invariant 4: more history than seq"
         );
         debug_assert_eq!(
             self.ex()

@@ -208,7 +208,7 @@ struct Observed {
 fn observe(account: &Account, keys: &[&str]) -> Observed {
     Observed {
         view: account.view(),
-        history: account.history().iter().cloned().collect(),
+        history: account.history().to_vec(),
         holds: account.holds_after(None).cloned().collect(),
         deadlines: account.open_deadlines().collect(),
         last_lsn: account.last_lsn(),
@@ -324,14 +324,14 @@ fn credit_adds_money_and_records_one_transaction() {
     assert_eq!((tx.balance, tx.held, tx.available), (150, 0, 150));
     assert_eq!(tx.created_at_ms, T0 + 7);
     assert_eq!(tx.metadata.to_map(), meta(&[("order", "A-1")]));
-    assert_eq!(tx.id, account.history()[0].id);
+    assert_eq!(Some(tx.id), account.history().get(0).map(|t| t.id));
     assert!(receipt.hold.is_none());
     assert_eq!(receipt.account, account.view());
     assert_eq!(account.balance(), 150);
     assert_eq!(account.available(), 150);
     assert_eq!(account.seq(), 1);
     assert_eq!(account.last_lsn(), 2);
-    assert_eq!(account.history().iter().collect::<Vec<_>>(), vec![tx]);
+    assert_eq!(account.history().to_vec(), vec![tx.clone()]);
 
     let entry = account
         .idempotency_entry(&key("c1"))
@@ -1617,7 +1617,10 @@ fn history_keeps_the_newest_transactions_up_to_the_limit() {
         );
         let history = account.history();
         assert!(history.len() <= 10);
-        assert_eq!(history.back().map(|t| t.seq), Some(account.seq()));
+        assert_eq!(
+            history.iter().next_back().map(|t| t.seq),
+            Some(account.seq())
+        );
         for (older, newer) in history.iter().zip(history.iter().skip(1)) {
             assert_eq!(newer.seq, older.seq + 1);
         }
@@ -1904,7 +1907,7 @@ fn a_transfer_checks_in_api_order_and_debits_once() {
     let event = transfer_out(&mut a, "t", 30, transfer_uuid(1));
     assert_eq!(a.balance(), 70);
     assert_eq!(a.seq(), 2);
-    let tx = &a.history()[1];
+    let tx = &a.history().get(1).expect("kept");
     assert_eq!(tx.kind, TxKind::TransferOut);
     assert_eq!(tx.transfer_id, Some(transfer_uuid(1)));
     assert_eq!(tx.amount, 30);
@@ -2010,7 +2013,7 @@ fn transfer_events_keep_the_invariants_and_refuse_what_cannot_follow() {
     a.apply(&refund, Retention::UNLIMITED)
         .expect("apply the refund");
     assert_eq!((a.balance(), a.seq()), (100, 3));
-    let tx = &a.history()[2];
+    let tx = &a.history().get(2).expect("kept");
     assert_eq!(tx.kind, TxKind::TransferIn);
     assert_eq!(tx.transfer_id, Some(id));
     let parts = a.parts();
@@ -2109,4 +2112,79 @@ fn the_transfer_book_records_each_event_once_and_refuses_repeats() {
     );
     assert_eq!(copy.prune(|_| true), 1);
     assert!(copy.is_empty());
+}
+
+#[test]
+fn the_kept_history_reads_back_every_field_and_a_snapshot_cannot_bend_it() {
+    // Goal: history is kept compact (no account id, no seq, no available, one link), and
+    // reading it back gives exactly the transactions the receipts gave; parts whose
+    // transactions do not fit that form (a link the kind does not have, an available
+    // that is not balance - held) are refused, not silently changed.
+    let retention = Retention {
+        history: 3,
+        ttl_ms: u64::MAX,
+    };
+    let mut account = open(0);
+    let mut receipts = Vec::new();
+    receipts.push(exec_kept(
+        &mut account,
+        retention,
+        None,
+        credit(50),
+        T0,
+        hold_uuid(1),
+    ));
+    receipts.push(exec_kept(
+        &mut account,
+        retention,
+        None,
+        hold(20, None),
+        T0,
+        hold_uuid(2),
+    ));
+    receipts.push(exec_kept(
+        &mut account,
+        retention,
+        None,
+        capture(hold_uuid(2), Some(5)),
+        T0,
+        hold_uuid(3),
+    ));
+    receipts.push(exec_kept(
+        &mut account,
+        retention,
+        None,
+        debit(7),
+        T0,
+        hold_uuid(4),
+    ));
+    let given: Vec<Transaction> = receipts.iter().map(|r| r.transaction.clone()).collect();
+    let history = account.history();
+    // The oldest was forgotten (limit 3); the rest read back field for field.
+    assert_eq!(history.to_vec(), given[1..].to_vec());
+    assert_eq!(history.first_seq(), Some(2));
+    assert_eq!(history.get(0).map(|t| t.hold_id), Some(Some(hold_uuid(2))));
+    assert_eq!(history.get(3), None);
+    assert_eq!(
+        history.range(1..9).map(|t| t.seq).collect::<Vec<_>>(),
+        vec![3, 4],
+        "a range past the end is clamped"
+    );
+    assert_eq!(history.range(2..1).count(), 0);
+    let back = Account::from_parts(account.parts()).expect("consistent parts");
+    assert_eq!(back.history(), account.history());
+
+    let bent = |bend: fn(&mut Transaction)| {
+        let mut parts = account.parts();
+        bend(&mut parts.history[1]);
+        Account::from_parts(parts).map(|_| ())
+    };
+    // The capture names its hold; a transfer id beside it, or no hold, is refused.
+    assert!(bent(|t| t.transfer_id = Some(hold_uuid(9))).is_err());
+    assert!(bent(|t| t.hold_id = None).is_err());
+    assert!(bent(|t| t.available += 1).is_err());
+    // The debit names nothing.
+    let mut parts = account.parts();
+    parts.history[2].hold_id = Some(hold_uuid(9));
+    assert!(Account::from_parts(parts).is_err());
 }

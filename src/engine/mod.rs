@@ -614,14 +614,14 @@ impl Engine {
                 // The newest transactions, with consecutive seqs from `first`: "seq < before"
                 // is the prefix of length before - first.
                 let history = account.history();
-                let first = history.front().map_or(1, |t| t.seq);
+                let first = history.first_seq().unwrap_or(1);
                 let end = before_seq.map_or(history.len(), |b| {
                     usize::try_from(b.saturating_sub(first))
                         .unwrap_or(usize::MAX)
                         .min(history.len())
                 });
                 let start = end.saturating_sub(limit);
-                let page: Vec<Transaction> = history.range(start..end).rev().cloned().collect();
+                let page: Vec<Transaction> = history.range(start..end).rev().collect();
                 let next = (start > 0).then(|| page.last().map(|t| t.seq)).flatten();
                 (page, next)
             })
