@@ -9,7 +9,8 @@
 //! `cargo bench --bench recovery` (about a minute and 2-3 GB of RAM at the defaults);
 //! `ACCOUNTS=100000 EVENTS=1000000 cargo bench --bench recovery` for a quick run;
 //! `BENCH_DIR=/path` to build the data somewhere else than a temp dir; `IDLE_ONLY=1` to stop
-//! after the memory measure.
+//! after the memory measure; `REPLAY_ONLY=N` (with `BENCH_DIR`) to build the log once, keep
+//! it, and only time N replays of it.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -52,6 +53,25 @@ fn rss_bytes() -> u64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         .map_or(0, |kb| kb * 1024)
+}
+
+/// CPU time (user and system) of this process so far, from /proc (Linux; 0 elsewhere): a
+/// figure less shaken than wall time by other jobs on a shared machine.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which is in parentheses and may hold spaces).
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or(Vec::new(), |(_, rest)| rest.split_whitespace().collect());
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of stat(5), 11 and 12 after the name; in
+    // clock ticks of 1/100 s on Linux.
+    (ticks(11) + ticks(12)) / 100.0
 }
 
 fn account(i: u64) -> AccountId {
@@ -137,6 +157,12 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
+
+    let replay_only = env_u64("REPLAY_ONLY", 0);
+    if replay_only > 0 {
+        replays(&root.join("data"), accounts, events, replay_only);
+        return;
+    }
 
     // Memory per idle account: a log of open events only.
     let idle_dir = root.join("idle");
@@ -229,4 +255,33 @@ fn main() {
         report.records
     );
     drop(engine);
+}
+
+/// Only the replay, `times` times, of a log kept in `dir` between runs (built on the first):
+/// for comparing builds. The log is left as it is: no snapshot, no tail.
+fn replays(dir: &Path, accounts: u64, events: u64, times: u64) {
+    if dir.join("built").exists() {
+        println!("reusing the log in {}", dir.display());
+    } else {
+        let built = build(dir, accounts, events);
+        println!(
+            "built: {events} events over {accounts} accounts in {:.1} s",
+            built.as_secs_f64()
+        );
+        std::fs::write(dir.join("built"), b"").expect("marker");
+    }
+    for _ in 0..times {
+        let started = Instant::now();
+        let cpu = cpu_seconds();
+        let (engine, report) = Engine::open(config(dir)).expect("open");
+        let replay = started.elapsed();
+        println!(
+            "replay, default threads: {:.2} s, {} events, {:.0} events/s, {:.2} s of CPU",
+            replay.as_secs_f64(),
+            report.records,
+            report.records as f64 / replay.as_secs_f64(),
+            cpu_seconds() - cpu
+        );
+        drop(engine);
+    }
 }

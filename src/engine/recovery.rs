@@ -9,7 +9,7 @@ use crate::snapshot;
 use crate::storage::Storage;
 use crate::wal::{self, ReplayOutcome, WalError};
 
-use super::registry::owner;
+use super::registry::{owner, Slot};
 use super::{OpenError, Table};
 
 /// What [`recover_state`] rebuilt.
@@ -158,6 +158,9 @@ pub(crate) fn recover_state(
 /// core up to this).
 pub const REPLAY_THREADS_MAX: usize = 4;
 
+/// Records whose accounts a replay thread looks up ahead of applying them.
+const WARM_AHEAD: usize = 64;
+
 /// Events handed to a replay thread at a time.
 const REPLAY_BATCH: usize = 2048;
 
@@ -214,8 +217,7 @@ fn replay_inline(
     let mut progress = Progress::new();
     let outcome = wal::replay_frames_after(storage, dir, after_lsn, repair, |frame| {
         progress.count(frame.lsn);
-        let event = shard.decode(frame).map_err(|e| e.to_string())?;
-        shard.replay(event)?;
+        shard.replay_frame(frame)?;
         for (event, view) in shard.transfers.drain(..) {
             book.record(&event, view).map_err(|e| e.to_string())?;
         }
@@ -290,14 +292,8 @@ fn replay_sharded(
                 return Err("stopped: a replay thread refused a record".to_string());
             }
             progress.count(frame.lsn);
-            // The payload starts with the account id (u8 length, bytes); a payload too
-            // short for it goes anywhere, and its thread reports it.
-            let id = frame
-                .payload
-                .split_first()
-                .and_then(|(len, rest)| rest.get(..usize::from(*len)))
-                .unwrap_or(&[]);
-            let i = owner(id);
+            // A payload too short for an id goes anywhere, and its thread reports it.
+            let i = owner(wal::codec::payload_account_id(frame.payload));
             batches[i].push(frame);
             if batches[i].frames.len() == REPLAY_BATCH {
                 let full =
@@ -411,53 +407,79 @@ impl Shard {
     /// LSN and what is wrong.
     fn replay_frames(&mut self, batch: &Frames) -> Result<(), (u64, String)> {
         let mut start = 0;
-        for &(version, lsn, end) in &batch.frames {
-            let frame = wal::codec::Frame {
-                version,
-                lsn,
-                payload: &batch.bytes[start..end],
-            };
-            start = end;
-            let event = self.decode(&frame).map_err(|e| (lsn, e.to_string()))?;
-            self.replay(event).map_err(|reason| (lsn, reason))?;
+        for chunk in batch.frames.chunks(WARM_AHEAD) {
+            // Look the chunk's accounts up first, in a loop of independent lookups that
+            // the processor overlaps: each is a cache miss or two (the table, the slot),
+            // which applying one record after another would wait for one at a time.
+            let mut warm = start;
+            let mut found = 0usize;
+            for &(_, _, end) in chunk {
+                let id = wal::codec::payload_account_id(&batch.bytes[warm..end]);
+                warm = end;
+                if let Some(slot) = std::str::from_utf8(id)
+                    .ok()
+                    .and_then(|id| self.accounts.get_str(id))
+                {
+                    found += usize::from(slot.state.is_locked());
+                }
+            }
+            std::hint::black_box(found);
+            for &(version, lsn, end) in chunk {
+                let frame = wal::codec::Frame {
+                    version,
+                    lsn,
+                    payload: &batch.bytes[start..end],
+                };
+                start = end;
+                self.replay_frame(&frame).map_err(|reason| (lsn, reason))?;
+            }
         }
         Ok(())
     }
 
-    /// Decodes a record, with the id of the account it names when this shard has it.
-    fn decode(&self, frame: &wal::codec::Frame<'_>) -> Result<Event, wal::codec::DecodeError> {
-        wal::codec::decode_frame_event_with(frame, |id| {
-            self.accounts.get_str(id).map(|slot| slot.id.clone())
+    /// Decodes and applies one record, with the same checks and changes as the live path.
+    /// Events at or below an account's `last_lsn` are skipped: a fuzzy snapshot holds some
+    /// events after its own LSN. The account is looked up once, by the id at the start of
+    /// the payload, and the decoded event borrows that account's id (no copy of it per
+    /// record).
+    fn replay_frame(&mut self, frame: &wal::codec::Frame<'_>) -> Result<(), String> {
+        let id = std::str::from_utf8(wal::codec::payload_account_id(frame.payload)).ok();
+        let Some(slot) = id.and_then(|id| self.accounts.find_mut_str(id)) else {
+            let event = wal::codec::decode_frame_event(frame).map_err(|e| e.to_string())?;
+            self.newest_ms = self.newest_ms.max(event.at_ms);
+            return self.open(event);
+        };
+        let event = wal::codec::decode_frame_event_with(frame, |text| {
+            (text == slot.id.as_str()).then(|| slot.id.clone())
         })
-    }
-
-    /// Replay of one event, with the same checks and changes as the live path. Events at or
-    /// below an account's `last_lsn` are skipped: a fuzzy snapshot holds some events after
-    /// its own LSN.
-    fn replay(&mut self, mut event: Event) -> Result<(), String> {
+        .map_err(|e| e.to_string())?;
         self.newest_ms = self.newest_ms.max(event.at_ms);
-        if let Some(account) = self.accounts.account_mut(&event.account) {
-            let is_transfer = event.body.is_transfer();
-            if event.lsn <= account.last_lsn() {
-                // Already in the snapshot this replay started from (it is fuzzy); its book
-                // has the event too.
-                if is_transfer {
-                    self.transfers.push((event, None));
-                }
-                return Ok(());
-            }
-            if let EventBody::Opened { .. } = event.body {
-                return Err(format!("account {} opened twice", event.account));
-            }
-            account
-                .replay(&event, self.retention)
-                .map_err(|e| e.to_string())?;
+        let account = Slot::account_mut(slot)
+            .ok_or_else(|| format!("account {} is shared during replay", event.account))?;
+        let is_transfer = event.body.is_transfer();
+        if event.lsn <= account.last_lsn() {
+            // Already in the snapshot this replay started from (it is fuzzy); its book has
+            // the event too.
             if is_transfer {
-                let view = account.view();
-                self.transfers.push((event, Some(view)));
+                self.transfers.push((event, None));
             }
             return Ok(());
         }
+        if let EventBody::Opened { .. } = event.body {
+            return Err(format!("account {} opened twice", event.account));
+        }
+        account
+            .replay(&event, self.retention)
+            .map_err(|e| e.to_string())?;
+        if is_transfer {
+            let view = account.view();
+            self.transfers.push((event, Some(view)));
+        }
+        Ok(())
+    }
+
+    /// An event for an account this shard does not have: it must open it.
+    fn open(&mut self, mut event: Event) -> Result<(), String> {
         if let EventBody::Opened { currency, .. } = &mut event.body {
             *currency = self.currencies.share(currency.clone());
             let account = Account::open(&event).map_err(|e| e.to_string())?;

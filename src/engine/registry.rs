@@ -24,6 +24,14 @@ pub(crate) struct Slot {
     pub(crate) state: Mutex<Account>,
 }
 
+impl Slot {
+    /// The account of a slot held nowhere else, without its lock (recovery); `None` if the
+    /// slot is shared.
+    pub(crate) fn account_mut(slot: &mut Arc<Slot>) -> Option<&mut Account> {
+        Arc::get_mut(slot).map(|slot| slot.state.get_mut())
+    }
+}
+
 /// Which of `shards` shards holds an account, by a hash of its id. Fixed seeds, so that the
 /// replay's reading thread, the applying threads and the engine agree; an id crafted to
 /// collide only unbalances shards (each table has random seeds, see [`Table`]).
@@ -66,12 +74,11 @@ impl Table {
         self.slots.find(hash, |slot| slot.id.as_str() == id)
     }
 
-    /// An account, without its lock: for recovery, which owns the table alone. `None` if
-    /// the account is not here, and also if its slot is shared (never during recovery).
-    pub(crate) fn account_mut(&mut self, id: &AccountId) -> Option<&mut Account> {
-        let hash = self.hash(id);
-        let slot = self.slots.find_mut(hash, |slot| slot.id == *id)?;
-        Arc::get_mut(slot).map(|slot| slot.state.get_mut())
+    /// The slot of an account by the id's text, mutable: for recovery, which owns the
+    /// table alone (see [`Slot::account_mut`]).
+    pub(crate) fn find_mut_str(&mut self, id: &str) -> Option<&mut Arc<Slot>> {
+        let hash = self.hasher.hash_one(id);
+        self.slots.find_mut(hash, |slot| slot.id.as_str() == id)
     }
 
     /// Adds an account; gives it back if one with its id is here already.
@@ -221,14 +228,17 @@ mod tests {
         let id = AccountId::parse("a-999").expect("id");
         assert_eq!(table.get(&id).map(|slot| slot.id.clone()), Some(id.clone()));
         assert!(table.get(&AccountId::parse("b").expect("id")).is_none());
-        assert!(table.account_mut(&id).is_some());
+        let account_mut = |table: &mut Table| {
+            table
+                .find_mut_str("a-999")
+                .and_then(Slot::account_mut)
+                .is_some()
+        };
+        assert!(account_mut(&mut table));
         let lent = table.get(&id).cloned();
-        assert!(
-            table.account_mut(&id).is_none(),
-            "a shared slot is not lent"
-        );
+        assert!(!account_mut(&mut table), "a shared slot is not lent");
         drop(lent);
-        assert!(table.account_mut(&id).is_some());
+        assert!(account_mut(&mut table));
     }
 
     #[test]

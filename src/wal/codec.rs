@@ -195,6 +195,16 @@ pub fn decode_frame_event(frame: &Frame<'_>) -> Result<Event, DecodeError> {
     decode_frame_event_with(frame, |_| None)
 }
 
+/// The account id a payload starts with (a u8 length, then the bytes), read without
+/// decoding the rest: for routing a record before it is decoded. Empty if the payload is
+/// too short for it (decoding it then fails).
+pub fn payload_account_id(payload: &[u8]) -> &[u8] {
+    payload
+        .split_first()
+        .and_then(|(len, rest)| rest.get(..usize::from(*len)))
+        .unwrap_or(&[])
+}
+
 /// [`decode_frame_event`] that takes the account id from `known` when it has it (replay
 /// passes the ids of the accounts it holds), instead of a new copy of the id for every
 /// record: an allocation and a free per event, a fair part of replay's time.

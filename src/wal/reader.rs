@@ -143,106 +143,127 @@ pub fn replay_frames_after(
         tail_cut: None,
     };
     let count = segments.len();
-    for (index, segment) in segments.iter().enumerate() {
-        let is_last = index + 1 == count;
-        let bytes = storage
-            .read(&segment.path)
+    std::thread::scope(|scope| {
+        // The next segment is read while this one is checked and handed on, so that the
+        // threads applying the records do not wait for each whole-segment read. Segments are
+        // still read once each, in order.
+        let prefetched = (count > 1).then(|| {
+            let (send, receive) = std::sync::mpsc::sync_channel(0);
+            let paths: Vec<PathBuf> = segments.iter().map(|s| s.path.clone()).collect();
+            scope.spawn(move || {
+                for path in &paths {
+                    if send.send(storage.read(path)).is_err() {
+                        return;
+                    }
+                }
+            });
+            receive
+        });
+        for (index, segment) in segments.iter().enumerate() {
+            let is_last = index + 1 == count;
+            let bytes = match &prefetched {
+                Some(receive) => receive
+                    .recv()
+                    .unwrap_or_else(|_| Err(std::io::Error::other("the segment reader stopped"))),
+                None => storage.read(&segment.path),
+            }
             .map_err(|e| WalError::io(&segment.path, e))?;
-        let corrupt = |offset: usize, reason: String| WalError::Corrupt {
-            path: segment.path.clone(),
-            offset: offset as u64,
-            reason,
-        };
-        // LSNs run 1, 2, 3, ... across segments with no gap: each segment must start right
-        // after the records before it, also after a segment with no records at all (the
-        // log starts at 1 until snapshots let it start later).
-        let before = outcome.last_lsn.max(after_lsn);
-        let continues = if index == 0 {
-            segment.first_lsn <= before + 1
-        } else {
-            segment.first_lsn == before + 1
-        };
-        if !continues {
-            return Err(corrupt(
-                0,
-                format!(
-                    "segment starts at lsn {} but the records before it end at {}",
-                    segment.first_lsn, before
-                ),
-            ));
-        }
-        if index == 0 {
-            // Records before this segment are covered by the snapshot (or there are none).
-            outcome.last_lsn = segment.first_lsn.saturating_sub(1);
-        }
-        let mut expected_lsn = segment.first_lsn;
-        let mut offset = 0usize;
-        while offset < bytes.len() {
-            match codec::decode_frame(&bytes[offset..]) {
-                Ok((frame, size)) => {
-                    if frame.lsn != expected_lsn {
-                        return Err(corrupt(
-                            offset,
-                            format!("lsn {} where {} was expected", frame.lsn, expected_lsn),
-                        ));
+            let corrupt = |offset: usize, reason: String| WalError::Corrupt {
+                path: segment.path.clone(),
+                offset: offset as u64,
+                reason,
+            };
+            // LSNs run 1, 2, 3, ... across segments with no gap: each segment must start right
+            // after the records before it, also after a segment with no records at all (the
+            // log starts at 1 until snapshots let it start later).
+            let before = outcome.last_lsn.max(after_lsn);
+            let continues = if index == 0 {
+                segment.first_lsn <= before + 1
+            } else {
+                segment.first_lsn == before + 1
+            };
+            if !continues {
+                return Err(corrupt(
+                    0,
+                    format!(
+                        "segment starts at lsn {} but the records before it end at {}",
+                        segment.first_lsn, before
+                    ),
+                ));
+            }
+            if index == 0 {
+                // Records before this segment are covered by the snapshot (or there are none).
+                outcome.last_lsn = segment.first_lsn.saturating_sub(1);
+            }
+            let mut expected_lsn = segment.first_lsn;
+            let mut offset = 0usize;
+            while offset < bytes.len() {
+                match codec::decode_frame(&bytes[offset..]) {
+                    Ok((frame, size)) => {
+                        if frame.lsn != expected_lsn {
+                            return Err(corrupt(
+                                offset,
+                                format!("lsn {} where {} was expected", frame.lsn, expected_lsn),
+                            ));
+                        }
+                        // Records the snapshot covers are checksummed (decode_frame) but not
+                        // decoded: nothing reads them.
+                        if frame.lsn > after_lsn {
+                            on_frame(&frame).map_err(|reason| corrupt(offset, reason))?;
+                            outcome.records += 1;
+                        }
+                        outcome.last_lsn = frame.lsn;
+                        expected_lsn += 1;
+                        offset += size;
                     }
-                    // Records the snapshot covers are checksummed (decode_frame) but not
-                    // decoded: nothing reads them.
-                    if frame.lsn > after_lsn {
-                        on_frame(&frame).map_err(|reason| corrupt(offset, reason))?;
-                        outcome.records += 1;
+                    Err(_) if bytes[offset..].iter().all(|b| *b == 0) => {
+                        // Zero-filled space the writer allocated ahead: the clean end.
+                        break;
                     }
-                    outcome.last_lsn = frame.lsn;
-                    expected_lsn += 1;
-                    offset += size;
-                }
-                Err(_) if bytes[offset..].iter().all(|b| *b == 0) => {
-                    // Zero-filled space the writer allocated ahead: the clean end.
-                    break;
-                }
-                Err(error) => {
-                    let intact = error == DecodeError::Unsupported;
-                    if intact || !is_last || valid_frame_after(&bytes, offset) {
-                        return Err(corrupt(offset, error.to_string()));
+                    Err(error) => {
+                        let intact = error == DecodeError::Unsupported;
+                        if intact || !is_last || valid_frame_after(&bytes, offset) {
+                            return Err(corrupt(offset, error.to_string()));
+                        }
+                        let again = storage
+                            .read(&segment.path)
+                            .map_err(|e| WalError::io(&segment.path, e))?;
+                        if again != bytes {
+                            return Err(WalError::io(
+                                &segment.path,
+                                std::io::Error::other("the segment read differently twice"),
+                            ));
+                        }
+                        let cut = TailCut {
+                            path: segment.path.clone(),
+                            offset: offset as u64,
+                            bytes: (bytes.len() - offset) as u64,
+                            reason: describe(error),
+                        };
+                        if repair {
+                            truncate(storage, &segment.path, offset as u64)?;
+                        }
+                        outcome.tail_cut = Some(cut);
+                        break;
                     }
-                    let again = storage
-                        .read(&segment.path)
-                        .map_err(|e| WalError::io(&segment.path, e))?;
-                    if again != bytes {
-                        return Err(WalError::io(
-                            &segment.path,
-                            std::io::Error::other("the segment read differently twice"),
-                        ));
-                    }
-                    let cut = TailCut {
-                        path: segment.path.clone(),
-                        offset: offset as u64,
-                        bytes: (bytes.len() - offset) as u64,
-                        reason: describe(error),
-                    };
-                    if repair {
-                        truncate(storage, &segment.path, offset as u64)?;
-                    }
-                    outcome.tail_cut = Some(cut);
-                    break;
                 }
             }
+            if is_last {
+                outcome.last_segment = Some((segment.path.clone(), offset as u64));
+            }
         }
-        if is_last {
-            outcome.last_segment = Some((segment.path.clone(), offset as u64));
+        if outcome.last_lsn < after_lsn {
+            return Err(WalError::Corrupt {
+                path: dir.to_path_buf(),
+                offset: 0,
+                reason: format!(
+                    "the log ends at lsn {} but the snapshot covers up to {after_lsn}",
+                    outcome.last_lsn
+                ),
+            });
         }
-    }
-    if outcome.last_lsn < after_lsn {
-        return Err(WalError::Corrupt {
-            path: dir.to_path_buf(),
-            offset: 0,
-            reason: format!(
-                "the log ends at lsn {} but the snapshot covers up to {after_lsn}",
-                outcome.last_lsn
-            ),
-        });
-    }
-    Ok(outcome)
+        Ok(outcome)
+    })
 }
 
 /// Whether any complete, checksum-valid frame starts after `offset`: if one does, the bad
