@@ -473,3 +473,88 @@ fn every_damaged_byte_of_a_snapshot_is_refused_without_a_panic() {
         );
     }
 }
+
+/// An account `name` in `currency`, opened and credited `credits` times.
+fn simple_account(name: &str, currency: &str, credits: u64) -> Account {
+    let id = AccountId::parse(name).expect("id");
+    let opened = Event {
+        lsn: 1,
+        account: id.clone(),
+        seq: 0,
+        at_ms: T0_MS,
+        tx_id: Uuid::nil(),
+        idempotency_key: None,
+        body: EventBody::Opened {
+            currency: Currency::parse(currency).expect("currency"),
+            overdraft_limit: 0,
+            metadata: Metadata::empty(),
+        },
+        outcome: None,
+    };
+    let mut account = Account::open(&opened).expect("open");
+    for n in 1..=credits {
+        let credit = Event {
+            lsn: 1 + n,
+            account: id.clone(),
+            seq: n,
+            at_ms: T0_MS + n,
+            tx_id: Uuid::from_u128(u128::from(n)),
+            idempotency_key: None,
+            body: EventBody::Credit {
+                amount: coffer::domain::Amount::new(i128::from(n)).expect("amount"),
+                metadata: Metadata::empty(),
+            },
+            outcome: None,
+        };
+        account
+            .apply(&credit, Retention::UNLIMITED)
+            .expect("credit");
+    }
+    account
+}
+
+#[test]
+fn decoding_on_several_threads_gives_the_same_snapshot_and_the_same_first_error() {
+    // Goal: a cold start decodes the accounts in parallel runs; the accounts come back in
+    // file order with the same parts, and a bad account is named by its index in the file
+    // as one thread would name it, also when a later run holds another bad one.
+    let accounts: Vec<Account> = (0..10_000u64)
+        .map(|i| simple_account(&format!("a-{i}"), ["GEM", "EUR"][i as usize % 2], i % 4))
+        .collect();
+    let mut writer = SnapshotWriter::new(9, 0, T0_MS);
+    for account in &accounts {
+        writer.add(&account.parts());
+    }
+    let bytes = writer.finish([].into_iter());
+    let one = snapshot::decode_with(&bytes, 1).expect("one thread");
+    for threads in [2, 3, 4] {
+        let many = snapshot::decode_with(&bytes, threads).expect("several threads");
+        assert_eq!(many.accounts.len(), accounts.len());
+        for (a, b) in many.accounts.iter().zip(&one.accounts) {
+            assert_eq!(a.parts(), b.parts());
+        }
+    }
+    for (decoded, account) in one.accounts.iter().zip(&accounts) {
+        assert_eq!(decoded.parts(), account.parts());
+    }
+
+    // Two accounts whose balance is not their credits: the first is reported.
+    let mut writer = SnapshotWriter::new(9, 0, T0_MS);
+    for (i, account) in accounts.iter().enumerate() {
+        let mut parts = account.parts();
+        if i == 6_001 || i == 9_002 {
+            parts.balance += 1;
+        }
+        writer.add(&parts);
+    }
+    let bytes = writer.finish([].into_iter());
+    for threads in [1, 2, 4] {
+        let Err(error) = snapshot::decode_with(&bytes, threads) else {
+            panic!("{threads} threads accepted a bad account");
+        };
+        assert!(
+            error.starts_with("account 6001:"),
+            "{threads} threads: {error}"
+        );
+    }
+}

@@ -1052,7 +1052,9 @@ impl Account {
             .seq
             .checked_sub(parts.history.len() as u64)
             .ok_or(ApplyError("snapshot: more history than seq"))?;
-        let mut history = VecDeque::with_capacity(parts.history.len());
+        // Room as the live account would have it (the deque doubles as it grows): an exact
+        // fit would reallocate at the account's next event, for every account restored.
+        let mut history = VecDeque::with_capacity(parts.history.len().next_power_of_two());
         for (i, tx) in parts.history.into_iter().enumerate() {
             if tx.seq != dropped + 1 + i as u64 || tx.account_id != parts.id {
                 return Err(ApplyError("snapshot: history out of step with seq"));

@@ -2125,39 +2125,26 @@ fn the_kept_history_reads_back_every_field_and_a_snapshot_cannot_bend_it() {
         ttl_ms: u64::MAX,
     };
     let mut account = open(0);
-    let mut receipts = Vec::new();
-    receipts.push(exec_kept(
-        &mut account,
-        retention,
-        None,
-        credit(50),
-        T0,
-        hold_uuid(1),
-    ));
-    receipts.push(exec_kept(
-        &mut account,
-        retention,
-        None,
-        hold(20, None),
-        T0,
-        hold_uuid(2),
-    ));
-    receipts.push(exec_kept(
-        &mut account,
-        retention,
-        None,
-        capture(hold_uuid(2), Some(5)),
-        T0,
-        hold_uuid(3),
-    ));
-    receipts.push(exec_kept(
-        &mut account,
-        retention,
-        None,
-        debit(7),
-        T0,
-        hold_uuid(4),
-    ));
+    let receipts = [
+        exec_kept(&mut account, retention, None, credit(50), T0, hold_uuid(1)),
+        exec_kept(
+            &mut account,
+            retention,
+            None,
+            hold(20, None),
+            T0,
+            hold_uuid(2),
+        ),
+        exec_kept(
+            &mut account,
+            retention,
+            None,
+            capture(hold_uuid(2), Some(5)),
+            T0,
+            hold_uuid(3),
+        ),
+        exec_kept(&mut account, retention, None, debit(7), T0, hold_uuid(4)),
+    ];
     let given: Vec<Transaction> = receipts.iter().map(|r| r.transaction.clone()).collect();
     let history = account.history();
     // The oldest was forgotten (limit 3); the rest read back field for field.
@@ -2170,7 +2157,12 @@ fn the_kept_history_reads_back_every_field_and_a_snapshot_cannot_bend_it() {
         vec![3, 4],
         "a range past the end is clamped"
     );
-    assert_eq!(history.range(2..1).count(), 0);
+    let (from, to) = (2, 1);
+    assert_eq!(
+        history.range(from..to).count(),
+        0,
+        "a backward range is empty"
+    );
     let back = Account::from_parts(account.parts()).expect("consistent parts");
     assert_eq!(back.history(), account.history());
 

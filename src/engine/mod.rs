@@ -324,10 +324,8 @@ impl Engine {
             segment_bytes_max: config.segment_bytes_max,
         })?;
         let expiry = expiry::ExpiryIndex::default();
-        for slot in accounts.iter().flat_map(|table| table.iter()) {
-            for (deadline, hold_id) in slot.state.lock().open_deadlines() {
-                expiry.insert(deadline, &slot.id, hold_id);
-            }
+        for (deadline, account, hold_id) in &recovered.deadlines {
+            expiry.insert(*deadline, account, *hold_id);
         }
         let accounts = Registry::from_tables(accounts);
         let report = RecoveryReport {

@@ -4,10 +4,13 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::domain::{Account, AccountView, Currencies, Event, EventBody, Retention, TransferBook};
+use crate::domain::{
+    Account, AccountId, AccountView, Currencies, Event, EventBody, Retention, TransferBook,
+};
 use crate::snapshot;
 use crate::storage::Storage;
 use crate::wal::{self, ReplayOutcome, WalError};
+use uuid::Uuid;
 
 use super::registry::{owner, Slot};
 use super::{OpenError, Table};
@@ -28,6 +31,8 @@ pub(crate) struct Recovered {
     pub(crate) currencies: Currencies,
     /// Every transfer remembered, pending ones included (recovery finishes those).
     pub(crate) transfers: TransferBook,
+    /// The deadline, account and id of every open hold.
+    pub(crate) deadlines: Vec<(u64, AccountId, Uuid)>,
 }
 
 /// Loads the newest valid snapshot of `data_dir` and replays the WAL after it, on `threads`
@@ -44,7 +49,7 @@ pub(crate) fn recover_state(
     let mut damaged_snapshots = Vec::new();
     let mut base = None;
     for file in snapshot::list(storage, &snapshot_dir)? {
-        match snapshot::read(storage, &file.path) {
+        match snapshot::read(storage, &file.path, replay_threads(threads)) {
             Ok(found) => {
                 base = Some(found);
                 break;
@@ -55,10 +60,7 @@ pub(crate) fn recover_state(
             }
         }
     }
-    let threads = match threads {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get().min(REPLAY_THREADS_MAX)),
-        n => n.clamp(1, REPLAY_THREADS_MAX),
-    };
+    let threads = replay_threads(threads);
     let mut shards: Vec<Shard> = (0..threads)
         .map(|_| Shard {
             accounts: Table::with_capacity(0),
@@ -77,19 +79,44 @@ pub(crate) fn recover_state(
                 accounts = found.accounts.len(),
                 "loaded a snapshot"
             );
-            for shard in &mut shards {
-                shard.accounts.reserve(found.accounts.len() / threads + 1);
+            // Each replay thread's accounts go into its table on that thread.
+            let mut owned: Vec<Vec<Account>> = (0..threads)
+                .map(|_| Vec::with_capacity(found.accounts.len() / threads + 1))
+                .collect();
+            for account in found.accounts {
+                owned[owner(threads, account.id().as_str().as_bytes())].push(account);
             }
-            for mut account in found.accounts {
-                account.keep_history(retention.history);
-                currencies.share(account.currency().clone());
-                let id = account.id().clone();
-                let shard = &mut shards[owner(threads, id.as_str().as_bytes())];
-                if shard.accounts.insert(account).is_err() {
-                    return Err(OpenError::Snapshot(snapshot::SnapshotError::Corrupt {
-                        path: snapshot_dir.join(snapshot::file_name(found.lsn)),
-                        reason: format!("account {id} twice"),
-                    }));
+            let restored: Vec<Result<(), AccountId>> = if threads == 1 {
+                shards
+                    .iter_mut()
+                    .zip(owned)
+                    .map(|(shard, accounts)| shard.restore(accounts))
+                    .collect()
+            } else {
+                std::thread::scope(|scope| {
+                    let workers: Vec<_> = shards
+                        .iter_mut()
+                        .zip(owned)
+                        .map(|(shard, accounts)| scope.spawn(move || shard.restore(accounts)))
+                        .collect();
+                    workers
+                        .into_iter()
+                        .map(|worker| match worker.join() {
+                            Ok(done) => done,
+                            Err(panic) => std::panic::resume_unwind(panic),
+                        })
+                        .collect()
+                })
+            };
+            if let Some(Err(id)) = restored.into_iter().find(Result::is_err) {
+                return Err(OpenError::Snapshot(snapshot::SnapshotError::Corrupt {
+                    path: snapshot_dir.join(snapshot::file_name(found.lsn)),
+                    reason: format!("account {id} twice"),
+                }));
+            }
+            for shard in &shards {
+                for currency in shard.currencies.iter() {
+                    currencies.share(currency.clone());
                 }
             }
             transfers = TransferBook::from_records(found.transfers).map_err(|e| {
@@ -124,16 +151,11 @@ pub(crate) fn recover_state(
         (replayed.accounts, replayed.currencies, replayed.outcome);
     let newest_ms = newest_ms.max(replayed.newest_ms);
     // Invariant 3 over the whole engine: transfers only move money between accounts.
-    let (balances, external) = accounts.iter().flat_map(|shard| shard.iter()).fold(
-        (0i128, 0i64),
-        |(balances, external), slot| {
-            let account = slot.state.lock();
-            (
-                balances + i128::from(account.balance()),
-                external.wrapping_add(account.external_net()),
-            )
-        },
-    );
+    let Tally {
+        balances,
+        external,
+        deadlines,
+    } = replayed.tally;
     let in_flight = i128::try_from(transfers.in_flight().1).unwrap_or(i128::MAX);
     // Modulo 2^64, as the accounts keep their totals.
     if balances.wrapping_add(in_flight) as i64 != external {
@@ -151,7 +173,36 @@ pub(crate) fn recover_state(
         damaged_snapshots,
         currencies,
         transfers,
+        deadlines,
     })
+}
+
+/// What a shard's accounts add up to, gathered by its own thread once it has replayed.
+#[derive(Default)]
+struct Tally {
+    /// The sum of balances.
+    balances: i128,
+    /// The sum of credits - debits - captures, modulo 2^64 as the accounts keep it.
+    external: i64,
+    /// Every open hold's deadline, account and id.
+    deadlines: Vec<(u64, AccountId, Uuid)>,
+}
+
+impl Tally {
+    fn add(&mut self, other: Tally) {
+        self.balances += other.balances;
+        self.external = self.external.wrapping_add(other.external);
+        self.deadlines.extend(other.deadlines);
+    }
+}
+
+/// The threads to replay on for a configured count (0: one per core, up to
+/// [`REPLAY_THREADS_MAX`]).
+fn replay_threads(configured: usize) -> usize {
+    match configured {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get().min(REPLAY_THREADS_MAX)),
+        n => n.clamp(1, REPLAY_THREADS_MAX),
+    }
 }
 
 /// At most this many threads apply a replay (`EngineConfig::replay_threads`, 0 = one per
@@ -167,6 +218,7 @@ const REPLAY_BATCH: usize = 2048;
 /// What a replay rebuilt from the log.
 struct Replayed {
     accounts: Vec<Table>,
+    tally: Tally,
     currencies: Currencies,
     outcome: ReplayOutcome,
     newest_ms: u64,
@@ -224,6 +276,7 @@ fn replay_inline(
         Ok(())
     })?;
     Ok(Replayed {
+        tally: shard.tally(),
         accounts: vec![shard.accounts],
         currencies: shard.currencies,
         outcome,
@@ -282,7 +335,12 @@ fn replay_sharded(
                     batch.clear();
                     let _ = recycle.send(batch);
                 }
-                (shard, error)
+                let tally = if error.is_none() {
+                    shard.tally()
+                } else {
+                    Tally::default()
+                };
+                (shard, tally, error)
             }));
         }
         drop(recycle);
@@ -310,7 +368,7 @@ fn replay_sharded(
             }
         }
         drop(senders);
-        let finished: Vec<(Shard, Option<(u64, String)>)> = workers
+        let finished: Vec<Finished> = workers
             .into_iter()
             .map(|worker| match worker.join() {
                 Ok(done) => done,
@@ -331,7 +389,7 @@ fn replay_sharded(
     // was handed to its thread, and each thread stops at its first bad one.
     if let Some((lsn, reason)) = finished
         .iter()
-        .filter_map(|(_, error)| error.clone())
+        .filter_map(|(_, _, error)| error.clone())
         .min_by_key(|(lsn, _)| *lsn)
     {
         return Err(corrupt_at(lsn, reason));
@@ -340,7 +398,9 @@ fn replay_sharded(
     let mut transfer_events = Vec::new();
     let mut accounts = Vec::with_capacity(threads);
     let mut newest_ms = 0;
-    for (shard, _) in finished {
+    let mut tally = Tally::default();
+    for (shard, shard_tally, _) in finished {
+        tally.add(shard_tally);
         for currency in shard.currencies.iter() {
             currencies.share(currency.clone());
         }
@@ -358,11 +418,16 @@ fn replay_sharded(
     }
     Ok(Replayed {
         accounts,
+        tally,
         currencies,
         outcome,
         newest_ms,
     })
 }
+
+/// A replay thread's shard when it is done, its tally, and the first record it refused
+/// (LSN and why).
+type Finished = (Shard, Tally, Option<(u64, String)>);
 
 /// Records for one replay thread, still encoded: their payloads back to back.
 #[derive(Default)]
@@ -403,6 +468,34 @@ struct Shard {
 }
 
 impl Shard {
+    /// Puts accounts from a snapshot in this shard's table; gives back the id of one
+    /// already there.
+    fn restore(&mut self, accounts: Vec<Account>) -> Result<(), AccountId> {
+        self.accounts.reserve(accounts.len());
+        for mut account in accounts {
+            account.keep_history(self.retention.history);
+            self.currencies.share(account.currency().clone());
+            if let Err(account) = self.accounts.insert(account) {
+                return Err(account.id().clone());
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds up this shard's accounts (on its own thread, side by side with the others).
+    fn tally(&self) -> Tally {
+        let mut tally = Tally::default();
+        for slot in self.accounts.iter() {
+            let account = slot.state.lock();
+            tally.balances += i128::from(account.balance());
+            tally.external = tally.external.wrapping_add(account.external_net());
+            for (deadline, hold) in account.open_deadlines() {
+                tally.deadlines.push((deadline, slot.id.clone(), hold));
+            }
+        }
+        tally
+    }
+
     /// Decodes and applies a batch of records in order; the first bad one stops it, with its
     /// LSN and what is wrong.
     fn replay_frames(&mut self, batch: &Frames) -> Result<(), (u64, String)> {
