@@ -509,10 +509,7 @@ impl Shard {
             for &(_, _, end) in chunk {
                 let id = wal::codec::payload_account_id(&batch.bytes[warm..end]);
                 warm = end;
-                if let Some(slot) = std::str::from_utf8(id)
-                    .ok()
-                    .and_then(|id| self.accounts.get_str(id))
-                {
+                if let Some(slot) = self.accounts.get_bytes(id) {
                     found += usize::from(slot.state.is_locked());
                 }
             }
@@ -536,19 +533,25 @@ impl Shard {
     /// the payload, and the decoded event borrows that account's id (no copy of it per
     /// record).
     fn replay_frame(&mut self, frame: &wal::codec::Frame<'_>) -> Result<(), String> {
-        let id = std::str::from_utf8(wal::codec::payload_account_id(frame.payload)).ok();
-        let Some(slot) = id.and_then(|id| self.accounts.find_mut_str(id)) else {
+        // The id as bytes: a slot's id is valid text, so finding one validates them (and
+        // decoding validates them again).
+        let id = wal::codec::payload_account_id(frame.payload);
+        let Some(slot) = self.accounts.find_mut_bytes(id) else {
             let event = wal::codec::decode_frame_event(frame).map_err(|e| e.to_string())?;
             self.newest_ms = self.newest_ms.max(event.at_ms);
             return self.open(event);
         };
+        let Some(account) = Slot::account_mut(slot) else {
+            return Err(format!("account {} is shared during replay", slot.id));
+        };
+        // Its history's lines are cold: asked for now, they arrive while the record is
+        // decoded, instead of stalling the append at the end.
+        std::hint::black_box(account.touch_history());
         let event = wal::codec::decode_frame_event_with(frame, |text| {
-            (text == slot.id.as_str()).then(|| slot.id.clone())
+            (text == account.id().as_str()).then(|| account.id().clone())
         })
         .map_err(|e| e.to_string())?;
         self.newest_ms = self.newest_ms.max(event.at_ms);
-        let account = Slot::account_mut(slot)
-            .ok_or_else(|| format!("account {} is shared during replay", event.account))?;
         let is_transfer = event.body.is_transfer();
         if event.lsn <= account.last_lsn() {
             // Already in the snapshot this replay started from (it is fuzzy); its book has

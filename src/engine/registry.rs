@@ -60,25 +60,27 @@ impl Table {
     }
 
     fn hash(&self, id: &AccountId) -> u64 {
-        self.hasher.hash_one(id.as_str())
+        self.hasher.hash_one(id.as_str().as_bytes())
     }
 
     /// The slot of an account.
     pub(crate) fn get(&self, id: &AccountId) -> Option<&Arc<Slot>> {
-        self.get_str(id.as_str())
+        self.get_bytes(id.as_str().as_bytes())
     }
 
     /// The slot of an account, by the id's text.
-    pub(crate) fn get_str(&self, id: &str) -> Option<&Arc<Slot>> {
+    pub(crate) fn get_bytes(&self, id: &[u8]) -> Option<&Arc<Slot>> {
         let hash = self.hasher.hash_one(id);
-        self.slots.find(hash, |slot| slot.id.as_str() == id)
+        self.slots
+            .find(hash, |slot| slot.id.as_str().as_bytes() == id)
     }
 
     /// The slot of an account by the id's text, mutable: for recovery, which owns the
     /// table alone (see [`Slot::account_mut`]).
-    pub(crate) fn find_mut_str(&mut self, id: &str) -> Option<&mut Arc<Slot>> {
+    pub(crate) fn find_mut_bytes(&mut self, id: &[u8]) -> Option<&mut Arc<Slot>> {
         let hash = self.hasher.hash_one(id);
-        self.slots.find_mut(hash, |slot| slot.id.as_str() == id)
+        self.slots
+            .find_mut(hash, |slot| slot.id.as_str().as_bytes() == id)
     }
 
     /// Adds an account; gives it back if one with its id is here already.
@@ -89,7 +91,7 @@ impl Table {
         match self.slots.entry(
             hash,
             |slot| slot.id == id,
-            |slot| hasher.hash_one(slot.id.as_str()),
+            |slot| hasher.hash_one(slot.id.as_str().as_bytes()),
         ) {
             hashbrown::hash_table::Entry::Occupied(_) => Err(account),
             hashbrown::hash_table::Entry::Vacant(vacant) => {
@@ -127,7 +129,7 @@ impl Table {
     pub(crate) fn reserve(&mut self, more: usize) {
         let hasher = &self.hasher;
         self.slots
-            .reserve(more, |slot| hasher.hash_one(slot.id.as_str()));
+            .reserve(more, |slot| hasher.hash_one(slot.id.as_str().as_bytes()));
     }
 }
 
@@ -230,7 +232,7 @@ mod tests {
         assert!(table.get(&AccountId::parse("b").expect("id")).is_none());
         let account_mut = |table: &mut Table| {
             table
-                .find_mut_str("a-999")
+                .find_mut_bytes(b"a-999")
                 .and_then(Slot::account_mut)
                 .is_some()
         };
