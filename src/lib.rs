@@ -15,6 +15,7 @@ pub mod domain;
 pub mod engine;
 pub mod http;
 pub mod load;
+mod parallel;
 pub mod server;
 pub mod sim;
 pub mod snapshot;

@@ -295,20 +295,13 @@ fn decode_accounts(
         return decode_run(version, payloads, 0);
     }
     let run = payloads.len().div_ceil(threads);
-    let runs: Vec<Result<(Vec<Account>, Currencies), String>> = std::thread::scope(|scope| {
-        let workers: Vec<_> = payloads
+    let runs = crate::parallel::run_all(
+        payloads
             .chunks(run)
             .enumerate()
-            .map(|(i, part)| scope.spawn(move || decode_run(version, part, i * run)))
-            .collect();
-        workers
-            .into_iter()
-            .map(|worker| match worker.join() {
-                Ok(done) => done,
-                Err(panic) => std::panic::resume_unwind(panic),
-            })
-            .collect()
-    });
+            .map(|(i, part)| move || decode_run(version, part, i * run))
+            .collect(),
+    );
     let mut accounts = Vec::with_capacity(payloads.len());
     let mut currencies = Currencies::default();
     for run in runs {

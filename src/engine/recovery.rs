@@ -45,11 +45,12 @@ pub(crate) fn recover_state(
     repair: bool,
     threads: usize,
 ) -> Result<Recovered, OpenError> {
+    let threads = replay_threads(threads);
     let snapshot_dir = data_dir.join("snapshots");
     let mut damaged_snapshots = Vec::new();
     let mut base = None;
     for file in snapshot::list(storage, &snapshot_dir)? {
-        match snapshot::read(storage, &file.path, replay_threads(threads)) {
+        match snapshot::read(storage, &file.path, threads) {
             Ok(found) => {
                 base = Some(found);
                 break;
@@ -60,7 +61,6 @@ pub(crate) fn recover_state(
             }
         }
     }
-    let threads = replay_threads(threads);
     let mut shards: Vec<Shard> = (0..threads)
         .map(|_| Shard {
             accounts: Table::with_capacity(0),
@@ -86,28 +86,13 @@ pub(crate) fn recover_state(
             for account in found.accounts {
                 owned[owner(threads, account.id().as_str().as_bytes())].push(account);
             }
-            let restored: Vec<Result<(), AccountId>> = if threads == 1 {
+            let restored = crate::parallel::run_all(
                 shards
                     .iter_mut()
                     .zip(owned)
-                    .map(|(shard, accounts)| shard.restore(accounts))
-                    .collect()
-            } else {
-                std::thread::scope(|scope| {
-                    let workers: Vec<_> = shards
-                        .iter_mut()
-                        .zip(owned)
-                        .map(|(shard, accounts)| scope.spawn(move || shard.restore(accounts)))
-                        .collect();
-                    workers
-                        .into_iter()
-                        .map(|worker| match worker.join() {
-                            Ok(done) => done,
-                            Err(panic) => std::panic::resume_unwind(panic),
-                        })
-                        .collect()
-                })
-            };
+                    .map(|(shard, accounts)| move || shard.restore(accounts))
+                    .collect(),
+            );
             if let Some(Err(id)) = restored.into_iter().find(Result::is_err) {
                 return Err(OpenError::Snapshot(snapshot::SnapshotError::Corrupt {
                     path: snapshot_dir.join(snapshot::file_name(found.lsn)),
@@ -368,13 +353,7 @@ fn replay_sharded(
             }
         }
         drop(senders);
-        let finished: Vec<Finished> = workers
-            .into_iter()
-            .map(|worker| match worker.join() {
-                Ok(done) => done,
-                Err(panic) => std::panic::resume_unwind(panic),
-            })
-            .collect();
+        let finished: Vec<Finished> = crate::parallel::join_all(workers);
         (read, finished)
     });
     let corrupt_at = |lsn: u64, reason: String| {
@@ -547,10 +526,9 @@ impl Shard {
         // Its history's lines are cold: asked for now, they arrive while the record is
         // decoded, instead of stalling the append at the end.
         std::hint::black_box(account.touch_history());
-        let event = wal::codec::decode_frame_event_with(frame, |text| {
-            (text == account.id().as_str()).then(|| account.id().clone())
-        })
-        .map_err(|e| e.to_string())?;
+        // The decoder uses the offered id only if it equals the record's (it compares).
+        let event = wal::codec::decode_frame_event_with(frame, |_| Some(account.id().clone()))
+            .map_err(|e| e.to_string())?;
         self.newest_ms = self.newest_ms.max(event.at_ms);
         let is_transfer = event.body.is_transfer();
         if event.lsn <= account.last_lsn() {

@@ -207,7 +207,9 @@ pub fn payload_account_id(payload: &[u8]) -> &[u8] {
 
 /// [`decode_frame_event`] that takes the account id from `known` when it has it (replay
 /// passes the ids of the accounts it holds), instead of a new copy of the id for every
-/// record: an allocation and a free per event, a fair part of replay's time.
+/// record: an allocation and a free per event, a fair part of replay's time. `known` is
+/// shown the record's id; what it returns is used only if equal to it (the decoder
+/// compares), else the id is parsed from the record as usual.
 pub fn decode_frame_event_with(
     frame: &Frame<'_>,
     known: impl FnOnce(&str) -> Option<AccountId>,
@@ -812,5 +814,47 @@ mod tests {
             decode_event(1, &trailing),
             Err(DecodeError::BadPayload("trailing bytes"))
         );
+    }
+}
+
+#[cfg(test)]
+mod known_id_tests {
+    use super::*;
+
+    #[test]
+    fn an_offered_id_is_used_only_when_it_is_the_records() {
+        // Goal: replay offers the id of the account it looked up without comparing; the
+        // decoder compares, so a wrong offer can never name another account.
+        let event = Event {
+            lsn: 3,
+            account: AccountId::parse("player-1").expect("id"),
+            seq: 1,
+            at_ms: 1_767_225_600_000,
+            tx_id: Uuid::from_u128(7),
+            idempotency_key: None,
+            body: EventBody::Credit {
+                amount: Amount::new(5).expect("amount"),
+                metadata: Metadata::empty(),
+            },
+            outcome: None,
+        };
+        let mut payload = Vec::new();
+        encode_event(&event, &mut payload);
+        let frame = Frame {
+            version: FRAME_VERSION,
+            lsn: 3,
+            payload: &payload,
+        };
+        let offered = AccountId::parse("player-1").expect("id");
+        let same = decode_frame_event_with(&frame, |_| Some(offered.clone())).expect("decode");
+        assert_eq!(same.account, event.account);
+        assert!(
+            std::ptr::eq(same.account.as_str(), offered.as_str()),
+            "the offered id is shared, not copied"
+        );
+        let wrong =
+            decode_frame_event_with(&frame, |_| Some(AccountId::parse("player-2").expect("id")))
+                .expect("decode");
+        assert_eq!(wrong.account.as_str(), "player-1");
     }
 }
