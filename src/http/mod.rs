@@ -325,7 +325,8 @@ async fn post_credit(
 }
 
 problems!(
-    DebitProblems = [
+    /// What a request that needs funds (a debit, a hold) can fail with.
+    FundsProblems = [
         INVALID_REQUEST,
         IDEMPOTENCY_KEY_MISSING,
         UNAUTHORIZED,
@@ -351,7 +352,7 @@ problems!(
     request_body = MoveBody,
     responses(
         (status = 201, description = "Debited: the transaction and the account just after it. On an idempotent replay the stored answer is returned again with `Idempotent-Replayed: true`.", body = ReceiptJson, headers(("Idempotent-Replayed" = String, description = "Present, with the value `true`, only when this answer replays an earlier request with the same Idempotency-Key."))),
-        DebitProblems,
+        FundsProblems,
     ))]
 async fn post_debit(
     State(state): State<AppState>,
@@ -369,24 +370,6 @@ async fn post_debit(
     execute(&state, &id, &headers, request).await
 }
 
-problems!(
-    HoldProblems = [
-        INVALID_REQUEST,
-        IDEMPOTENCY_KEY_MISSING,
-        UNAUTHORIZED,
-        ACCOUNT_NOT_FOUND,
-        INSUFFICIENT_FUNDS,
-        PAYLOAD_TOO_LARGE,
-        IDEMPOTENCY_KEY_REUSED,
-        VALIDATION_FAILED,
-        RATE_LIMITED,
-        NOT_READY,
-        STORAGE_FAILURE,
-        OVERLOADED,
-        SHUTTING_DOWN
-    ]
-);
-
 /// Hold money
 ///
 /// Reserves `amount` until it is captured, released or expires (`expires_in_secs`, default
@@ -396,7 +379,7 @@ problems!(
     request_body = HoldBody,
     responses(
         (status = 201, description = "Held: the hold, the transaction and the account just after it. On an idempotent replay the stored answer is returned again with `Idempotent-Replayed: true`.", body = HoldReceiptDoc, headers(("Idempotent-Replayed" = String, description = "Present, with the value `true`, only when this answer replays an earlier request with the same Idempotency-Key."))),
-        HoldProblems,
+        FundsProblems,
     ))]
 async fn post_hold(
     State(state): State<AppState>,
