@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use coffer::domain::{AccountId, Amount, Currency, Event, EventBody, Metadata, Request};
+use coffer::engine::RecoveryReport;
 use coffer::storage::FileStorage;
 use coffer::wal::{codec, Wal, WalStart, WriterMode};
 use coffer::{Engine, EngineConfig};
@@ -84,6 +85,22 @@ fn config(dir: &Path) -> EngineConfig {
     config.snapshot_interval = None;
     config.expiry_sweep = None;
     config
+}
+
+/// Opens an engine (the whole recovery), timed: the engine, its report and the seconds.
+fn open_timed(config: EngineConfig) -> (Engine, RecoveryReport, f64) {
+    let started = Instant::now();
+    let (engine, report) = Engine::open(config).expect("open");
+    (engine, report, started.elapsed().as_secs_f64())
+}
+
+/// How long a replay took, of how many events, at what rate.
+fn replay_rate(report: &RecoveryReport, secs: f64) -> String {
+    format!(
+        "{secs:.2} s, {} events, {:.0} events/s",
+        report.records,
+        report.records as f64 / secs.max(1e-9)
+    )
 }
 
 /// Writes `accounts` open events, then `events - accounts` credits spread over the accounts,
@@ -191,24 +208,16 @@ fn main() {
     // One replay thread, then the default (one per core): the same log, one run.
     let mut one = config(&dir);
     one.replay_threads = 1;
-    let started = Instant::now();
-    let (engine, report) = Engine::open(one).expect("open");
-    let replay = started.elapsed();
+    let (engine, report, secs) = open_timed(one);
     println!(
-        "cold start from the WAL alone, 1 replay thread: {:.2} s, {} events, {:.0} events/s replayed",
-        replay.as_secs_f64(),
-        report.records,
-        report.records as f64 / replay.as_secs_f64(),
+        "cold start from the WAL alone, 1 replay thread: {} replayed",
+        replay_rate(&report, secs)
     );
     drop(engine);
-    let started = Instant::now();
-    let (engine, report) = Engine::open(config(&dir)).expect("open");
-    let replay = started.elapsed();
+    let (engine, report, secs) = open_timed(config(&dir));
     println!(
-        "cold start from the WAL alone, default replay threads: {:.2} s, {} events, {:.0} events/s replayed, RSS {:.0} MB",
-        replay.as_secs_f64(),
-        report.records,
-        report.records as f64 / replay.as_secs_f64(),
+        "cold start from the WAL alone, default replay threads: {} replayed, RSS {:.0} MB",
+        replay_rate(&report, secs),
         rss_bytes() as f64 / 1e6
     );
 
@@ -245,13 +254,10 @@ fn main() {
     engine.shutdown();
     drop(engine);
 
-    let started = Instant::now();
-    let (engine, report) = Engine::open(config(&dir)).expect("open");
-    let cold = started.elapsed();
+    let (engine, report, secs) = open_timed(config(&dir));
     println!(
-        "cold start with snapshot (lsn {}) + WAL tail: {:.2} s, {} tail events replayed",
+        "cold start with snapshot (lsn {}) + WAL tail: {secs:.2} s, {} tail events replayed",
         report.snapshot_lsn.unwrap_or(0),
-        cold.as_secs_f64(),
         report.records
     );
     drop(engine);
@@ -271,15 +277,11 @@ fn replays(dir: &Path, accounts: u64, events: u64, times: u64) {
         std::fs::write(dir.join("built"), b"").expect("marker");
     }
     for _ in 0..times {
-        let started = Instant::now();
         let cpu = cpu_seconds();
-        let (engine, report) = Engine::open(config(dir)).expect("open");
-        let replay = started.elapsed();
+        let (engine, report, secs) = open_timed(config(dir));
         println!(
-            "replay, default threads: {:.2} s, {} events, {:.0} events/s, {:.2} s of CPU",
-            replay.as_secs_f64(),
-            report.records,
-            report.records as f64 / replay.as_secs_f64(),
+            "replay, default threads: {}, {:.2} s of CPU",
+            replay_rate(&report, secs),
             cpu_seconds() - cpu
         );
         drop(engine);

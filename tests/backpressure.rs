@@ -53,13 +53,21 @@ impl Clock for GateClock {
 }
 
 async fn credit(ts: &TestServer, key: &str, amount: u64) -> reqwest::Response {
-    ts.client
+    send_credit(ts, key, amount).await
+}
+
+/// A credit of the busy account, as a future that owns what it needs (it can be spawned).
+fn send_credit(
+    ts: &TestServer,
+    key: &str,
+    amount: u64,
+) -> impl std::future::Future<Output = reqwest::Response> + Send + 'static {
+    let request = ts
+        .client
         .post(ts.url("/v1/accounts/busy/credits"))
         .header("Idempotency-Key", key)
-        .json(&json!({ "amount": amount }))
-        .send()
-        .await
-        .expect("send a credit")
+        .json(&json!({ "amount": amount }));
+    async move { request.send().await.expect("send a credit") }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -89,35 +97,13 @@ async fn a_full_mailbox_answers_503_overloaded_with_retry_after_and_applies_noth
     // A: taken by the actor, which then stops at its clock reading.
     gate.arm();
     let entered = gate.entered.notified();
-    let first = tokio::spawn({
-        let ts_client = ts.client.clone();
-        let url = ts.url("/v1/accounts/busy/credits");
-        async move {
-            ts_client
-                .post(url)
-                .header("Idempotency-Key", "a")
-                .json(&json!({"amount": 1}))
-                .send()
-                .await
-        }
-    });
+    let first = tokio::spawn(send_credit(&ts, "a", 1));
     tokio::time::timeout(Duration::from_secs(10), entered)
         .await
         .expect("the actor reads the clock for the first credit");
 
     // B: waits in the mailbox, which is then full.
-    let second = tokio::spawn({
-        let ts_client = ts.client.clone();
-        let url = ts.url("/v1/accounts/busy/credits");
-        async move {
-            ts_client
-                .post(url)
-                .header("Idempotency-Key", "b")
-                .json(&json!({"amount": 10}))
-                .send()
-                .await
-        }
-    });
+    let second = tokio::spawn(send_credit(&ts, "b", 10));
     let mut queued = 0;
     for _ in 0..1000 {
         queued = ts.engine().stats().queued_commands;
@@ -151,7 +137,7 @@ async fn a_full_mailbox_answers_503_overloaded_with_retry_after_and_applies_noth
 
     gate.release();
     for (task, amount) in [(first, 1), (second, 10)] {
-        let response = task.await.expect("join").expect("answered");
+        let response = task.await.expect("join");
         assert_eq!(response.status(), 201);
         let body: Value = response.json().await.expect("a receipt");
         assert_eq!(body["transaction"]["amount"], amount);
@@ -165,15 +151,7 @@ async fn a_full_mailbox_answers_503_overloaded_with_retry_after_and_applies_noth
         .await
         .expect("look up key c");
     assert_eq!(lookup.status(), 404);
-    let account: Value = ts
-        .client
-        .get(ts.url("/v1/accounts/busy"))
-        .send()
-        .await
-        .expect("read the account")
-        .json()
-        .await
-        .expect("an account");
+    let account: Value = ts.get_json("/v1/accounts/busy").await;
     assert_eq!(account["balance"], 11);
     assert_eq!(account["seq"], 2);
 

@@ -31,14 +31,7 @@ async fn batch(ts: &TestServer, body: &Value) -> (u16, Value) {
 }
 
 async fn account(ts: &TestServer, id: &str) -> Value {
-    ts.client
-        .get(ts.url(&format!("/v1/accounts/{id}")))
-        .send()
-        .await
-        .expect("get")
-        .json()
-        .await
-        .expect("json")
+    ts.get_json(&format!("/v1/accounts/{id}")).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

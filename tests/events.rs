@@ -473,15 +473,7 @@ async fn events_after_a_restart_are_read_from_the_segments() {
     )
     .await;
     assert_eq!([events(&page), events(&rest)].concat(), events(&after));
-    let metrics = server
-        .client
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .expect("GET /metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = server.get_text("/metrics").await;
     assert!(
         metrics.contains("coffer_events_delivered_total 18"),
         "{metrics}"

@@ -63,15 +63,7 @@ async fn transfer_workload_moves_money_between_random_pairs() {
     // Money is conserved: the sum of all balances is what setup credited.
     let mut total = 0u64;
     for i in 0..20 {
-        let account: serde_json::Value = ts
-            .client
-            .get(ts.url(&format!("/v1/accounts/tr-{i}")))
-            .send()
-            .await
-            .expect("get account")
-            .json()
-            .await
-            .expect("account JSON");
+        let account: serde_json::Value = ts.get_json(&format!("/v1/accounts/tr-{i}")).await;
         total += account["balance"].as_u64().expect("a balance");
     }
     assert_eq!(total, 20 * 1_000_000_000_000);
@@ -87,15 +79,7 @@ async fn transfer_hot_workload_credits_one_destination() {
     let mut ts = TestServer::start().await;
     let report = run(args(&ts, Workload::TransferHot, 10, "th")).await;
     assert_clean(&report);
-    let hot: serde_json::Value = ts
-        .client
-        .get(ts.url("/v1/accounts/th-0"))
-        .send()
-        .await
-        .expect("get account")
-        .json()
-        .await
-        .expect("account JSON");
+    let hot: serde_json::Value = ts.get_json("/v1/accounts/th-0").await;
     assert_eq!(
         hot["balance"].as_u64(),
         Some(1_000_000_000_000 + report.flows),

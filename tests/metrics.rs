@@ -47,14 +47,7 @@ async fn requests_are_timed_by_route_method_and_status_and_the_wal_by_batch_and_
     let unmatched = client.get(ts.url("/nowhere")).send().await.expect("get");
     assert_eq!(unmatched.status(), 404);
 
-    let text = client
-        .get(ts.url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let text = ts.get_text("/metrics").await;
     let count = "coffer_http_request_duration_seconds_count";
     assert_eq!(
         sample(

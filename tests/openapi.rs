@@ -155,15 +155,7 @@ async fn every_documented_operation_is_served_and_the_served_document_is_this_on
             );
         }
     }
-    let served: Value = ts
-        .client
-        .get(ts.url("/openapi.json"))
-        .send()
-        .await
-        .expect("GET /openapi.json")
-        .json()
-        .await
-        .expect("JSON");
+    let served: Value = ts.get_json("/openapi.json").await;
     assert_eq!(served, doc);
 }
 

@@ -100,15 +100,7 @@ async fn numbers(ts: &TestServer, id: &str) -> (i64, u64) {
 }
 
 async fn metric(ts: &TestServer, name: &str) -> u64 {
-    let text = ts
-        .client
-        .get(ts.url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics text");
+    let text = ts.get_text("/metrics").await;
     text.lines()
         .find_map(|line| line.strip_prefix(&format!("{name} ")))
         .and_then(|v| v.trim().parse().ok())

@@ -69,6 +69,22 @@ impl TestServer {
         format!("{}{}", self.base, path)
     }
 
+    /// GET `path` and its body as JSON; panics, naming `path`, if either fails.
+    pub async fn get_json(&self, path: &str) -> serde_json::Value {
+        let response = self.client.get(self.url(path)).send().await;
+        let response = response.unwrap_or_else(|e| panic!("GET {path}: {e}"));
+        let body = response.json().await;
+        body.unwrap_or_else(|e| panic!("GET {path}: not JSON: {e}"))
+    }
+
+    /// GET `path` and its body as text; panics, naming `path`, if either fails.
+    pub async fn get_text(&self, path: &str) -> String {
+        let response = self.client.get(self.url(path)).send().await;
+        let response = response.unwrap_or_else(|e| panic!("GET {path}: {e}"));
+        let body = response.text().await;
+        body.unwrap_or_else(|e| panic!("GET {path}: body: {e}"))
+    }
+
     /// The address the running server listens on.
     pub fn addr(&self) -> std::net::SocketAddr {
         self.server
