@@ -25,16 +25,16 @@
 //! `COFFER_SOAK_CYCLES` (default 50) cycles of the binary `COFFER_BIN` (default the one cargo
 //! built for this test), writing its summary as JSON to `COFFER_SOAK_SUMMARY` when set.
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs::File;
-use std::net::TcpListener;
-use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::process::{coffer_bin as default_bin, http_client, ServerProcess};
 use serde_json::{json, Value};
 
 /// Number of SIGKILL/restart cycles in the crash test.
@@ -70,14 +70,8 @@ const KILL_AFTER_MS_MAX: u64 = 600;
 const OPS_PER_CLIENT_MAX: usize = 20_000;
 /// Upper bound of the time one client drives load in one cycle.
 const LOAD_DEADLINE: Duration = Duration::from_secs(15);
-/// How long a server may take to become ready.
-const READY_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long a graceful shutdown may take.
 const EXIT_TIMEOUT: Duration = Duration::from_secs(20);
-/// Attempts at finding a free port before giving up.
-const BIND_ATTEMPTS: usize = 8;
-/// Timeout of a single HTTP request.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Kill cycles of the soak when `COFFER_SOAK_CYCLES` is not set, and the most it accepts.
 const SOAK_CYCLES_DEFAULT: usize = 50;
 const SOAK_CYCLES_MAX: usize = 100_000;
@@ -129,148 +123,23 @@ fn seed() -> u64 {
 // ---------------------------------------------------------------------------------------
 // The server process.
 
-/// A running `coffer serve`; killed (SIGKILL) and reaped when dropped, whatever happened.
-struct ServerProcess {
-    child: Child,
-    base: String,
-    log: PathBuf,
-}
-
-impl Drop for ServerProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl ServerProcess {
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{}", self.base, path)
-    }
-
-    /// Sends SIGKILL and waits for the process; asserts it died of the signal.
-    fn sigkill(&mut self) {
-        self.child.kill().expect("SIGKILL the server");
-        let status = self.child.wait().expect("reap the killed server");
-        assert_eq!(
-            status.signal(),
-            Some(9),
-            "the server should have died of SIGKILL, got {status:?}; log:\n{}",
-            self.log_text()
-        );
-    }
-
-    /// Sends SIGTERM through `kill(1)`.
-    fn sigterm(&self) {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .expect("run kill -TERM");
-        assert!(status.success(), "kill -TERM failed: {status:?}");
-    }
-
-    /// Waits (bounded) for the process to exit on its own.
-    async fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Some(status) = self.child.try_wait().expect("try_wait on the server") {
-                return Some(status);
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        None
-    }
-}
-
-fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-    listener.local_addr().expect("local address").port()
-}
-
-fn http_client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
-        .timeout(REQUEST_TIMEOUT)
-        .build()
-        .expect("build an HTTP client")
-}
-
-/// The binary cargo built for this test.
-fn default_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_coffer"))
-}
-
-/// Starts `bin serve` on `data_dir` and a free port of 127.0.0.1 and waits until `/readyz` is
-/// 200 and the process logged that it is ready. Retries with another port if the bind failed.
+/// Starts `bin serve` on `data_dir` as [`common::process::start_server`] does, with every
+/// transaction kept listable (so each one can be checked after a restart) and frequent
+/// snapshots (so kills also land while one is written), then `extra_args`.
 async fn start_server(
     bin: &Path,
     data_dir: &Path,
     logs: &Path,
     extra_args: &[&str],
 ) -> ServerProcess {
-    static STARTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let client = http_client();
-    for _ in 0..BIND_ATTEMPTS {
-        let port = free_port();
-        let n = STARTS.fetch_add(1, Ordering::Relaxed);
-        let log = logs.join(format!("server-{n}.log"));
-        let log_file = File::create(&log).expect("create the server log");
-        let child = Command::new(bin)
-            .arg("serve")
-            .arg("--data-dir")
-            .arg(data_dir)
-            .arg("--listen")
-            .arg(format!("127.0.0.1:{port}"))
-            // Every transaction stays listable, so each one can be checked after a restart.
-            .arg("--history-limit")
-            .arg("100000000")
-            // Frequent snapshots, so that kills also land while one is written.
-            .args(["--snapshot-every-records", "300"])
-            .args(extra_args)
-            .env("NO_COLOR", "1")
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log_file)
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {} serve: {e}", bin.display()));
-        let mut server = ServerProcess {
-            child,
-            base: format!("http://127.0.0.1:{port}"),
-            log,
-        };
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            if let Some(status) = server.child.try_wait().expect("try_wait") {
-                let log = server.log_text();
-                if log.contains("cannot listen") {
-                    break; // the port was taken meanwhile: try another one
-                }
-                panic!("coffer exited before it was ready ({status:?}); log:\n{log}");
-            }
-            assert!(
-                Instant::now() < deadline,
-                "coffer was not ready within {READY_TIMEOUT:?}; log:\n{}",
-                server.log_text()
-            );
-            let ready = client
-                .get(server.url("/readyz"))
-                .timeout(Duration::from_secs(1))
-                .send()
-                .await
-                .is_ok_and(|r| r.status() == 200);
-            // The log line rules out answers from another process on a reused port.
-            if ready && server.log_text().contains("coffer ready") {
-                return server;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-    }
-    panic!("could not start coffer on a free port in {BIND_ATTEMPTS} attempts");
+    let mut args = vec![
+        "--history-limit",
+        "100000000",
+        "--snapshot-every-records",
+        "300",
+    ];
+    args.extend_from_slice(extra_args);
+    common::process::start_server(bin, data_dir, logs, &args).await
 }
 
 // ---------------------------------------------------------------------------------------

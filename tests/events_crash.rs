@@ -4,15 +4,15 @@
 //! consumer exactly once after de-duplication by transaction id, each account's transactions
 //! in `seq` order with no gap, and cursors only ever grow (no record is delivered twice).
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs::File;
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::process::{coffer_bin, http_client, ServerProcess};
 use serde_json::{json, Value};
 
 /// SIGKILL/restart cycles.
@@ -25,100 +25,19 @@ const WRITERS: usize = 4;
 const LOAD_BEFORE_KILL: Duration = Duration::from_millis(700);
 /// Bound of the whole test's waiting loops.
 const DEADLINE: Duration = Duration::from_secs(120);
-const READY_TIMEOUT: Duration = Duration::from_secs(20);
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
-struct ServerProcess {
-    child: Child,
-    base: String,
-    log: PathBuf,
-}
-
-impl Drop for ServerProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl ServerProcess {
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-    listener.local_addr().expect("local address").port()
-}
-
-fn http_client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
-        .timeout(REQUEST_TIMEOUT)
-        .build()
-        .expect("build an HTTP client")
-}
-
-async fn start_server(data_dir: &Path, logs: &Path, n: usize) -> ServerProcess {
-    let client = http_client();
-    for attempt in 0..8 {
-        let port = free_port();
-        let log = logs.join(format!("server-{n}-{attempt}.log"));
-        let log_file = File::create(&log).expect("create the server log");
-        let child = Command::new(env!("CARGO_BIN_EXE_coffer"))
-            .arg("serve")
-            .arg("--data-dir")
-            .arg(data_dir)
-            .arg("--listen")
-            .arg(format!("127.0.0.1:{port}"))
-            // Small segments and frequent snapshots: kills land around rotations and
-            // snapshots; the retention keeps every event readable for the consumer.
-            .args([
-                "--wal-segment-bytes",
-                "65536",
-                "--snapshot-every-records",
-                "400",
-            ])
-            .args(["--event-retention", "1h"])
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log_file)
-            .spawn()
-            .expect("spawn coffer serve");
-        let server = ServerProcess {
-            child,
-            base: format!("http://127.0.0.1:{port}"),
-            log,
-        };
-        let deadline = Instant::now() + READY_TIMEOUT;
-        let mut server = server;
-        loop {
-            if let Some(status) = server.child.try_wait().expect("try_wait") {
-                if server.log_text().contains("cannot listen") {
-                    break;
-                }
-                panic!("coffer exited ({status:?}): {}", server.log_text());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "not ready: {}",
-                server.log_text()
-            );
-            let ready = client
-                .get(format!("{}/readyz", server.base))
-                .timeout(Duration::from_secs(1))
-                .send()
-                .await
-                .is_ok_and(|r| r.status() == 200);
-            if ready && server.log_text().contains("coffer ready") {
-                return server;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-    }
-    panic!("could not start coffer on a free port");
+/// Starts the binary with small segments and frequent snapshots, so kills land around
+/// rotations and snapshots; the retention keeps every event readable for the consumer.
+async fn start_server(data_dir: &Path, logs: &Path) -> ServerProcess {
+    let args = [
+        "--wal-segment-bytes",
+        "65536",
+        "--snapshot-every-records",
+        "400",
+        "--event-retention",
+        "1h",
+    ];
+    common::process::start_server(&coffer_bin(), data_dir, logs, &args).await
 }
 
 /// What the consumer saw: (cursor, transaction), in arrival order.
@@ -199,7 +118,7 @@ async fn write(
 async fn a_consumer_sees_every_acknowledged_transaction_once_in_order_across_sigkills() {
     let data = tempfile::tempdir().expect("tempdir");
     let logs = tempfile::tempdir().expect("tempdir");
-    let mut server = start_server(data.path(), logs.path(), 0).await;
+    let mut server = start_server(data.path(), logs.path()).await;
     let client = http_client();
     for a in 0..ACCOUNTS {
         let response = client
@@ -219,11 +138,11 @@ async fn a_consumer_sees_every_acknowledged_transaction_once_in_order_across_sig
     let writers: Vec<_> = (0..WRITERS)
         .map(|w| tokio::spawn(write(base.clone(), w, stop_writers.clone(), sent.clone())))
         .collect();
-    for cycle in 1..=KILL_CYCLES {
+    for _ in 1..=KILL_CYCLES {
         tokio::time::sleep(LOAD_BEFORE_KILL).await;
         server.child.kill().expect("SIGKILL");
         server.child.wait().expect("reap");
-        server = start_server(data.path(), logs.path(), cycle).await;
+        server = start_server(data.path(), logs.path()).await;
         *base.lock().expect("base") = server.base.clone();
     }
     tokio::time::sleep(LOAD_BEFORE_KILL).await;

@@ -1,7 +1,9 @@
 //! Shared helpers for integration tests: a real coffer server on `127.0.0.1:0` over a
-//! temporary data directory, and an HTTP client for it.
+//! temporary data directory, and an HTTP client for it; `process` runs the binary.
 
 #![allow(dead_code)]
+
+pub mod process;
 
 use std::time::Duration;
 
