@@ -414,7 +414,7 @@ fn resolve(
         keyed.then(|| {
             *next_key += 1;
             let mut key = format!("key-{next_key}");
-            if *next_key % 5 == 0 {
+            if next_key.is_multiple_of(5) {
                 // Now and then the longest key allowed (255 visible ASCII bytes).
                 key.push_str(&"~".repeat(255 - key.len()));
             }

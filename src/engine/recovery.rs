@@ -228,7 +228,9 @@ impl Progress {
 
     fn count(&mut self, lsn: u64) {
         self.records += 1;
-        if self.records % 65_536 == 0 && self.last_report.elapsed() >= Duration::from_secs(1) {
+        if self.records.is_multiple_of(65_536)
+            && self.last_report.elapsed() >= Duration::from_secs(1)
+        {
             self.last_report = Instant::now();
             let secs = self.started.elapsed().as_secs_f64().max(1e-9);
             tracing::info!(
