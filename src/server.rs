@@ -1,6 +1,6 @@
-//! Running the server: bind, serve `/healthz` and `/readyz` while recovery runs, recover,
-//! then serve everything; on shutdown stop accepting, finish in-flight requests and flush
-//! the WAL.
+//! Running the server: lock the data directory, bind, serve `/healthz` and `/readyz` while
+//! recovery runs, recover, then serve everything; on shutdown stop accepting, finish
+//! in-flight requests, flush the WAL and release the lock.
 //!
 //! Connections are accepted by a loop of our own rather than `axum::serve`, because hyper's
 //! header-read timeout (against slowloris), TLS and a connection cap all sit at the
@@ -25,6 +25,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::engine::{Engine, EngineConfig, EngineError, OpenError};
 use crate::http::{self, AppState, RouterConfig};
+use crate::storage::{DirLock, DirLockError};
 
 /// Default time a client has to send a request's headers (and, with TLS, its handshake).
 pub const HEADER_READ_TIMEOUT_DEFAULT: Duration = Duration::from_secs(10);
@@ -36,6 +37,9 @@ const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
+    /// The data directory is used by another process, or cannot be locked.
+    #[error(transparent)]
+    Lock(#[from] DirLockError),
     /// The listen address could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -110,6 +114,8 @@ pub struct Server {
     stop: watch::Sender<bool>,
     serving: JoinHandle<()>,
     metrics_serving: Option<JoinHandle<()>>,
+    /// The data directory's lock, held until the server is shut down or dropped.
+    lock: Option<DirLock>,
 }
 
 /// What each connection needs.
@@ -128,10 +134,16 @@ impl Server {
     }
 
     /// [`Server::start`] with listeners, TLS, authentication and limits as `server` says.
+    ///
+    /// The data directory is locked first (created if missing), before anything in it is
+    /// read and before the port is bound: a second server on the same directory, in this
+    /// process or another, fails at once with [`ServerError::Lock`]. The lock is held until
+    /// [`Server::shutdown`] has closed the WAL, or until the server is dropped.
     pub async fn start_with(
         server: ServerConfig,
         config: EngineConfig,
     ) -> Result<Server, ServerError> {
+        let lock = DirLock::acquire(&config.data_dir)?;
         let (listener, addr) = bind(&server.listen).await?;
         if server.guard.tokens.is_empty() && !server.insecure_no_auth && !addr.ip().is_loopback() {
             return Err(ServerError::InsecureNoAuth { addr });
@@ -181,6 +193,7 @@ impl Server {
             stop,
             serving,
             metrics_serving,
+            lock: Some(lock),
         };
         match recover(config).await {
             Ok(engine) => {
@@ -228,6 +241,8 @@ impl Server {
             }
             engine.shutdown();
         }
+        // Only now that the WAL is closed may another server open the directory.
+        drop(self.lock.take());
         tracing::info!("coffer stopped");
     }
 

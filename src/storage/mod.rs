@@ -3,13 +3,17 @@
 //! that loses unsynced writes, tears a write at any byte, fails a sync or flips a bit on read.
 //!
 //! [`FileStorage`] is the real file system. [`sim::SimStorage`] is the deterministic
-//! simulation (see its module for the fault model).
+//! simulation (see its module for the fault model). [`DirLock`] is the data directory's
+//! exclusive lock, on the real file system only.
 //!
 //! Files are written at explicit offsets rather than appended to: the WAL zero-fills segments
 //! ahead of its records and then overwrites them in place (see `wal`), and an append is a
 //! write at the current end.
 
+mod lock;
 pub mod sim;
+
+pub use lock::{DirLock, DirLockError, LOCK_FILE_NAME};
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
