@@ -1,5 +1,6 @@
 //! The `coffer` binary: parses the command line, then serves or runs the load tool.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -24,7 +25,8 @@ fn main() -> ExitCode {
         ..
     }) = &cli.command
     {
-        builder.worker_threads((*workers).max(1));
+        // At least 1: the flag's parser refuses 0.
+        builder.worker_threads(*workers);
     }
     let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
@@ -102,8 +104,12 @@ fn wal_tool(command: &WalCommand) -> ExitCode {
 
 async fn serve(args: ServeArgs) -> ExitCode {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // Colour only for a person at a terminal: escapes in a log file or a pipe are noise.
+    let colour = std::io::stderr().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_writer(std::io::stderr);
     if args.log_format == "json" {
         logs.json().init();

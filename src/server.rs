@@ -23,7 +23,7 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
-use crate::engine::{Engine, EngineConfig, EngineError, OpenError};
+use crate::engine::{BadSetting, Engine, EngineConfig, EngineError, OpenError};
 use crate::http::{self, AppState, RouterConfig};
 use crate::storage::{DirLock, DirLockError};
 
@@ -57,6 +57,9 @@ pub enum ServerError {
         /// The address.
         addr: SocketAddr,
     },
+    /// A setting is out of its bounds.
+    #[error(transparent)]
+    Config(#[from] BadSetting),
     /// The TLS certificate or key could not be loaded.
     #[error("TLS: {0}")]
     Tls(String),
@@ -104,6 +107,21 @@ impl ServerConfig {
             insecure_no_auth: false,
         }
     }
+
+    /// Refuses settings the server cannot run with, rather than raising or lowering them.
+    pub fn check(&self) -> Result<(), BadSetting> {
+        if !(1..=Semaphore::MAX_PERMITS).contains(&self.connections_max) {
+            return Err(BadSetting {
+                field: "connections_max",
+                reason: format!(
+                    "{} is not in 1..={}",
+                    self.connections_max,
+                    Semaphore::MAX_PERMITS
+                ),
+            });
+        }
+        Ok(())
+    }
 }
 
 /// A running server.
@@ -143,10 +161,15 @@ impl Server {
         server: ServerConfig,
         config: EngineConfig,
     ) -> Result<Server, ServerError> {
+        server.check()?;
+        config.check()?;
         let lock = DirLock::acquire(&config.data_dir)?;
         let (listener, addr) = bind(&server.listen).await?;
         if server.guard.tokens.is_empty() && !server.insecure_no_auth && !addr.ip().is_loopback() {
             return Err(ServerError::InsecureNoAuth { addr });
+        }
+        if server.guard.tokens.is_empty() && server.insecure_no_auth {
+            tracing::warn!(%addr, "--insecure-no-auth: serving without authentication on any address");
         }
         let metrics = match &server.metrics_listen {
             Some(listen) => Some(bind(listen).await?),
@@ -162,7 +185,7 @@ impl Server {
             app: http::router_with(state.clone(), router),
             tls: server.tls.clone().map(TlsAcceptor::from),
             header_read_timeout: server.header_read_timeout,
-            permits: Arc::new(Semaphore::new(server.connections_max.max(1))),
+            permits: Arc::new(Semaphore::new(server.connections_max)),
         };
         let serving = tokio::spawn(accept_loop(listener, Arc::new(main), stopped.clone()));
         let (metrics_addr, metrics_serving) = match metrics {

@@ -1,4 +1,6 @@
-//! Operating the real binary: one process per data directory (the `DIR/LOCK` lock).
+//! Operating the real binary: one process per data directory (the `DIR/LOCK` lock), flags
+//! out of their bounds, boolean environment variables, and logs without colour escapes off
+//! a terminal.
 
 mod common;
 
@@ -8,7 +10,9 @@ use std::time::{Duration, Instant};
 use coffer::server::{ServerConfig, ServerError};
 use coffer::storage::DirLockError;
 use coffer::{EngineConfig, Server};
-use common::process::{coffer_bin, free_port, http_client, start_server, ServerProcess};
+use common::process::{
+    coffer_bin, free_port, http_client, start_server, start_server_with_env, ServerProcess,
+};
 use common::TestServer;
 use serde_json::{json, Value};
 
@@ -161,4 +165,155 @@ async fn in_one_process_the_lock_refuses_a_second_server_until_the_first_shuts_d
     ts.restart().await;
     assert_eq!(ts.get_json("/readyz").await["status"], "ready");
     ts.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Flags.
+
+/// Runs `coffer serve` with `args` and `envs` on a fresh directory and expects a refusal:
+/// a non-zero exit within the bound, and stderr naming `flag`. Nothing is written.
+async fn assert_refused(args: &[&str], envs: &[(&str, &str)], flag: &str) {
+    let root = tempfile::tempdir().expect("tempdir");
+    let data = root.path().join("data");
+    let log = root.path().join("stderr.log");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut server = ServerProcess::spawn(&coffer_bin(), &data, &listen, &log, args, envs);
+    let what = format!("{args:?} {envs:?}");
+    let status = server
+        .wait_exit(REFUSAL_TIMEOUT)
+        .await
+        .unwrap_or_else(|| panic!("{what}: the server started:\n{}", server.log_text()));
+    let text = server.log_text();
+    assert!(!status.success(), "{what}: exit {status:?}");
+    assert!(
+        text.contains(flag),
+        "{what}: stderr does not name {flag}:\n{text}"
+    );
+    assert!(!data.exists(), "{what}: the data directory was touched");
+}
+
+#[tokio::test]
+async fn a_flag_out_of_its_bounds_stops_the_start_and_names_the_flag() {
+    // Goal: every bounded flag refuses a value outside its bounds, from the command line and
+    // from its environment variable, instead of raising or lowering it.
+    let cases: [(&str, &str, &str); 14] = [
+        ("--wal-segment-bytes", "COFFER_WAL_SEGMENT_BYTES", "100"),
+        ("--wal-segment-bytes", "COFFER_WAL_SEGMENT_BYTES", "4095"),
+        (
+            "--wal-segment-bytes",
+            "COFFER_WAL_SEGMENT_BYTES",
+            "1073741825",
+        ),
+        ("--workers", "COFFER_WORKERS", "0"),
+        ("--workers", "COFFER_WORKERS", "1025"),
+        ("--actors", "COFFER_ACTORS", "0"),
+        ("--mailbox-capacity", "COFFER_MAILBOX_CAPACITY", "0"),
+        ("--mailbox-capacity", "COFFER_MAILBOX_CAPACITY", "1048577"),
+        ("--max-connections", "COFFER_MAX_CONNECTIONS", "0"),
+        ("--history-limit", "COFFER_HISTORY_LIMIT", "0"),
+        ("--rate-limit-burst", "COFFER_RATE_LIMIT_BURST", "0"),
+        ("--request-timeout", "COFFER_REQUEST_TIMEOUT", "0s"),
+        ("--header-read-timeout", "COFFER_HEADER_READ_TIMEOUT", "0s"),
+        (
+            "--idempotency-ttl",
+            "COFFER_IDEMPOTENCY_TTL",
+            "600000000years",
+        ),
+    ];
+    for (flag, env, value) in cases {
+        assert_refused(&[flag, value], &[], flag).await;
+        assert_refused(&[], &[(env, value)], flag).await;
+    }
+    // The smallest segment size is accepted as it is.
+    let root = tempfile::tempdir().expect("tempdir");
+    let server = start_server(
+        &coffer_bin(),
+        root.path(),
+        root.path(),
+        &["--wal-segment-bytes", "4096"],
+    )
+    .await;
+    drop(server);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn boolean_environment_variables_take_1_0_true_and_false() {
+    // Goal: COFFER_INSECURE_NO_AUTH=1/true turn the flag on, 0/false leave it off (a
+    // public address is then refused), and anything else is refused naming the flag.
+    let root = tempfile::tempdir().expect("tempdir");
+    let bin = coffer_bin();
+    for value in ["1", "true", "TRUE", "0", "false"] {
+        let data = root.path().join(format!("data-{value}"));
+        let env = [("COFFER_INSECURE_NO_AUTH", value)];
+        let server = start_server_with_env(&bin, &data, root.path(), &[], &env).await;
+        let on = server
+            .log_text()
+            .contains("--insecure-no-auth: serving without");
+        assert_eq!(on, ["1", "true", "TRUE"].contains(&value), "{value}");
+    }
+    for value in ["0", "false"] {
+        let out = Command::new(&bin)
+            .args(["serve", "--listen", "0.0.0.0:0", "--data-dir"])
+            .arg(root.path().join("public"))
+            .env("COFFER_INSECURE_NO_AUTH", value)
+            .env_remove("COFFER_AUTH_TOKENS")
+            .env_remove("COFFER_AUTH_TOKENS_FILE")
+            .output()
+            .expect("run coffer");
+        let text = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{value}: {text}");
+        assert!(text.contains("non-loopback"), "{value}: {text}");
+    }
+    assert_refused(
+        &[],
+        &[("COFFER_INSECURE_NO_AUTH", "maybe")],
+        "--insecure-no-auth",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn logs_to_a_file_or_a_pipe_have_no_colour_escapes() {
+    // Goal: without a terminal on stderr, text logs carry no ANSI escapes, with NO_COLOR
+    // unset: a server's log in a file, and a refused start's error through a pipe.
+    let root = tempfile::tempdir().expect("tempdir");
+    let data = root.path().join("data");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let log = root.path().join("server.log");
+    let mut command = Command::new(coffer_bin());
+    command
+        .args(["serve", "--listen", &listen, "--data-dir"])
+        .arg(&data)
+        .env_remove("NO_COLOR")
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log file"));
+    let mut child = command.spawn().expect("spawn coffer");
+    let deadline = Instant::now() + common::process::READY_TIMEOUT;
+    let text = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("coffer ready") || Instant::now() > deadline {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(text.contains("coffer ready"), "{text}");
+    assert!(!text.contains('\u{1b}'), "escapes in a log file:\n{text:?}");
+
+    let missing = root.path().join("no-tokens-file");
+    let out = Command::new(coffer_bin())
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(root.path().join("other"))
+        .arg("--auth-tokens-file")
+        .arg(&missing)
+        .env_remove("NO_COLOR")
+        .output()
+        .expect("run coffer");
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(text.contains("cannot read the tokens file"), "{text}");
+    assert!(!text.contains('\u{1b}'), "escapes in a pipe:\n{text:?}");
 }

@@ -26,6 +26,12 @@ use crate::domain::{AccountId, Decision, Fresh, IdempotencyKey, Request};
 
 /// Capacity of each actor's mailbox: past this, senders wait (backpressure on HTTP).
 pub const ACTOR_MAILBOX_CAPACITY: usize = 4096;
+/// The largest mailbox capacity a configuration may ask for: a deeper queue only adds
+/// latency before backpressure, and tokio's channels refuse capacities near `usize::MAX`.
+pub const ACTOR_MAILBOX_CAPACITY_MAX: usize = 1 << 20;
+/// The most actors a configuration may ask for (each is a task with a mailbox; a handful per
+/// core is already more than the work can use).
+pub const ACTORS_MAX: usize = 1024;
 
 /// How long a sender waits for room in a full mailbox before giving up with
 /// `EngineError::Overloaded` (503 `overloaded` with `Retry-After`) instead of waiting forever.
@@ -65,10 +71,16 @@ pub(crate) struct Actors {
 
 impl Actors {
     /// Starts `count` actors. They hold the engine weakly and end when it is dropped.
+    /// `count` and `capacity` are at least 1 (`EngineConfig::check`).
     pub(crate) fn start(inner: Weak<Inner>, count: usize, capacity: usize) -> Actors {
-        let mailboxes = (0..count.max(1))
+        assert!(count >= 1, "EngineConfig::check refuses 0 actors");
+        assert!(
+            capacity >= 1,
+            "EngineConfig::check refuses an empty mailbox"
+        );
+        let mailboxes = (0..count)
             .map(|_| {
-                let (tx, rx) = mpsc::channel(capacity.max(1));
+                let (tx, rx) = mpsc::channel(capacity);
                 tokio::spawn(run(inner.clone(), rx));
                 tx
             })

@@ -39,7 +39,7 @@ use crate::domain::{
 use crate::storage::{FileStorage, Storage};
 use crate::wal::{self, codec, Wal, WalError, WalStart, WriterMode};
 
-pub use actor::ACTOR_MAILBOX_CAPACITY;
+pub use actor::{ACTORS_MAX, ACTOR_MAILBOX_CAPACITY, ACTOR_MAILBOX_CAPACITY_MAX};
 
 /// Default: a snapshot after a million new WAL records...
 pub const SNAPSHOT_EVERY_RECORDS_DEFAULT: u64 = 1_000_000;
@@ -115,6 +115,28 @@ impl EngineConfig {
             id_seed: None,
         }
     }
+
+    /// Refuses settings the engine cannot run with, rather than raising or lowering them.
+    pub fn check(&self) -> Result<(), BadSetting> {
+        let bad = |field: &'static str, reason: String| Err(BadSetting { field, reason });
+        if self.segment_bytes_max == 0 {
+            return bad("segment_bytes_max", "must be at least 1".to_string());
+        }
+        if !(1..=ACTORS_MAX).contains(&self.actors) {
+            return bad(
+                "actors",
+                format!("{} is not in 1..={ACTORS_MAX}", self.actors),
+            );
+        }
+        if !(1..=ACTOR_MAILBOX_CAPACITY_MAX).contains(&self.mailbox_capacity) {
+            let reason = format!(
+                "{} is not in 1..={ACTOR_MAILBOX_CAPACITY_MAX}",
+                self.mailbox_capacity
+            );
+            return bad("mailbox_capacity", reason);
+        }
+        Ok(())
+    }
 }
 
 /// Why an engine call did not succeed.
@@ -172,6 +194,16 @@ impl From<WalError> for EngineError {
     }
 }
 
+/// A configuration value out of its bounds (it is refused, never raised or lowered).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("bad setting {field}: {reason}")]
+pub struct BadSetting {
+    /// The setting (a field of the configuration).
+    pub field: &'static str,
+    /// Why it cannot be used.
+    pub reason: String,
+}
+
 /// Errors that stop the engine from opening.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
@@ -181,6 +213,9 @@ pub enum OpenError {
     /// A snapshot could not be read (a damaged one is skipped; this is I/O or a duplicate).
     #[error(transparent)]
     Snapshot(#[from] crate::snapshot::SnapshotError),
+    /// A setting is out of its bounds.
+    #[error(transparent)]
+    Config(#[from] BadSetting),
     /// The recovered state does not conserve money (invariant 3 over all accounts).
     #[error("money is not conserved: balances {balances} + in flight {in_flight} != credits - debits - captures {external}")]
     NotConserved {
@@ -293,6 +328,7 @@ impl Engine {
     /// corruption), then starts the WAL writer. Holds that expired while the server was down
     /// are expired by [`Engine::finish_recovery`], which must run before serving.
     pub fn open(config: EngineConfig) -> Result<(Engine, RecoveryReport), OpenError> {
+        config.check()?;
         let started = Instant::now();
         let wal_dir = config.data_dir.join("wal");
         let recovered = recover_state(

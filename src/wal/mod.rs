@@ -156,7 +156,8 @@ pub struct WalStart {
     pub last_lsn: u64,
     /// The last segment and its valid length, to append to.
     pub last_segment: Option<(PathBuf, u64)>,
-    /// Size at which to start a new segment.
+    /// Size at which to start a new segment; at least 1 (1: a new segment for every group
+    /// commit).
     pub segment_bytes_max: u64,
 }
 
@@ -240,12 +241,17 @@ impl Wal {
             }
             None => None,
         };
+        // 0 would start a new segment under the name of an empty one left by recovery.
+        assert!(
+            start.segment_bytes_max >= 1,
+            "EngineConfig::check refuses segments of 0 bytes"
+        );
         let mut writer = Writer {
             shared: shared.clone(),
             storage,
             dir: start.dir.clone(),
             segment,
-            segment_bytes_max: start.segment_bytes_max.max(1),
+            segment_bytes_max: start.segment_bytes_max,
             batch: Vec::with_capacity(1 << 20),
         };
         if start.mode == WriterMode::Manual {

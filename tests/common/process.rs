@@ -54,7 +54,6 @@ impl ServerProcess {
             .arg("--listen")
             .arg(listen)
             .args(args)
-            .env("NO_COLOR", "1")
             .env("RUST_LOG", "info")
             .envs(envs.iter().copied())
             .stdin(Stdio::null())
