@@ -250,6 +250,10 @@ impl ServeArgs {
             // The flag's parser refuses a TTL whose milliseconds do not fit.
             ttl_ms: u64::try_from(self.idempotency_ttl.as_millis()).unwrap_or(u64::MAX),
         };
+        #[cfg(debug_assertions)]
+        {
+            config.test_panic_on_credit_amount = test_panic_on_credit_amount();
+        }
         config
     }
 }
@@ -279,4 +283,20 @@ fn duration_ms(text: &str) -> Result<Duration, String> {
         return Err("too long (at most 2^64-1 milliseconds)".to_string());
     }
     Ok(duration)
+}
+
+/// Debug builds only, for tests: the amount of a credit that
+/// `COFFER_TEST_PANIC_ON_CREDIT_AMOUNT` makes an invariant assertion fail on (see
+/// `EngineConfig::test_panic_on_credit_amount`). Release builds have neither the variable
+/// nor the assertion.
+#[cfg(debug_assertions)]
+fn test_panic_on_credit_amount() -> Option<u64> {
+    let text = std::env::var("COFFER_TEST_PANIC_ON_CREDIT_AMOUNT").ok()?;
+    match text.trim().parse() {
+        Ok(amount) => Some(amount),
+        Err(_) => {
+            tracing::warn!(%text, "COFFER_TEST_PANIC_ON_CREDIT_AMOUNT is not an amount; ignored");
+            None
+        }
+    }
 }

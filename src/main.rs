@@ -116,6 +116,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
     } else {
         logs.init();
     }
+    abort_on_panic();
     let config = match args.server_config() {
         Ok(config) => config,
         Err(error) => {
@@ -134,6 +135,28 @@ async fn serve(args: ServeArgs) -> ExitCode {
     tracing::info!("shutting down");
     server.shutdown().await;
     ExitCode::SUCCESS
+}
+
+/// Fail-stop: a panic anywhere (an invariant assertion in one account actor, say) ends the
+/// whole process, logged, instead of one task while the others keep serving the accounts it
+/// was changing. The next start recovers from the log, which holds only what was checked.
+/// Release builds abort on panic anyway (`panic = "abort"`); this covers every build.
+fn abort_on_panic() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "(no message)".to_string());
+        let location = info
+            .location()
+            .map_or_else(String::new, |l| format!("{}:{}", l.file(), l.line()));
+        tracing::error!(panic = %message, %location, "panic: stopping the process; the next start recovers from the log");
+        report(info);
+        std::process::abort();
+    }));
 }
 
 async fn run_load(args: LoadArgs) -> ExitCode {

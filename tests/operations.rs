@@ -1,9 +1,11 @@
 //! Operating the real binary: one process per data directory (the `DIR/LOCK` lock), flags
-//! out of their bounds, boolean environment variables, and logs without colour escapes off
-//! a terminal.
+//! out of their bounds, boolean environment variables, logs without colour escapes off a
+//! terminal, and fail-stop (a failed invariant ends the whole process; the next start
+//! recovers every acknowledged change).
 
 mod common;
 
+use std::os::unix::process::ExitStatusExt;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -18,7 +20,7 @@ use serde_json::{json, Value};
 
 /// How long a refused start may take: it must fail at once, not after recovery or a timeout.
 const REFUSAL_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a graceful stop may take.
+/// How long a graceful stop, or the abort after a failed invariant, may take.
 const EXIT_TIMEOUT: Duration = Duration::from_secs(20);
 
 async fn put_account(client: &reqwest::Client, server: &ServerProcess, id: &str) {
@@ -316,4 +318,85 @@ async fn logs_to_a_file_or_a_pipe_have_no_colour_escapes() {
     assert!(!out.status.success());
     assert!(text.contains("cannot read the tokens file"), "{text}");
     assert!(!text.contains('\u{1b}'), "escapes in a pipe:\n{text:?}");
+}
+
+// ---------------------------------------------------------------------------------------
+// Fail-stop.
+
+/// The amount the test hook turns into a failed invariant.
+const POISONED_AMOUNT: u64 = 777;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_invariant_ends_the_process_and_a_restart_serves_every_acknowledged_change() {
+    // Goal: with the debug-only hook, a credit of the poisoned amount fails an invariant in
+    // its account's actor; the whole process aborts at once (SIGABRT), that credit never
+    // got a 2xx, and a restart serves every acknowledged change and verifies.
+    let root = tempfile::tempdir().expect("tempdir");
+    let data = root.path().join("data");
+    let bin = coffer_bin();
+    let client = http_client();
+    let poisoned = POISONED_AMOUNT.to_string();
+    let env = [("COFFER_TEST_PANIC_ON_CREDIT_AMOUNT", poisoned.as_str())];
+    let mut server = start_server_with_env(&bin, &data, root.path(), &[], &env).await;
+    let accounts = ["alice", "bob", "carol"];
+    for id in accounts {
+        put_account(&client, &server, id).await;
+    }
+    for i in 0..12u64 {
+        let id = accounts[(i % 3) as usize];
+        let status = credit(&client, &server, id, &format!("k{i}"), 10 + i).await;
+        assert_eq!(status, Some(201), "credit {i}");
+    }
+
+    let started = Instant::now();
+    let answer = credit(&client, &server, "bob", "poison", POISONED_AMOUNT).await;
+    assert!(
+        !answer.is_some_and(|status| (200..300).contains(&status)),
+        "the poisoned credit was acknowledged: {answer:?}"
+    );
+    let status = server
+        .wait_exit(EXIT_TIMEOUT)
+        .await
+        .unwrap_or_else(|| panic!("the process kept running:\n{}", server.log_text()));
+    let log = server.log_text();
+    assert!(started.elapsed() < EXIT_TIMEOUT);
+    assert!(!status.success(), "{status:?}");
+    assert_eq!(
+        status.signal(),
+        Some(6),
+        "SIGABRT expected: {status:?}\n{log}"
+    );
+    assert!(log.contains("invariant failed on purpose"), "{log}");
+    assert!(log.contains("stopping the process"), "{log}");
+    drop(server);
+
+    let server = start_server(&bin, &data, root.path(), &[]).await;
+    for (a, id) in accounts.iter().enumerate() {
+        let expected: u64 = (0..12u64)
+            .filter(|i| i % 3 == a as u64)
+            .map(|i| 10 + i)
+            .sum();
+        let (status, account) = get_json(&client, &server.url(&format!("/v1/accounts/{id}"))).await;
+        assert_eq!(status, 200);
+        assert_eq!(account["balance"], expected, "{id}: {account}");
+        assert_eq!(account["seq"], 4, "{id}: {account}");
+    }
+    let url = server.url("/v1/accounts/bob/idempotency-keys/poison");
+    assert_eq!(
+        get_json(&client, &url).await.0,
+        404,
+        "the poisoned credit left no trace"
+    );
+    server.sigterm();
+    let mut server = server;
+    assert!(server
+        .wait_exit(EXIT_TIMEOUT)
+        .await
+        .is_some_and(|s| s.success()));
+    drop(server);
+    let verified = coffer(&["wal", "verify", "--data-dir", &data.display().to_string()]);
+    let out = String::from_utf8_lossy(&verified.stdout);
+    assert!(verified.status.success(), "{verified:?}");
+    assert!(out.starts_with("ok: "), "{out}");
+    assert!(out.contains("3 accounts"), "{out}");
 }

@@ -92,6 +92,12 @@ pub struct EngineConfig {
     /// Seed of the id generator's counter; `None` seeds it from the wall clock. The
     /// simulation fixes it so a run reproduces exactly.
     pub id_seed: Option<u64>,
+    /// Debug builds only, for tests of fail-stop: a credit of exactly this amount fails an
+    /// invariant assertion on the live path (before it is written to the log), as a bug
+    /// would. `coffer serve` sets it from `COFFER_TEST_PANIC_ON_CREDIT_AMOUNT`. Release
+    /// builds do not have it.
+    #[cfg(debug_assertions)]
+    pub test_panic_on_credit_amount: Option<u64>,
 }
 
 impl EngineConfig {
@@ -113,6 +119,8 @@ impl EngineConfig {
             event_retention: Duration::ZERO,
             replay_threads: 0,
             id_seed: None,
+            #[cfg(debug_assertions)]
+            test_panic_on_credit_amount: None,
         }
     }
 
@@ -803,6 +811,17 @@ impl Inner {
             Ok(outcome) => event.outcome = Some(outcome),
             // decide() accepted this request under the same lock: a refusal here is a bug.
             Err(error) => panic!("decided event refused by check: {error}"),
+        }
+        #[cfg(debug_assertions)]
+        if let (EventBody::Credit { amount, .. }, Some(poisoned)) =
+            (&event.body, self.config.test_panic_on_credit_amount)
+        {
+            // The test hook of fail-stop: an invariant that fails here, as a bug would.
+            assert_ne!(
+                amount.get(),
+                poisoned,
+                "invariant failed on purpose (COFFER_TEST_PANIC_ON_CREDIT_AMOUNT)"
+            );
         }
         if event.body.is_transfer() {
             // The transfer steps re-check the book under this lock: a refusal is a bug too,
