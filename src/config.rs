@@ -51,19 +51,26 @@ pub enum Command {
 /// `coffer wal ...`
 #[derive(Debug, Subcommand)]
 pub enum WalCommand {
-    /// Check every record's checksum and replay the log with every invariant asserted;
-    /// print accounts, records and the LSN range. Exits non-zero on any damage.
+    /// Recover as the server would (snapshot, then the log after it) with every checksum
+    /// and invariant checked, then check every segment left (archived ones too with
+    /// --archive); print accounts, records and the LSN ranges. Exits non-zero on any damage.
     Verify(DataDirArg),
-    /// Print every record as one JSON object per line, in LSN order (for audits).
+    /// Print every record still in a segment (archived ones first with --archive) as one
+    /// JSON object per line, in LSN order from the first one kept (for audits); stderr says
+    /// which LSNs it covered.
     Dump(DataDirArg),
 }
 
-/// The data directory of an offline command.
+/// The data directory of an offline command, and the server's WAL archive.
 #[derive(Debug, Clone, Args)]
 pub struct DataDirArg {
     /// The server's data directory (the one given to `coffer serve --data-dir`).
     #[arg(long, env = "COFFER_DATA_DIR", default_value = "./coffer-data")]
     pub data_dir: PathBuf,
+    /// The server's WAL archive (`coffer serve --wal-archive`): its segments are read
+    /// before the log's, and must continue into them with no gap.
+    #[arg(long, visible_alias = "wal-archive", env = "COFFER_WAL_ARCHIVE")]
+    pub archive: Option<PathBuf>,
 }
 
 /// Flags of `coffer serve`.

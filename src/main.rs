@@ -45,50 +45,28 @@ fn main() -> ExitCode {
 /// `coffer wal verify` and `coffer wal dump`.
 fn wal_tool(command: &WalCommand) -> ExitCode {
     match command {
-        WalCommand::Verify(args) => match coffer::audit::verify(&args.data_dir) {
-            Ok(found) => {
-                let start = found.snapshot_lsn.map_or("no snapshot".to_string(), |lsn| {
-                    format!("snapshot at lsn {lsn}")
-                });
-                println!(
-                    "ok: {start}, then {} records to lsn {} in {} segments; {} accounts, {} open holds, total balance {}",
-                    found.records,
-                    found.last_lsn,
-                    found.segments,
-                    found.accounts,
-                    found.open_holds,
-                    found.total_balance
-                );
-                println!(
-                    "transfers: {} remembered, {} half done ({} in flight; the server finishes them at its next start); money conserved",
-                    found.transfers, found.transfers_pending.0, found.transfers_pending.1
-                );
-                for damaged in &found.damaged_snapshots {
-                    println!("warning: skipped a damaged snapshot: {damaged}");
+        WalCommand::Verify(args) => {
+            match coffer::audit::verify(&args.data_dir, args.archive.as_deref()) {
+                Ok(found) => {
+                    print!("{}", found.report());
+                    ExitCode::SUCCESS
                 }
-                if let Some(cut) = found.tail_cut {
-                    println!(
-                        "note: torn tail in {} at offset {} ({} bytes: {}); it was never acknowledged and the server cuts it at its next start",
-                        cut.path.display(),
-                        cut.offset,
-                        cut.bytes,
-                        cut.reason
-                    );
+                Err(error) => {
+                    eprintln!("coffer wal verify: {error}");
+                    ExitCode::FAILURE
                 }
-                ExitCode::SUCCESS
             }
-            Err(error) => {
-                eprintln!("coffer wal verify: {error}");
-                ExitCode::FAILURE
-            }
-        },
+        }
         WalCommand::Dump(args) => {
             let stdout = std::io::stdout();
             let mut out = std::io::BufWriter::new(stdout.lock());
-            let result = coffer::audit::dump(&args.data_dir, &mut out);
+            let result = coffer::audit::dump(&args.data_dir, args.archive.as_deref(), &mut out);
             let flushed = std::io::Write::flush(&mut out);
             match (result, flushed) {
-                (Ok(_), Ok(())) => ExitCode::SUCCESS,
+                (Ok(dumped), Ok(())) => {
+                    eprintln!("coffer wal dump: {}", dumped.summary());
+                    ExitCode::SUCCESS
+                }
                 (Err(error), _) => {
                     eprintln!("coffer wal dump: {error}");
                     ExitCode::FAILURE

@@ -16,7 +16,7 @@ mod snapshots;
 mod transfers;
 
 pub use events::{EventFilter, EventPage, EVENTS_SCAN_RECORDS_MAX};
-pub(crate) use recovery::recover_state;
+pub(crate) use recovery::{recover_from, recover_state, Start};
 pub(crate) use registry::{Registry, Slot, Table};
 pub use snapshots::{SnapshotFailed, SnapshotReport};
 pub use transfers::{Conservation, TransferOutcome};
@@ -358,6 +358,14 @@ impl Engine {
                 path = %cut.path.display(), offset = cut.offset, bytes = cut.bytes,
                 reason = %cut.reason, "cut a torn record at the tail of the WAL"
             );
+        }
+        if let Some(archive) = &config.wal_archive {
+            // Made at start, not at the first segment archived, so the offline tools find
+            // the configured archive as soon as a server ran with it.
+            config
+                .storage
+                .create_dir_all(archive)
+                .map_err(|e| WalError::io(archive, e))?;
         }
         let wal = Wal::start(WalStart {
             storage: config.storage.clone(),

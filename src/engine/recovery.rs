@@ -9,6 +9,7 @@ use crate::domain::{
 };
 use crate::snapshot;
 use crate::storage::Storage;
+use crate::wal::reader::SegmentFile;
 use crate::wal::{self, ReplayOutcome, WalError};
 use uuid::Uuid;
 
@@ -45,11 +46,40 @@ pub(crate) fn recover_state(
     repair: bool,
     threads: usize,
 ) -> Result<Recovered, OpenError> {
+    let segments = wal::reader::list_segments(storage, &data_dir.join("wal"))?;
+    let start = Start::SnapshotThen(&segments);
+    recover_from(storage, data_dir, start, retention, repair, threads)
+}
+
+/// Where a recovery starts.
+#[derive(Clone, Copy)]
+pub(crate) enum Start<'a> {
+    /// The newest valid snapshot of the data directory, then these segments after it: what
+    /// the server does.
+    SnapshotThen(&'a [SegmentFile]),
+    /// No snapshot: every record of these segments, which must start at lsn 1 (a complete
+    /// journal, the archive's segments followed by the log's).
+    Journal(&'a [SegmentFile]),
+}
+
+/// [`recover_state`] from `start`.
+pub(crate) fn recover_from(
+    storage: &dyn Storage,
+    data_dir: &Path,
+    start: Start<'_>,
+    retention: Retention,
+    repair: bool,
+    threads: usize,
+) -> Result<Recovered, OpenError> {
     let threads = replay_threads(threads);
     let snapshot_dir = data_dir.join("snapshots");
     let mut damaged_snapshots = Vec::new();
     let mut base = None;
-    for file in snapshot::list(storage, &snapshot_dir)? {
+    let (snapshots, segments) = match start {
+        Start::SnapshotThen(segments) => (snapshot::list(storage, &snapshot_dir)?, segments),
+        Start::Journal(segments) => (Vec::new(), segments),
+    };
+    for file in snapshots {
         match snapshot::read(storage, &file.path, threads) {
             Ok(found) => {
                 base = Some(found);
@@ -118,13 +148,17 @@ pub(crate) fn recover_state(
         shard.currencies = currencies.clone();
     }
     let wal_dir = data_dir.join("wal");
+    let log = Log {
+        dir: &wal_dir,
+        segments,
+    };
     let replayed = if threads == 1 {
         let only = shards.remove(0);
-        replay_inline(storage, &wal_dir, after_lsn, repair, only, &mut transfers)?
+        replay_inline(storage, log, after_lsn, repair, only, &mut transfers)?
     } else {
         replay_sharded(
             storage,
-            &wal_dir,
+            log,
             after_lsn,
             repair,
             shards,
@@ -243,18 +277,38 @@ impl Progress {
     }
 }
 
+/// The segments a replay reads, and the log directory named in errors about them as a whole.
+#[derive(Clone, Copy)]
+struct Log<'a> {
+    dir: &'a Path,
+    segments: &'a [SegmentFile],
+}
+
+impl Log<'_> {
+    fn replay_after(
+        self,
+        storage: &dyn Storage,
+        after_lsn: u64,
+        repair: bool,
+        on_frame: impl FnMut(&wal::codec::Frame<'_>) -> Result<(), String>,
+    ) -> Result<ReplayOutcome, WalError> {
+        let (dir, segments) = (self.dir, self.segments);
+        wal::reader::replay_segments_after(storage, dir, segments, after_lsn, repair, on_frame)
+    }
+}
+
 /// One thread: reads, decodes and applies every event in log order. For small logs, and
 /// where one core is all there is.
 fn replay_inline(
     storage: &dyn Storage,
-    dir: &Path,
+    log: Log<'_>,
     after_lsn: u64,
     repair: bool,
     mut shard: Shard,
     book: &mut TransferBook,
 ) -> Result<Replayed, OpenError> {
     let mut progress = Progress::new();
-    let outcome = wal::replay_frames_after(storage, dir, after_lsn, repair, |frame| {
+    let outcome = log.replay_after(storage, after_lsn, repair, |frame| {
         progress.count(frame.lsn);
         shard.replay_frame(frame)?;
         for (event, view) in shard.transfers.drain(..) {
@@ -284,7 +338,7 @@ fn replay_inline(
 /// cut only once everything before it applied.
 fn replay_sharded(
     storage: &dyn Storage,
-    dir: &Path,
+    log: Log<'_>,
     after_lsn: u64,
     repair: bool,
     shards: Vec<Shard>,
@@ -332,7 +386,7 @@ fn replay_sharded(
         }
         drop(recycle);
         let mut batches: Vec<Frames> = (0..threads).map(|_| Frames::default()).collect();
-        let read = wal::replay_frames_after(storage, dir, after_lsn, false, |frame| {
+        let read = log.replay_after(storage, after_lsn, false, |frame| {
             if failed.load(Ordering::Relaxed) {
                 return Err("stopped: a replay thread refused a record".to_string());
             }
@@ -359,7 +413,8 @@ fn replay_sharded(
         (read, finished)
     });
     let corrupt_at = |lsn: u64, reason: String| {
-        let (path, offset) = wal::locate(storage, dir, lsn).unwrap_or((dir.to_path_buf(), 0));
+        let (path, offset) = wal::reader::locate_in(storage, log.segments, lsn)
+            .unwrap_or((log.dir.to_path_buf(), 0));
         OpenError::Wal(WalError::Corrupt {
             path,
             offset,

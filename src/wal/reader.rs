@@ -50,6 +50,34 @@ pub fn list_segments(storage: &dyn Storage, dir: &Path) -> Result<Vec<SegmentFil
     Ok(segments)
 }
 
+/// The complete journal: the segments of `archive` (where the server moves the segments no
+/// snapshot needs, `--wal-archive`) followed by those of the log in `dir`, in LSN order. A
+/// segment in both is refused: it would be read twice. Whether they continue one another
+/// with no gap is checked when they are read.
+pub fn list_journal(
+    storage: &dyn Storage,
+    archive: &Path,
+    dir: &Path,
+) -> Result<Vec<SegmentFile>, WalError> {
+    let mut segments = list_segments(storage, archive)?;
+    let live = list_segments(storage, dir)?;
+    for segment in &live {
+        if let Ok(i) = segments.binary_search_by_key(&segment.first_lsn, |s| s.first_lsn) {
+            return Err(WalError::Corrupt {
+                path: segments[i].path.clone(),
+                offset: 0,
+                reason: format!(
+                    "the segment is both in the archive and in the log ({})",
+                    segment.path.display()
+                ),
+            });
+        }
+    }
+    segments.extend(live);
+    segments.sort_by_key(|s| s.first_lsn);
+    Ok(segments)
+}
+
 /// What a torn tail cut removed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TailCut {
@@ -126,16 +154,29 @@ pub fn replay_frames_after(
     dir: &Path,
     after_lsn: u64,
     repair: bool,
+    on_frame: impl FnMut(&codec::Frame<'_>) -> Result<(), String>,
+) -> Result<ReplayOutcome, WalError> {
+    let segments = list_segments(storage, dir)?;
+    replay_segments_after(storage, dir, &segments, after_lsn, repair, on_frame)
+}
+
+/// [`replay_frames_after`] over `segments` (in LSN order: a directory's, or a whole journal
+/// from [`list_journal`]); `dir` names the log in errors about it as a whole. Only the last
+/// segment may end in a torn tail.
+pub fn replay_segments_after(
+    storage: &dyn Storage,
+    dir: &Path,
+    segments: &[SegmentFile],
+    after_lsn: u64,
+    repair: bool,
     mut on_frame: impl FnMut(&codec::Frame<'_>) -> Result<(), String>,
 ) -> Result<ReplayOutcome, WalError> {
-    let mut segments = list_segments(storage, dir)?;
     // The last segment starting at or before after_lsn + 1 holds the first record needed.
-    if let Some(first_needed) = segments
+    let first_needed = segments
         .iter()
         .rposition(|s| s.first_lsn <= after_lsn.saturating_add(1))
-    {
-        segments.drain(..first_needed);
-    }
+        .unwrap_or(0);
+    let segments = &segments[first_needed..];
     let mut outcome = ReplayOutcome {
         records: 0,
         last_lsn: 0,
@@ -183,13 +224,7 @@ pub fn replay_frames_after(
                 segment.first_lsn == before + 1
             };
             if !continues {
-                return Err(corrupt(
-                    0,
-                    format!(
-                        "segment starts at lsn {} but the records before it end at {}",
-                        segment.first_lsn, before
-                    ),
-                ));
+                return Err(corrupt(0, discontinuity(index, segment.first_lsn, before)));
             }
             if index == 0 {
                 // Records before this segment are covered by the snapshot (or there are none).
@@ -266,6 +301,31 @@ pub fn replay_frames_after(
     })
 }
 
+/// Why segment number `index` (of those read), starting at `first_lsn`, cannot follow
+/// records that end at `before`: a gap names the records missing.
+fn discontinuity(index: usize, first_lsn: u64, before: u64) -> String {
+    let found =
+        format!("segment starts at lsn {first_lsn} but the records before it end at {before}");
+    match first_lsn.checked_sub(before + 1) {
+        Some(0) | None if index > 0 => format!("{found}: it overlaps them"),
+        Some(missing) if index > 0 => format!(
+            "{found}: lsn {}..={} are missing (a segment before this one is missing)",
+            before + 1,
+            before + missing
+        ),
+        // The first segment read: nothing else holds the records before it.
+        _ if before == 0 => format!(
+            "{found}: lsn 1..={} are in no segment and no snapshot",
+            first_lsn - 1
+        ),
+        _ => format!(
+            "{found}: lsn {}..={} are in no segment (the snapshot covers up to {before})",
+            before + 1,
+            first_lsn - 1
+        ),
+    }
+}
+
 /// Whether any complete, checksum-valid frame starts after `offset`: if one does, the bad
 /// frame at `offset` is not a torn tail but damage in the middle of the log.
 fn valid_frame_after(bytes: &[u8], offset: usize) -> bool {
@@ -292,7 +352,15 @@ pub fn cut_tail(storage: &dyn Storage, cut: &TailCut) -> Result<(), WalError> {
 /// The segment and byte offset of the record with `lsn`, to name it in an error found after
 /// the record was read (by a parallel replay). `None` if it cannot be found.
 pub fn locate(storage: &dyn Storage, dir: &Path, lsn: u64) -> Option<(PathBuf, u64)> {
-    let segments = list_segments(storage, dir).ok()?;
+    locate_in(storage, &list_segments(storage, dir).ok()?, lsn)
+}
+
+/// [`locate`] among `segments` (in LSN order).
+pub fn locate_in(
+    storage: &dyn Storage,
+    segments: &[SegmentFile],
+    lsn: u64,
+) -> Option<(PathBuf, u64)> {
     let segment = segments.iter().rev().find(|s| s.first_lsn <= lsn)?;
     let bytes = storage.read(&segment.path).ok()?;
     let mut offset = 0;
