@@ -84,7 +84,9 @@ pub(crate) async fn count(State(state): State<AppState>, request: Request, next:
     response
 }
 
-super::openapi::problems!(MetricsProblems = [UNAUTHORIZED, RATE_LIMITED, OVERLOADED]);
+super::openapi::problems!(
+    MetricsProblems = [UNAUTHORIZED, RATE_LIMITED, OVERLOADED, SHUTTING_DOWN]
+);
 
 /// Prometheus metrics
 ///

@@ -268,13 +268,10 @@ fn problem_response(kinds: &[ErrorKind]) -> Response {
         if kind == &crate::http::error::kinds::CURSOR_EXPIRED {
             example["oldest_cursor"] = json!("e00000000000003e8");
         }
-        let name = if kind.title == "Shutting down" {
-            "shutting_down"
-        } else {
-            kind.code
-        };
-        content = content
-            .examples_from_iter([(name, ExampleBuilder::new().value(Some(example)).build())]);
+        content = content.examples_from_iter([(
+            kind.code,
+            ExampleBuilder::new().value(Some(example)).build(),
+        )]);
     }
     let mut response = ResponseBuilder::new()
         .description(format!("{description}."))

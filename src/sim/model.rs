@@ -7,8 +7,8 @@ use std::collections::{BTreeMap, HashMap};
 use uuid::Uuid;
 
 use crate::domain::{
-    AccountView, Currency, Hold, HoldStatus, OpError, Receipt, Request, Transaction,
-    TransferFailure, TransferStatus, TxKind, AMOUNT_MAX, HOLD_EXPIRES_SECS_DEFAULT,
+    AccountView, Currency, Field, Hold, HoldStatus, Invalid, OpError, Receipt, Request,
+    Transaction, TransferFailure, TransferStatus, TxKind, AMOUNT_MAX, HOLD_EXPIRES_SECS_DEFAULT,
     HOLD_EXPIRES_SECS_MAX,
 };
 use crate::engine::Conservation;
@@ -77,7 +77,7 @@ fn valid_metadata(metadata: &BTreeMap<String, String>) -> bool {
 }
 
 fn invalid() -> OpError {
-    OpError::Validation(String::new())
+    OpError::Validation(Invalid::new(Field::Request, ""))
 }
 
 /// Validation messages are free text; compares only the kind of a validation refusal.
