@@ -122,7 +122,8 @@ pub fn router(state: AppState) -> Router {
     router_with(state, RouterConfig::default())
 }
 
-/// The router of every endpoint, guarded as `config` says: request id, then counting (so 401 and 429 are counted too), then
+/// The router of every endpoint, guarded as `config` says: `Connection: close` when a body
+/// is left unread, request id, then counting (so 401 and 429 are counted too), then
 /// authentication, then rate limit, then timeout, then 503 `shutting_down` once the server
 /// stops, then the routes.
 pub fn router_with(state: AppState, config: RouterConfig) -> Router {
@@ -142,6 +143,7 @@ pub fn router_with(state: AppState, config: RouterConfig) -> Router {
             metrics::count,
         ))
         .layer(axum::middleware::from_fn(guard::request_id))
+        .layer(axum::middleware::from_fn(conn::close_unread))
         .with_state(state)
 }
 
@@ -190,6 +192,7 @@ pub fn metrics_router(state: AppState) -> Router {
         .route("/metrics", get(metrics::render))
         .fallback(|| async { ApiError::no_route() })
         .layer(axum::middleware::from_fn(guard::request_id))
+        .layer(axum::middleware::from_fn(conn::close_unread))
         .with_state(state)
 }
 
