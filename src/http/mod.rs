@@ -314,7 +314,7 @@ problems!(
 /// Credit an account
 ///
 /// Adds `amount` to the balance: one `credit` transaction.
-#[utoipa::path(post, path = "/v1/accounts/{id}/credits", operation_id = "postCredit", tag = "money",
+#[utoipa::path(post, path = "/v1/accounts/{id}/credits", operation_id = "postCredit", tag = "transactions",
     params(("id" = schema::AccountIdSchema, Path, description = ACCOUNT_ID_DOC), ("Idempotency-Key" = String, Header, min_length = 1, max_length = 255, pattern = "^[!-~]{1,255}$", description = IDEMPOTENCY_KEY_DOC)),
     request_body = MoveBody,
     responses(
@@ -360,7 +360,7 @@ problems!(
 ///
 /// Removes `amount` from the balance: one `debit` transaction. Needs
 /// `amount <= available + overdraft_limit`.
-#[utoipa::path(post, path = "/v1/accounts/{id}/debits", operation_id = "postDebit", tag = "money",
+#[utoipa::path(post, path = "/v1/accounts/{id}/debits", operation_id = "postDebit", tag = "transactions",
     params(("id" = schema::AccountIdSchema, Path, description = ACCOUNT_ID_DOC), ("Idempotency-Key" = String, Header, min_length = 1, max_length = 255, pattern = "^[!-~]{1,255}$", description = IDEMPOTENCY_KEY_DOC)),
     request_body = MoveBody,
     responses(
@@ -657,7 +657,7 @@ problems!(
 /// whole batch is refused only when the request itself is malformed (400), too large (413)
 /// or has no operation or more than 1,000 (422). Operations are not atomic together;
 /// operations on the same account apply in the order given.
-#[utoipa::path(post, path = "/v1/batch", operation_id = "postBatch", tag = "money",
+#[utoipa::path(post, path = "/v1/batch", operation_id = "postBatch", tag = "batch",
     request_body = BatchBody,
     responses(
         (status = 200, description = "One result per operation, in order.", body = BatchResponseDoc),
@@ -953,7 +953,7 @@ problems!(
 /// List an account's transactions
 ///
 /// Newest first, paged by seq. Accounts keep their last 1000 transactions in memory.
-#[utoipa::path(get, path = "/v1/accounts/{id}/transactions", operation_id = "listTransactions", tag = "accounts",
+#[utoipa::path(get, path = "/v1/accounts/{id}/transactions", operation_id = "listTransactions", tag = "transactions",
     params(("id" = schema::AccountIdSchema, Path, description = ACCOUNT_ID_DOC), TransactionsQuery),
     responses(
         (status = 200, description = "A page of transactions.", body = TransactionPage),
@@ -1009,7 +1009,7 @@ problems!(
 ///
 /// For a client that lost an answer: tells whether the request happened. Never applies
 /// anything.
-#[utoipa::path(get, path = "/v1/accounts/{id}/idempotency-keys/{key}", operation_id = "getIdempotencyKey", tag = "money",
+#[utoipa::path(get, path = "/v1/accounts/{id}/idempotency-keys/{key}", operation_id = "getIdempotencyKey", tag = "idempotency",
     params(("id" = schema::AccountIdSchema, Path, description = ACCOUNT_ID_DOC), ("key" = String, Path, min_length = 1, max_length = 255, pattern = "^[!-~]{1,255}$", description = "The Idempotency-Key to look up (percent-encoded in the path).")),
     responses(
         (status = 200, description = "The stored outcome.", body = IdempotencyLookup),
@@ -1062,7 +1062,7 @@ async fn get_idempotency_key(
 /// Liveness
 ///
 /// 200 while the process runs, also during recovery. Never needs a token.
-#[utoipa::path(get, path = "/healthz", operation_id = "healthz", tag = "operations",
+#[utoipa::path(get, path = "/healthz", operation_id = "healthz", tag = "service",
     security(()),
     responses((status = 200, description = "The process runs.", body = Health)))]
 async fn healthz() -> Response {
@@ -1075,7 +1075,7 @@ problems!(ReadyzProblems = [NOT_READY, STORAGE_FAILURE, SHUTTING_DOWN]);
 ///
 /// 200 once recovery is done (overdue holds expired) and writes are accepted. Never needs a
 /// token.
-#[utoipa::path(get, path = "/readyz", operation_id = "readyz", tag = "operations",
+#[utoipa::path(get, path = "/readyz", operation_id = "readyz", tag = "service",
     security(()),
     responses((status = 200, description = "Ready.", body = Readiness), ReadyzProblems))]
 async fn readyz(State(state): State<AppState>) -> ApiResult {
@@ -1089,7 +1089,7 @@ async fn readyz(State(state): State<AppState>) -> ApiResult {
 problems!(OpenApiProblems = [UNAUTHORIZED, RATE_LIMITED, OVERLOADED, SHUTTING_DOWN]);
 
 /// This document
-#[utoipa::path(get, path = "/openapi.json", operation_id = "openapi", tag = "operations",
+#[utoipa::path(get, path = "/openapi.json", operation_id = "openapi", tag = "service",
     responses(
         (status = 200, description = "The OpenAPI 3.1 document of this API.", body = Object, content_type = "application/json"),
         OpenApiProblems,
