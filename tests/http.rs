@@ -1,4 +1,4 @@
-//! HTTP tests against a real server on `127.0.0.1:0` (shared/API.md): every endpoint, status
+//! HTTP tests against a real server on `127.0.0.1:0` (docs/API.md): every endpoint, status
 //! and error code of accounts, credits, debits, holds, lists, idempotency and operations.
 //! Transfers, batch, events and authentication are covered elsewhere.
 
@@ -491,7 +491,7 @@ async fn put_account_refuses_bad_input() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn get_account_shape_and_not_found() {
-    // Goal: GET answers the Account exactly as API.md shows it, and 404 account_not_found for an unknown id.
+    // Goal: GET answers the Account exactly as docs/API.md shows it, and 404 account_not_found for an unknown id.
     let clock = Arc::new(ManualClock::new(T0_MS));
     let c = clock.clone();
     let ts = TestServer::start_with(|config| config.clock = c).await;
@@ -1063,7 +1063,7 @@ async fn bodies_up_to_64_kib_are_accepted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn error_precedence() {
-    // Goal: when a request has several faults, the error API.md ranks first wins.
+    // Goal: when a request has several faults, the error docs/API.md ranks first wins.
     let ts = TestServer::start().await;
     open(&ts, "p").await;
     credit(&ts, "p", 100).await;
@@ -1228,7 +1228,7 @@ async fn json_arrays_are_not_request_objects() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn empty_query_values_count_as_absent() {
-    // Goal: a list parameter given with an empty value (the `?status=open&limit=&after=` URL template of API.md) means "not given": the answer is 200 with exactly the body of the same request without it, while a non-empty bad value stays 400 invalid_request.
+    // Goal: a list parameter given with an empty value (the `?status=open&limit=&after=` URL template of docs/API.md) means "not given": the answer is 200 with exactly the body of the same request without it, while a non-empty bad value stays 400 invalid_request.
     let ts = TestServer::start().await;
     open(&ts, "q").await;
     credit(&ts, "q", 10).await;

@@ -327,7 +327,7 @@ fn bounds_patterns_and_formats_are_the_contracts() {
 #[test]
 fn query_parameters_are_their_exact_value_or_empty() {
     // Goal: every query parameter is documented as its exact non-empty form (bounds, format,
-    // enum unchanged) or the empty string, which the server takes as absent (API.md's URL
+    // enum unchanged) or the empty string, which the server takes as absent (docs/API.md's URL
     // template `?status=open&limit=&after=`), so the document and the server agree.
     let doc = document();
     let empty = json!({"type": "string", "maxLength": 0});

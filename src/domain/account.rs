@@ -32,7 +32,7 @@ pub enum TxKind {
 }
 
 impl TxKind {
-    /// Every kind, in the order of API.md.
+    /// Every kind, in the order of docs/API.md.
     pub const ALL: [TxKind; 8] = [
         TxKind::Credit,
         TxKind::Debit,
@@ -1111,7 +1111,7 @@ impl Account {
     }
 
     /// Decides what a request does, without changing anything.
-    /// Order of checks (API.md): idempotency, validation, hold lookup, hold state, amounts.
+    /// Order of checks (docs/API.md): idempotency, validation, hold lookup, hold state, amounts.
     pub fn decide(
         &self,
         key: Option<&IdempotencyKey>,

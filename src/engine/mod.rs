@@ -47,7 +47,7 @@ pub const SNAPSHOT_EVERY_RECORDS_DEFAULT: u64 = 1_000_000;
 pub const SNAPSHOT_INTERVAL_DEFAULT: Duration = Duration::from_secs(600);
 
 /// Default retention: the last 1000 transactions of each account in memory, idempotency
-/// keys and ended holds for 24 hours (API.md's minimum).
+/// keys and ended holds for 24 hours (docs/API.md's minimum).
 pub const RETENTION_DEFAULT: Retention = Retention {
     history: 1000,
     ttl_ms: 24 * 60 * 60 * 1000,

@@ -1,4 +1,4 @@
-//! The HTTP API of `shared/API.md`: routes, parsing and answers. The only module that knows
+//! The HTTP API of `docs/API.md`: routes, parsing and answers. The only module that knows
 //! about JSON. Parsing follows the API's order of errors: 413, then 400 (path, body, query,
 //! key format), then 400 `idempotency_key_missing`; everything after that (404 account,
 //! idempotency, 422 validation, holds, funds) is decided by the engine in the same order.
@@ -1238,7 +1238,7 @@ fn parse_json_or_empty<'a, T: Deserialize<'a> + Default>(bytes: &'a [u8]) -> Res
 
 /// Parses a query string strictly: unknown or repeated parameters are 400, and so is any
 /// malformed non-empty value (`limit=0`, `limit=+5`, `status=foo`). A parameter given with an
-/// empty value (`?limit=&after=`) counts as absent, exactly as if it were left out: API.md
+/// empty value (`?limit=&after=`) counts as absent, exactly as if it were left out: docs/API.md
 /// shows the list URL as the template `?status=open&limit=&after=`, and a client written
 /// against it may send the parameters it does not use empty. Refusing those would break it.
 fn parse_query<T: serde::de::DeserializeOwned + Default>(

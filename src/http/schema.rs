@@ -18,9 +18,9 @@ use crate::domain::{
     METADATA_KEY_CHARS_MAX, METADATA_VALUE_CHARS_MAX,
 };
 
-/// The pattern of an account id (API.md: 1..=128 of `[A-Za-z0-9._:-]`).
+/// The pattern of an account id (docs/API.md: 1..=128 of `[A-Za-z0-9._:-]`).
 pub const ACCOUNT_ID_PATTERN: &str = "^[A-Za-z0-9._:-]{1,128}$";
-/// The pattern of a currency (API.md: 1..=16 of `[A-Z0-9_]`).
+/// The pattern of a currency (docs/API.md: 1..=16 of `[A-Z0-9_]`).
 pub const CURRENCY_PATTERN: &str = "^[A-Z0-9_]{1,16}$";
 /// The pattern of an idempotency key (1..=255 visible ASCII characters).
 pub const IDEMPOTENCY_KEY_PATTERN: &str = "^[!-~]{1,255}$";
@@ -441,7 +441,7 @@ pub fn account_id() -> Object {
 }
 
 /// A query parameter's schema: `value`, or the empty string, which the server takes as the
-/// parameter being absent (API.md's list URL is the template `?status=open&limit=&after=`, so
+/// parameter being absent (docs/API.md's list URL is the template `?status=open&limit=&after=`, so
 /// clients may send unused parameters empty). The non-empty form keeps `value`'s exact bounds,
 /// format or enum; only a zero-length string is added. `meaning` describes the parameter
 /// (utoipa does not carry a field's doc comment into a `schema_with` parameter).
