@@ -39,7 +39,7 @@ use crate::domain::{
 use crate::storage::{FileStorage, Storage};
 use crate::wal::{self, codec, Wal, WalError, WalStart, WriterMode};
 
-pub use actor::ACTOR_MAILBOX_CAPACITY;
+pub use actor::{ACTOR_MAILBOX_CAPACITY, MAILBOX_SEND_WAIT};
 
 /// Default: a snapshot after a million new WAL records...
 pub const SNAPSHOT_EVERY_RECORDS_DEFAULT: u64 = 1_000_000;

@@ -31,6 +31,7 @@ use crate::domain::{
     TransferStatus, TxKind, AMOUNT_MAX,
 };
 use crate::engine::{Engine, Executed};
+pub use conn::{DISCARD_BODY_BYTES_MAX, DISCARD_BODY_WAIT};
 use dto::*;
 pub use error::ApiError;
 pub use guard::{GuardConfig, RateLimit, Tokens};
