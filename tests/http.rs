@@ -167,11 +167,11 @@ fn assert_problem(r: &Resp, status: u16, code: &str) {
     // for insufficient_funds.
     let mut expected = vec!["code", "detail", "status", "title", "type"];
     match code {
-        "invalid_request" | "idempotency_key_missing" | "validation_failed" => {
-            if body.get("field").is_some() {
-                assert!(body["field"].is_string(), "{body}");
-                expected.push("field");
-            }
+        "invalid_request" | "idempotency_key_missing" | "validation_failed"
+            if body.get("field").is_some() =>
+        {
+            assert!(body["field"].is_string(), "{body}");
+            expected.push("field");
         }
         "insufficient_funds" => {
             assert!(body["available"].is_i64(), "{body}");

@@ -20,13 +20,20 @@ pub struct ApiError {
     pub detail: String,
     /// Seconds for `Retry-After`, on 429 and 503.
     pub retry_after_secs: Option<u32>,
-    /// With 410 `cursor_expired`: the oldest cursor still available (an RFC 9457 extension
-    /// member of the body).
-    pub oldest_cursor: Option<String>,
+    /// The RFC 9457 extension members of the body, when it has any (boxed: most answers
+    /// have none, and the error travels in every `Result` of the HTTP layer).
+    pub members: Option<Box<Members>>,
+}
+
+/// The extension members of a problem body.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Members {
     /// Where the offending value is (see [`ApiError::at`]), when one value is at fault.
     pub field: Option<String>,
     /// With 409 `insufficient_funds`: the account's available money and the amount asked.
     pub funds: Option<Funds>,
+    /// With 410 `cursor_expired`: the oldest cursor still available.
+    pub oldest_cursor: Option<String>,
 }
 
 /// The numbers of an `insufficient_funds` answer (members `available` and `requested`).
@@ -325,17 +332,24 @@ impl ApiError {
             title: kind.title,
             detail: detail.into(),
             retry_after_secs: kind.retry_after_secs,
-            oldest_cursor: None,
-            field: None,
-            funds: None,
+            members: None,
         }
+    }
+
+    /// Where the offending value is, if the answer names it.
+    pub fn field(&self) -> Option<&str> {
+        self.members.as_ref().and_then(|m| m.field.as_deref())
+    }
+
+    fn members_mut(&mut self) -> &mut Members {
+        self.members.get_or_insert_with(Box::default)
     }
 
     /// The same answer naming where the offending value is: a JSON pointer into the body
     /// (`/amount`, `/operations/3/account`; `""` is the whole body), or `header:NAME`,
     /// `query:NAME`, `path:NAME` for a header, query parameter or path parameter.
     pub fn at(mut self, field: impl Into<String>) -> ApiError {
-        self.field = Some(field.into());
+        self.members_mut().field = Some(field.into());
         self
     }
 
@@ -358,7 +372,10 @@ impl ApiError {
     /// `/operations/{index}`, and the Idempotency-Key header of a single endpoint is the
     /// operation's own `idempotency_key`.
     pub fn in_operation(mut self, index: usize) -> ApiError {
-        self.field = self.field.map(|field| {
+        let Some(members) = self.members.as_mut() else {
+            return self;
+        };
+        members.field = members.field.take().map(|field| {
             if field == IDEMPOTENCY_KEY_HEADER {
                 format!("/operations/{index}/idempotency_key")
             } else if field.is_empty() || field.starts_with('/') {
@@ -493,7 +510,7 @@ impl From<EngineError> for ApiError {
                         "the events after this cursor are no longer kept; the oldest available cursor is {oldest}"
                     ),
                 );
-                e.oldest_cursor = Some(oldest);
+                e.members_mut().oldest_cursor = Some(oldest);
                 e
             }
             EngineError::CursorAhead { durable } => ApiError::invalid_at(
@@ -549,7 +566,7 @@ impl From<OpError> for ApiError {
                         )
                     },
                 );
-                error.funds = Some(Funds {
+                error.members_mut().funds = Some(Funds {
                     available,
                     requested: amount,
                 });
@@ -606,16 +623,20 @@ impl ApiError {
 
     /// The problem+json body.
     pub fn body(&self) -> serde_json::Value {
+        let funds = self.members.as_ref().and_then(|m| m.funds);
         serde_json::to_value(ProblemJson {
             r#type: format!("urn:coffer:error:{}", self.code),
             title: self.title,
             status: self.status.as_u16(),
             detail: &self.detail,
             code: self.code,
-            field: self.field.as_deref(),
-            available: self.funds.map(|f| f.available),
-            requested: self.funds.map(|f| f.requested),
-            oldest_cursor: self.oldest_cursor.as_deref(),
+            field: self.field(),
+            available: funds.map(|f| f.available),
+            requested: funds.map(|f| f.requested),
+            oldest_cursor: self
+                .members
+                .as_ref()
+                .and_then(|m| m.oldest_cursor.as_deref()),
         })
         .unwrap_or(serde_json::Value::Null)
     }

@@ -240,7 +240,7 @@ impl Ask {
     /// client gave it.
     fn problem(&self, error: EngineError) -> ApiError {
         let problem = ApiError::from(error);
-        if problem.field.as_deref() == Some("query:after") {
+        if problem.field() == Some("query:after") {
             problem.at(self.after_field)
         } else {
             problem

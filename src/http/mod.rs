@@ -1310,7 +1310,8 @@ mod tests {
         parse_json::<T>(body.as_bytes())
             .err()
             .expect("a refusal")
-            .field
+            .field()
+            .map(str::to_string)
     }
 
     #[test]
@@ -1345,30 +1346,22 @@ mod tests {
         let batch = r#"{"operations": [{"op": "credit"}]}"#;
         let body: BatchBody = parse_json(batch.as_bytes()).expect("a batch");
         let error = batch_operation(body.operations[0])
-            .err()
-            .expect("no account")
+            .expect_err("no account")
             .in_operation(3);
-        assert_eq!(error.field.as_deref(), Some("/operations/3/account"));
-        let error = parse_json::<BatchBody>(br#"{"operation": []}"#)
-            .err()
-            .expect("an unknown field");
-        assert_eq!(error.field.as_deref(), Some("/operation"));
+        assert_eq!(error.field(), Some("/operations/3/account"));
+        let error = parse_json::<BatchBody>(br#"{"operation": []}"#).expect_err("an unknown field");
+        assert_eq!(error.field(), Some("/operation"));
         let missing = ApiError::key_missing().in_operation(2);
-        assert_eq!(
-            missing.field.as_deref(),
-            Some("/operations/2/idempotency_key")
-        );
+        assert_eq!(missing.field(), Some("/operations/2/idempotency_key"));
     }
 
     #[test]
     fn query_problems_name_the_parameter() {
-        let error = parse_query::<HoldsQuery>(Some("limit=5&bogus=1"))
-            .err()
-            .expect("an unknown parameter");
-        assert_eq!(error.field.as_deref(), Some("query:bogus"));
-        let error = parse_query::<HoldsQuery>(Some("limit=5&limit=6"))
-            .err()
-            .expect("a repeated parameter");
-        assert_eq!(error.field.as_deref(), Some("query:limit"));
+        let error =
+            parse_query::<HoldsQuery>(Some("limit=5&bogus=1")).expect_err("an unknown parameter");
+        assert_eq!(error.field(), Some("query:bogus"));
+        let error =
+            parse_query::<HoldsQuery>(Some("limit=5&limit=6")).expect_err("a repeated parameter");
+        assert_eq!(error.field(), Some("query:limit"));
     }
 }
