@@ -69,8 +69,8 @@ def filter_failure(context, failure, case, response):
 
 def batch_refusal(failure, case, response):
     # POST /v1/batch answers a malformed operation inside a 200, with that operation's own
-    # result (400, 422, or an earlier error in API.md's order such as 404 for an unknown
-    # account), exactly as its single endpoint would (API.md: "the whole batch is refused
+    # result (400, 422, or an earlier error in docs/API.md's order such as 404 for an unknown
+    # account), exactly as its single endpoint would (docs/API.md: "the whole batch is refused
     # only when the request itself is malformed"). So a schema-violating operation is
     # refused, just not at the HTTP status negative_data_rejection (ST201) looks at. Such a
     # failure is dropped only if the answer is 200 and some operation was refused (a 4xx
@@ -90,7 +90,7 @@ def batch_refusal(failure, case, response):
 
 
 def capture_over_hold(failure, case, response):
-    # A capture may not take more than its hold (API.md: 422 amount_exceeds_hold). The
+    # A capture may not take more than its hold (docs/API.md: 422 amount_exceeds_hold). The
     # hold's amount is state, not schema, so a schema-valid capture of a real hold found by
     # the stateful phase can exceed it. Only that exact refusal is dropped (ST202).
     if failure.code != "ST202" or not case.operation.path.endswith("/capture"):

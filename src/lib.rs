@@ -1,6 +1,6 @@
 //! coffer: a durable, in-memory account engine for wallet and game backends.
 //!
-//! Accounts, credits, debits and holds over HTTP (`shared/API.md`), with every acknowledged
+//! Accounts, credits, debits and holds over HTTP (`docs/API.md`), with every acknowledged
 //! change on stable storage through a group-committed write-ahead log. See ARCHITECTURE.md
 //! for the map: `domain` (pure state machine) ← `engine` (registry, actors, recovery,
 //! expiry) ← `http` (routes, JSON, errors); `wal` holds the bytes on disk.

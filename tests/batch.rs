@@ -136,6 +136,37 @@ async fn errors_stay_with_their_operation() {
     ];
     let expect: Vec<(u64, String)> = expect.iter().map(|(s, c)| (*s, c.to_string())).collect();
     assert_eq!(codes, expect);
+    // Each refusal names its operation's offending field; a missing key is the operation's
+    // own `idempotency_key`, not the header a single endpoint would need.
+    let fields: Vec<Option<&str>> = body["results"]
+        .as_array()
+        .expect("results")
+        .iter()
+        .map(|r| r["body"]["field"].as_str())
+        .collect();
+    assert_eq!(
+        fields,
+        [
+            None,
+            Some("/operations/1/op"),
+            None,
+            Some("/operations/3/idempotency_key"),
+            Some("/operations/4/amount"),
+            Some("/operations/5/amount"),
+            Some("/operations/6/account"),
+            None,
+            Some("/operations/8/hold_id"),
+            Some("/operations/9"),
+            None,
+        ]
+    );
+    let missing = &body["results"][3]["body"]["detail"];
+    assert!(
+        missing
+            .as_str()
+            .is_some_and(|d| d.contains("idempotency_key") && !d.contains("header")),
+        "{missing}"
+    );
     let a = account(&ts, "a").await;
     assert_eq!(a["balance"], 6);
     assert_eq!(a["seq"], 2);

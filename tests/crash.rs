@@ -248,6 +248,11 @@ fn is_refusal_for_funds(status: u16, body: &Value) -> bool {
     status == 409 && body["code"] == "insufficient_funds"
 }
 
+/// Whether an answer is a stopping server's refusal (nothing applied, retry elsewhere).
+fn is_shutting_down(status: u16, body: &Value) -> bool {
+    status == 503 && body["code"] == "shutting_down"
+}
+
 /// The transfer id a failed transfer's problem names in its detail ("transfer ID failed and
 /// its N went back to ...").
 fn failed_transfer_id(body: &Value) -> Option<String> {
@@ -761,9 +766,11 @@ fn record_answers(model: &mut Model, sent: Vec<Sent>, rng: &mut Rng) -> (Vec<Sen
                 acked.push(s);
             }
             Outcome::Refused { status, body } => {
-                // Under this load the only other refusal that can happen is a lack of funds.
+                // Under this load the only other refusals that can happen are a lack of
+                // funds and, for a request that reached a server stopping at SIGTERM,
+                // 503 shutting_down; neither applied anything (checked after the restart).
                 assert!(
-                    is_refusal_for_funds(*status, body),
+                    is_refusal_for_funds(*status, body) || is_shutting_down(*status, body),
                     "{}: unexpected refusal {status} {body}",
                     s.describe()
                 );

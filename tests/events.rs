@@ -515,3 +515,61 @@ async fn the_load_tool_measures_events_delivered_to_consumers() {
         report.text()
     );
 }
+
+#[tokio::test]
+async fn a_stopping_server_ends_long_polls_and_streams_with_shutting_down() {
+    // Goal: a consumer can tell a stop from load: a waiting long poll is answered 503
+    // `shutting_down` (not `overloaded`), and an open SSE stream gets an `event: error` with
+    // that problem before it ends.
+    let mut server = busy_server().await;
+    let (_, page) = get(&server, "/v1/events?limit=1000").await;
+    let next = page["next"].as_str().expect("a cursor").to_string();
+    let poll = tokio::spawn(
+        server
+            .client
+            .get(server.url(&format!("/v1/events?after={next}&wait_ms=20000")))
+            .send(),
+    );
+    let mut stream = server
+        .client
+        .get(server.url(&format!("/v1/events?after={next}")))
+        .header("Accept", "text/event-stream")
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(stream.status(), 200);
+    // Both consumers are waiting before the stop begins.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let metrics = server.get_text("/metrics").await;
+        if metrics
+            .lines()
+            .any(|line| line == "coffer_event_consumers 2")
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the consumers never waited");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    server.stop().await;
+    let poll = poll
+        .await
+        .expect("the task")
+        .expect("the long poll is answered");
+    assert_eq!(poll.status(), 503);
+    assert_eq!(poll.headers()["retry-after"], "1");
+    let problem: Value = poll.json().await.expect("a problem");
+    assert_eq!(problem["code"], "shutting_down", "{problem}");
+    let mut text = String::new();
+    while let Ok(Some(chunk)) = stream.chunk().await {
+        text.push_str(std::str::from_utf8(&chunk).expect("UTF-8"));
+    }
+    let data = text
+        .split("event: error\ndata: ")
+        .nth(1)
+        .and_then(|rest| rest.split('\n').next())
+        .unwrap_or_else(|| panic!("no error event in {text:?}"));
+    let problem: Value = serde_json::from_str(data).expect("the error event's data is JSON");
+    assert_eq!(problem["code"], "shutting_down", "{problem}");
+    assert_eq!(problem["status"], 503, "{problem}");
+}

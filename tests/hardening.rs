@@ -434,3 +434,145 @@ async fn connections_past_the_cap_wait_until_one_closes() {
     assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"));
     server.stop().await;
 }
+
+/// One HTTP/1.1 answer read from a raw connection: its status line and headers (lower
+/// case), after reading its whole `Content-Length` body.
+async fn read_answer(stream: &mut tokio::net::TcpStream) -> (u16, Vec<(String, String)>) {
+    let mut buffer = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buffer.ends_with(b"\r\n\r\n") {
+        let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut byte))
+            .await
+            .expect("an answer within 5 s")
+            .expect("read");
+        assert_eq!(
+            read, 1,
+            "the connection closed before an answer: {buffer:?}"
+        );
+        buffer.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&buffer).to_string();
+    let mut lines = head.split("\r\n");
+    let status: u16 = lines
+        .next()
+        .and_then(|line| line.split(' ').nth(1))
+        .and_then(|code| code.parse().ok())
+        .expect("a status line");
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|line| line.split_once(':'))
+        .map(|(name, value)| (name.trim().to_lowercase(), value.trim().to_lowercase()))
+        .collect();
+    let length: usize = headers
+        .iter()
+        .find(|(name, _)| name == "content-length")
+        .and_then(|(_, value)| value.parse().ok())
+        .expect("a Content-Length");
+    let mut body = vec![0u8; length];
+    stream.read_exact(&mut body).await.expect("the body");
+    (status, headers)
+}
+
+fn closes(headers: &[(String, String)]) -> bool {
+    headers
+        .iter()
+        .any(|(name, value)| name == "connection" && value == "close")
+}
+
+#[tokio::test]
+async fn a_post_refused_before_its_body_is_read_keeps_or_closes_its_connection_explicitly() {
+    // Goal: a POST refused before its body is needed (401, 429) leaves the connection usable:
+    // a small body is read and discarded, and the next request on the same connection is
+    // answered. A body that is not read (too large, or not sent) is answered with
+    // `Connection: close`, so a client pool does not reuse a connection the server closes.
+    let mut config = secured();
+    config.guard.rate_limit = Some(RateLimit {
+        per_second: 1,
+        burst: 1,
+    });
+    let mut server = TestServer::start_configured(config, |_| {}).await;
+    let addr = server.addr();
+    let body = r#"{"amount": 5}"#;
+    let post = |auth: &str, length: usize| {
+        format!(
+            "POST /v1/accounts/a-1/credits HTTP/1.1\r\nHost: x\r\n{auth}Idempotency-Key: k\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
+        )
+    };
+    let next = "GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n";
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    // 401 with a small body, then the next request on the same connection.
+    let request = format!("{}{body}", post("", body.len()));
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let (status, headers) = read_answer(&mut stream).await;
+    assert_eq!(status, 401);
+    assert!(!closes(&headers), "{headers:?}");
+    stream.write_all(next.as_bytes()).await.expect("write");
+    assert_eq!(read_answer(&mut stream).await.0, 200);
+    // 429 with a small body: the first request takes the burst, the second is refused.
+    let auth = format!("Authorization: Bearer {PLAIN}\r\n");
+    for expected in [404, 429] {
+        let request = format!("{}{body}", post(&auth, body.len()));
+        stream.write_all(request.as_bytes()).await.expect("write");
+        let (status, headers) = read_answer(&mut stream).await;
+        assert_eq!(status, expected);
+        assert!(!closes(&headers), "{headers:?}");
+    }
+    stream.write_all(next.as_bytes()).await.expect("write");
+    assert_eq!(read_answer(&mut stream).await.0, 200);
+    // A body too large to discard, announced but not sent: refused with Connection: close.
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stream
+        .write_all(post("", 1 << 20).as_bytes())
+        .await
+        .expect("write");
+    let (status, headers) = read_answer(&mut stream).await;
+    assert_eq!(status, 401);
+    assert!(closes(&headers), "{headers:?}");
+    // 413: the body is not read past its limit.
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let request = format!("{}{}", post(&auth, 70_000), "x".repeat(70_000));
+    let _ = stream.write_all(request.as_bytes()).await;
+    let (status, headers) = read_answer(&mut stream).await;
+    assert!(status == 413 || status == 429, "{status}");
+    assert!(closes(&headers), "{headers:?}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_pooled_client_keeps_working_after_refused_posts() {
+    // Goal: a keep-alive pool of one connection sends POSTs with bodies that are refused
+    // (401, then 413 with a token) and a request after each: none of those is lost to a
+    // connection the server closed under it.
+    let mut server = TestServer::start_configured(secured(), |_| {}).await;
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(1)
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("client");
+    let credit = server.url("/v1/accounts/p-1/credits");
+    let big = "x".repeat(70_000);
+    for round in 0..30 {
+        let refused = if round % 2 == 0 {
+            client
+                .post(&credit)
+                .header("idempotency-key", format!("k{round}"))
+                .body(r#"{"amount": 5}"#)
+                .send()
+                .await
+        } else {
+            client
+                .post(&credit)
+                .bearer_auth(PLAIN)
+                .header("idempotency-key", format!("k{round}"))
+                .body(big.clone())
+                .send()
+                .await
+        };
+        let refused = refused.expect("the refused POST is answered");
+        assert!([401, 413].contains(&refused.status().as_u16()));
+        let _ = refused.bytes().await;
+        let next = client.get(server.url("/readyz")).send().await;
+        assert_eq!(next.expect("the next request on the pool").status(), 200);
+    }
+    server.stop().await;
+}

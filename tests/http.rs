@@ -1,4 +1,4 @@
-//! HTTP tests against a real server on `127.0.0.1:0` (shared/API.md): every endpoint, status
+//! HTTP tests against a real server on `127.0.0.1:0` (docs/API.md): every endpoint, status
 //! and error code of accounts, credits, debits, holds, lists, idempotency and operations.
 //! Transfers, batch, events and authentication are covered elsewhere.
 
@@ -162,11 +162,26 @@ fn assert_problem(r: &Resp, status: u16, code: &str) {
         .map(String::as_str)
         .collect();
     keys.sort_unstable();
-    assert_eq!(
-        keys,
-        ["code", "detail", "status", "title", "type"],
-        "{body}"
-    );
+    // The members every problem has, plus the extensions of its code: `field` (where the
+    // offending value is, when one is) for validation problems, `available` and `requested`
+    // for insufficient_funds.
+    let mut expected = vec!["code", "detail", "status", "title", "type"];
+    match code {
+        "invalid_request" | "idempotency_key_missing" | "validation_failed"
+            if body.get("field").is_some() =>
+        {
+            assert!(body["field"].is_string(), "{body}");
+            expected.push("field");
+        }
+        "insufficient_funds" => {
+            assert!(body["available"].is_i64(), "{body}");
+            assert!(body["requested"].is_u64(), "{body}");
+            expected.extend(["available", "requested"]);
+        }
+        _ => {}
+    }
+    expected.sort_unstable();
+    assert_eq!(keys, expected, "{body}");
     assert_eq!(body["code"], code, "{body}");
     assert_eq!(body["status"], status, "{body}");
     assert_eq!(body["type"], format!("urn:coffer:error:{code}"), "{body}");
@@ -175,6 +190,13 @@ fn assert_problem(r: &Resp, status: u16, code: &str) {
         "{body}"
     );
     assert!(body["detail"].is_string(), "{body}");
+}
+
+/// Asserts a validation problem (400 or 422) naming `field` as where the fault is.
+#[track_caller]
+fn assert_problem_at(r: &Resp, status: u16, code: &str, field: &str) {
+    assert_problem(r, status, code);
+    assert_eq!(r.json()["field"], field, "{}", r.text());
 }
 
 /// Asserts that the account still has this seq and balance (nothing was applied).
@@ -469,7 +491,7 @@ async fn put_account_refuses_bad_input() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn get_account_shape_and_not_found() {
-    // Goal: GET answers the Account exactly as API.md shows it, and 404 account_not_found for an unknown id.
+    // Goal: GET answers the Account exactly as docs/API.md shows it, and 404 account_not_found for an unknown id.
     let clock = Arc::new(ManualClock::new(T0_MS));
     let c = clock.clone();
     let ts = TestServer::start_with(|config| config.clock = c).await;
@@ -1041,7 +1063,7 @@ async fn bodies_up_to_64_kib_are_accepted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn error_precedence() {
-    // Goal: when a request has several faults, the error API.md ranks first wins.
+    // Goal: when a request has several faults, the error docs/API.md ranks first wins.
     let ts = TestServer::start().await;
     open(&ts, "p").await;
     credit(&ts, "p", 100).await;
@@ -1206,7 +1228,7 @@ async fn json_arrays_are_not_request_objects() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn empty_query_values_count_as_absent() {
-    // Goal: a list parameter given with an empty value (the `?status=open&limit=&after=` URL template of API.md) means "not given": the answer is 200 with exactly the body of the same request without it, while a non-empty bad value stays 400 invalid_request.
+    // Goal: a list parameter given with an empty value (the `?status=open&limit=&after=` URL template of docs/API.md) means "not given": the answer is 200 with exactly the body of the same request without it, while a non-empty bad value stays 400 invalid_request.
     let ts = TestServer::start().await;
     open(&ts, "q").await;
     credit(&ts, "q", 10).await;
@@ -2018,4 +2040,326 @@ async fn not_ready_before_recovery() {
     .await;
     assert_problem(&r, 503, "not_ready");
     serving.abort();
+}
+
+// ---------------------------------------------------------------------------------------
+// Where a refusal's fault is: `field`, and the numbers of insufficient_funds
+
+#[tokio::test]
+async fn validation_problems_name_the_offending_field() {
+    // Goal: every 400/422 about one value says where it is: a JSON pointer into the body,
+    // `header:Idempotency-Key`, `query:NAME` or `path:NAME`.
+    let ts = TestServer::start().await;
+    open(&ts, "f-1").await;
+    credit(&ts, "f-1", 100).await;
+    let credits = "/v1/accounts/f-1/credits";
+    let cases: Vec<(Resp, u16, &str, &str)> = vec![
+        (
+            post(&ts, credits, &key(), &json!({"amount": "5"})).await,
+            400,
+            "invalid_request",
+            "/amount",
+        ),
+        (
+            post(&ts, credits, &key(), &json!({"amount": 5.5})).await,
+            400,
+            "invalid_request",
+            "/amount",
+        ),
+        (
+            post(&ts, credits, &key(), &json!({})).await,
+            400,
+            "invalid_request",
+            "/amount",
+        ),
+        (
+            post(&ts, credits, &key(), &json!({"amont": 5})).await,
+            400,
+            "invalid_request",
+            "/amont",
+        ),
+        (
+            post(
+                &ts,
+                credits,
+                &key(),
+                &json!({"amount": 5, "metadata": {"k": 1}}),
+            )
+            .await,
+            400,
+            "invalid_request",
+            "/metadata/k",
+        ),
+        (
+            post_raw(&ts, credits, Some(&key()), "[5]").await,
+            400,
+            "invalid_request",
+            "",
+        ),
+        (
+            post(&ts, credits, &key(), &json!({"amount": 0})).await,
+            422,
+            "validation_failed",
+            "/amount",
+        ),
+        (
+            post(
+                &ts,
+                credits,
+                &key(),
+                &json!({"amount": 5, "metadata": {"k": "v".repeat(501)}}),
+            )
+            .await,
+            422,
+            "validation_failed",
+            "/metadata",
+        ),
+        (
+            post(
+                &ts,
+                "/v1/accounts/f-1/holds",
+                &key(),
+                &json!({"amount": 5, "expires_in_secs": 0}),
+            )
+            .await,
+            422,
+            "validation_failed",
+            "/expires_in_secs",
+        ),
+        (
+            post_raw(&ts, credits, None, json!({"amount": 5}).to_string()).await,
+            400,
+            "idempotency_key_missing",
+            "header:Idempotency-Key",
+        ),
+        (
+            post_raw(
+                &ts,
+                credits,
+                Some(&"k".repeat(256)),
+                json!({"amount": 5}).to_string(),
+            )
+            .await,
+            400,
+            "invalid_request",
+            "header:Idempotency-Key",
+        ),
+        (
+            post(
+                &ts,
+                "/v1/accounts/bad%20id/credits",
+                &key(),
+                &json!({"amount": 5}),
+            )
+            .await,
+            400,
+            "invalid_request",
+            "path:id",
+        ),
+        (
+            post(
+                &ts,
+                "/v1/accounts/f-1/holds/nope/capture",
+                &key(),
+                &json!({}),
+            )
+            .await,
+            400,
+            "invalid_request",
+            "path:hold_id",
+        ),
+        (
+            put(
+                &ts,
+                "/v1/accounts/f-2",
+                json!({"currency": "gem"}).to_string(),
+            )
+            .await,
+            422,
+            "validation_failed",
+            "/currency",
+        ),
+        (
+            put(
+                &ts,
+                "/v1/accounts/f-2",
+                json!({"currency": "GEM", "overdraft_limit": -1}).to_string(),
+            )
+            .await,
+            422,
+            "validation_failed",
+            "/overdraft_limit",
+        ),
+        (
+            get(&ts, "/v1/accounts/f-1/holds?limit=0").await,
+            400,
+            "invalid_request",
+            "query:limit",
+        ),
+        (
+            get(&ts, "/v1/accounts/f-1/holds?status=gone").await,
+            400,
+            "invalid_request",
+            "query:status",
+        ),
+        (
+            get(&ts, "/v1/accounts/f-1/holds?color=red").await,
+            400,
+            "invalid_request",
+            "query:color",
+        ),
+        (
+            get(&ts, "/v1/accounts/f-1/transactions?before_seq=x").await,
+            400,
+            "invalid_request",
+            "query:before_seq",
+        ),
+        (
+            get(&ts, "/v1/accounts/f-1/idempotency-keys/%20").await,
+            400,
+            "invalid_request",
+            "path:key",
+        ),
+        (
+            get(&ts, "/v1/transfers/nope").await,
+            400,
+            "invalid_request",
+            "path:id",
+        ),
+        (
+            post(
+                &ts,
+                "/v1/transfers",
+                &key(),
+                &json!({"from": "f-1", "to": "f 2", "amount": 5}),
+            )
+            .await,
+            400,
+            "invalid_request",
+            "/to",
+        ),
+        (
+            post(
+                &ts,
+                "/v1/transfers",
+                &key(),
+                &json!({"from": "f-1", "to": "f-1", "amount": 5}),
+            )
+            .await,
+            422,
+            "validation_failed",
+            "/to",
+        ),
+        (
+            get(&ts, "/v1/events?wait_ms=30001").await,
+            400,
+            "invalid_request",
+            "query:wait_ms",
+        ),
+        (
+            get(&ts, "/v1/events?after=e00000000ffffffff").await,
+            400,
+            "invalid_request",
+            "query:after",
+        ),
+    ];
+    for (r, status, code, field) in &cases {
+        assert_problem_at(r, *status, code, field);
+    }
+    // Nothing of it was applied.
+    assert_untouched(&ts, "f-1", 1, 100).await;
+}
+
+#[tokio::test]
+async fn insufficient_funds_carries_available_and_requested() {
+    // Goal: a client can tell how much was missing without parsing the detail, with and
+    // without an overdraft, for debits, holds and transfers alike.
+    let ts = TestServer::start().await;
+    open(&ts, "n-1").await;
+    open_account(
+        &ts,
+        "n-2",
+        json!({"currency": "GEM", "overdraft_limit": 50}),
+    )
+    .await;
+    credit(&ts, "n-1", 100).await;
+    hold(&ts, "n-1", json!({"amount": 30})).await;
+    let debit = post(
+        &ts,
+        "/v1/accounts/n-1/debits",
+        &key(),
+        &json!({"amount": 71}),
+    )
+    .await;
+    assert_problem(&debit, 409, "insufficient_funds");
+    assert_eq!(
+        (
+            debit.json()["available"].clone(),
+            debit.json()["requested"].clone()
+        ),
+        (json!(70), json!(71))
+    );
+    let held = post(
+        &ts,
+        "/v1/accounts/n-2/holds",
+        &key(),
+        &json!({"amount": 51}),
+    )
+    .await;
+    assert_problem(&held, 409, "insufficient_funds");
+    assert_eq!(
+        (
+            held.json()["available"].clone(),
+            held.json()["requested"].clone()
+        ),
+        (json!(0), json!(51))
+    );
+    let transfer = post(
+        &ts,
+        "/v1/transfers",
+        &key(),
+        &json!({"from": "n-1", "to": "n-2", "amount": 500}),
+    )
+    .await;
+    assert_problem(&transfer, 409, "insufficient_funds");
+    assert_eq!(
+        (
+            transfer.json()["available"].clone(),
+            transfer.json()["requested"].clone()
+        ),
+        (json!(70), json!(500))
+    );
+}
+
+#[tokio::test]
+async fn requests_after_the_stop_are_503_shutting_down() {
+    // Goal: once the server has begun to stop, a request that still reaches the router is
+    // answered 503 `shutting_down` with `Connection: close` (never `overloaded`, which means
+    // load); `/healthz` still says the process runs.
+    let state = coffer::http::AppState::new();
+    let mut router = coffer::http::router(state.clone());
+    state.begin_stop();
+    for path in ["/v1/accounts/x", "/readyz", "/openapi.json", "/nowhere"] {
+        let request = axum::http::Request::get(path)
+            .body(axum::body::Body::empty())
+            .expect("a request");
+        let response = tower::Service::call(&mut router, request)
+            .await
+            .expect("the router answers");
+        assert_eq!(response.status(), 503, "{path}");
+        assert_eq!(response.headers()["connection"], "close", "{path}");
+        assert_eq!(response.headers()["retry-after"], "1", "{path}");
+        let body = axum::body::to_bytes(response.into_body(), 1 << 16)
+            .await
+            .expect("the body");
+        let problem: Value = serde_json::from_slice(&body).expect("a problem");
+        assert_eq!(problem["code"], "shutting_down", "{path}: {problem}");
+    }
+    let request = axum::http::Request::get("/healthz")
+        .body(axum::body::Body::empty())
+        .expect("a request");
+    let response = tower::Service::call(&mut router, request)
+        .await
+        .expect("the router answers");
+    assert_eq!(response.status(), 200);
 }

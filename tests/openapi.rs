@@ -327,7 +327,7 @@ fn bounds_patterns_and_formats_are_the_contracts() {
 #[test]
 fn query_parameters_are_their_exact_value_or_empty() {
     // Goal: every query parameter is documented as its exact non-empty form (bounds, format,
-    // enum unchanged) or the empty string, which the server takes as absent (API.md's URL
+    // enum unchanged) or the empty string, which the server takes as absent (docs/API.md's URL
     // template `?status=open&limit=&after=`), so the document and the server agree.
     let doc = document();
     let empty = json!({"type": "string", "maxLength": 0});
@@ -422,14 +422,25 @@ fn query_parameters_are_their_exact_value_or_empty() {
 
 #[test]
 fn batch_operations_are_one_closed_schema_per_op() {
-    // Goal: BatchOperation is a oneOf with one closed object per `op`, each requiring the
-    // fields its single endpoint requires plus account and idempotency_key.
+    // Goal: BatchOperation is a oneOf of one named, closed object per `op`, told apart by a
+    // discriminator on `op` whose mapping names each of them; each requires the fields its
+    // single endpoint requires plus account and idempotency_key.
     let doc = document();
-    let variants = schema(&doc, "BatchOperation")["oneOf"]
-        .as_array()
-        .expect("a oneOf");
+    let batch = schema(&doc, "BatchOperation");
+    assert_eq!(batch["discriminator"]["propertyName"], "op", "{batch}");
+    let mapping = batch["discriminator"]["mapping"]
+        .as_object()
+        .expect("a discriminator mapping");
+    let variants = batch["oneOf"].as_array().expect("a oneOf");
     let mut ops = Vec::new();
-    for variant in variants {
+    for item in variants {
+        let reference = item["$ref"]
+            .as_str()
+            .expect("each variant is a named schema");
+        let name = reference
+            .strip_prefix("#/components/schemas/")
+            .expect("a component");
+        let variant = schema(&doc, name);
         assert_eq!(variant["additionalProperties"], false);
         let op = variant["properties"]["op"]["enum"][0]
             .as_str()
@@ -460,9 +471,115 @@ fn batch_operations_are_one_closed_schema_per_op() {
         let mut expected: BTreeSet<&str> = ["op", "account", "idempotency_key", "metadata"].into();
         expected.extend(own.iter().copied());
         assert_eq!(properties, expected, "{op}");
+        assert_eq!(mapping[&op], reference, "the mapping of {op}");
         ops.push(op);
     }
     assert_eq!(ops, ["credit", "debit", "hold", "capture", "release"]);
+    assert_eq!(mapping.len(), ops.len());
+}
+
+#[test]
+fn the_document_names_its_servers() {
+    // Goal: a client generated from the document has a base URL to start from: the server
+    // that served it, and the default listen address.
+    let doc = document();
+    let urls: Vec<&str> = doc["servers"]
+        .as_array()
+        .expect("servers")
+        .iter()
+        .filter_map(|server| server["url"].as_str())
+        .collect();
+    assert_eq!(urls, ["/", "http://127.0.0.1:8080"]);
+}
+
+#[test]
+fn every_operation_has_one_declared_tag() {
+    // Goal: generated clients group operations by tag; an operation without one (or with
+    // an undeclared one) lands in a default group or is dropped. Every declared tag is used.
+    let doc = document();
+    let declared: BTreeSet<&str> = doc["tags"]
+        .as_array()
+        .expect("tags")
+        .iter()
+        .filter_map(|tag| tag["name"].as_str())
+        .collect();
+    let mut used = BTreeSet::new();
+    for (path, item) in doc["paths"].as_object().expect("paths") {
+        for (method, operation) in item.as_object().expect("a path item") {
+            let tags = operation["tags"]
+                .as_array()
+                .unwrap_or_else(|| panic!("{method} {path} has no tags"));
+            assert_eq!(tags.len(), 1, "{method} {path}: {tags:?}");
+            let tag = tags[0].as_str().expect("a tag name");
+            assert!(
+                declared.contains(tag),
+                "{method} {path}: tag {tag} is not declared"
+            );
+            used.insert(tag);
+        }
+    }
+    assert_eq!(used, declared);
+}
+
+#[test]
+fn problem_codes_are_the_enum_of_every_code_the_server_answers() {
+    // Goal: `code` is a closed list, the error table's own, and each endpoint's documented
+    // errors use codes of it; the extension members are documented.
+    let doc = document();
+    let problem = schema(&doc, "Problem");
+    let codes: Vec<&str> = problem["properties"]["code"]["enum"]
+        .as_array()
+        .expect("code is an enum")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    let mut table: Vec<&str> = Vec::new();
+    for kind in coffer::http::error::kinds::ALL {
+        if !table.contains(&kind.code) {
+            table.push(kind.code);
+        }
+    }
+    assert_eq!(codes, table);
+    assert!(codes.contains(&"shutting_down"));
+    for member in ["field", "available", "requested", "oldest_cursor"] {
+        assert!(
+            problem["properties"][member].is_object(),
+            "Problem documents {member}"
+        );
+    }
+    for item in doc["paths"].as_object().expect("paths").values() {
+        for operation in item.as_object().expect("a path item").values() {
+            for response in operation["responses"]
+                .as_object()
+                .expect("responses")
+                .values()
+            {
+                let examples = &response["content"]["application/problem+json"]["examples"];
+                for example in examples.as_object().into_iter().flat_map(|e| e.values()) {
+                    let code = example["value"]["code"].as_str().expect("a code");
+                    assert!(codes.contains(&code), "{code} is not in the enum");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn every_error_kind_is_in_the_table_of_all_kinds() {
+    // Goal: a kind added to `error::kinds` without joining `kinds::ALL` would be answered
+    // but missing from the document's enum and the README's table.
+    let source = include_str!("../src/http/error.rs");
+    let names = coffer::http::error::kinds::ALL.len();
+    let declared = source
+        .lines()
+        .filter(|line| {
+            line.trim_start().starts_with("pub const ") && line.contains(": ErrorKind =")
+        })
+        .count();
+    assert_eq!(
+        declared, names,
+        "every `pub const X: ErrorKind` is listed in kinds::ALL"
+    );
 }
 
 #[test]
@@ -483,6 +600,24 @@ fn every_ref_resolves() {
             doc.pointer(pointer).is_some(),
             "{reference} does not resolve"
         );
+    }
+}
+
+#[test]
+fn discriminator_mappings_resolve() {
+    // Goal: a discriminator's mapping names schemas that exist.
+    let doc = document();
+    for (name, schema) in doc["components"]["schemas"].as_object().expect("schemas") {
+        let Some(mapping) = schema["discriminator"]["mapping"].as_object() else {
+            continue;
+        };
+        for target in mapping.values() {
+            let pointer = target.as_str().and_then(|t| t.strip_prefix('#'));
+            assert!(
+                pointer.is_some_and(|p| doc.pointer(p).is_some()),
+                "{name}: {target} does not resolve"
+            );
+        }
     }
 }
 

@@ -1,4 +1,4 @@
-//! Transfers over HTTP against a real server on 127.0.0.1 (API.md, `POST /v1/transfers` and
+//! Transfers over HTTP against a real server on 127.0.0.1 (docs/API.md, `POST /v1/transfers` and
 //! `GET /v1/transfers/{id}`): the answer, every refusal with nothing moved, idempotent
 //! retries (also concurrent and across a restart), the key lookup, transfers that cross
 //! each other, a hot destination, the refund when the destination refuses, and money

@@ -32,7 +32,7 @@ pub enum TxKind {
 }
 
 impl TxKind {
-    /// Every kind, in the order of API.md.
+    /// Every kind, in the order of docs/API.md.
     pub const ALL: [TxKind; 8] = [
         TxKind::Credit,
         TxKind::Debit,
@@ -645,8 +645,8 @@ impl TransferFailure {
 pub enum OpError {
     /// The key was used for a different request.
     IdempotencyKeyReused,
-    /// A well-formed value is out of bounds.
-    Validation(String),
+    /// A well-formed value is out of bounds (which one, and why).
+    Validation(Invalid),
     /// No such hold on this account.
     HoldNotFound(Uuid),
     /// The hold has already ended.
@@ -685,7 +685,7 @@ pub enum OpError {
 
 impl From<Invalid> for OpError {
     fn from(invalid: Invalid) -> OpError {
-        OpError::Validation(invalid.0)
+        OpError::Validation(invalid)
     }
 }
 
@@ -1111,7 +1111,7 @@ impl Account {
     }
 
     /// Decides what a request does, without changing anything.
-    /// Order of checks (API.md): idempotency, validation, hold lookup, hold state, amounts.
+    /// Order of checks (docs/API.md): idempotency, validation, hold lookup, hold state, amounts.
     pub fn decide(
         &self,
         key: Option<&IdempotencyKey>,
@@ -1173,9 +1173,10 @@ impl Account {
                 }
             }
             Request::Transfer { .. } => {
-                return Err(OpError::Validation(
-                    "a transfer is decided with its destination (decide_transfer)".to_string(),
-                ))
+                return Err(OpError::Validation(Invalid::new(
+                    Field::Request,
+                    "a transfer is decided with its destination (decide_transfer)",
+                )))
             }
         };
         Ok(Decision::Apply(body))
@@ -1213,12 +1214,16 @@ impl Account {
             metadata,
         } = request
         else {
-            return Err(OpError::Validation("not a transfer".to_string()));
+            return Err(OpError::Validation(Invalid::new(
+                Field::Request,
+                "not a transfer",
+            )));
         };
         if key.is_none() {
-            return Err(OpError::Validation(
-                "a transfer needs an idempotency key".to_string(),
-            ));
+            return Err(OpError::Validation(Invalid::new(
+                Field::IdempotencyKey,
+                "a transfer needs an idempotency key",
+            )));
         }
         if let Some(replay) = self.replay_of(key, request)? {
             return Ok(replay);
@@ -1226,9 +1231,10 @@ impl Account {
         let amount = Amount::new(*amount)?;
         let metadata = Metadata::new(metadata.clone())?;
         if *to == self.id {
-            return Err(OpError::Validation(
-                "from and to must be different accounts".to_string(),
-            ));
+            return Err(OpError::Validation(Invalid::new(
+                Field::To,
+                "from and to must be different accounts",
+            )));
         }
         if *to_currency != self.currency {
             return Err(OpError::CurrencyMismatch {
@@ -1307,18 +1313,18 @@ impl Account {
             None => None,
             Some(s) if (1..=i128::from(HOLD_EXPIRES_SECS_MAX)).contains(&s) => Some(s as u32),
             Some(_) => {
-                return Err(OpError::Validation(format!(
-                    "expires_in_secs must be an integer in 1..={HOLD_EXPIRES_SECS_MAX}"
+                return Err(OpError::Validation(Invalid::new(
+                    Field::ExpiresInSecs,
+                    format!("expires_in_secs must be an integer in 1..={HOLD_EXPIRES_SECS_MAX}"),
                 )))
             }
         };
         let metadata = Metadata::new(metadata.clone())?;
         self.check_funds(amount)?;
         let lifetime_ms = u64::from(secs.unwrap_or(HOLD_EXPIRES_SECS_DEFAULT)) * 1000;
-        let expires_at_ms = fresh
-            .now_ms
-            .checked_add(lifetime_ms)
-            .ok_or_else(|| OpError::Validation("clock out of range".to_string()))?;
+        let expires_at_ms = fresh.now_ms.checked_add(lifetime_ms).ok_or_else(|| {
+            OpError::Validation(Invalid::new(Field::ExpiresInSecs, "clock out of range"))
+        })?;
         Ok(EventBody::Hold {
             hold_id: fresh.hold_id,
             amount,

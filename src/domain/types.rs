@@ -29,9 +29,50 @@ pub const HOLD_EXPIRES_SECS_DEFAULT: u32 = 3600;
 /// Longest hold lifetime a request may ask for (30 days).
 pub const HOLD_EXPIRES_SECS_MAX: u32 = 2_592_000;
 
-/// A validation failure of a well-formed value (maps to 422 `validation_failed`).
+/// A value a request is refused for: which one, and why. A well-formed value out of bounds
+/// maps to 422 `validation_failed`, a malformed id or key to 400 `invalid_request`; the HTTP
+/// layer names `field` where the client put the value (a JSON pointer, a header).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Invalid(pub String);
+pub struct Invalid {
+    /// The value at fault.
+    pub field: Field,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+impl Invalid {
+    /// `field` is refused because of `reason`.
+    pub fn new(field: Field, reason: impl Into<String>) -> Invalid {
+        Invalid {
+            field,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// The parts of a request a refusal can be about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Field {
+    /// An account id (the path's, a transfer's `from`, a batch operation's `account`).
+    AccountId,
+    /// The destination of a transfer.
+    To,
+    /// An amount.
+    Amount,
+    /// A hold's lifetime.
+    ExpiresInSecs,
+    /// Metadata.
+    Metadata,
+    /// A currency.
+    Currency,
+    /// An overdraft limit.
+    OverdraftLimit,
+    /// An idempotency key.
+    IdempotencyKey,
+    /// The request as a whole (a request of the wrong kind for the call: a caller's bug,
+    /// not one of the client's values).
+    Request,
+}
 
 /// An account id: 1..=128 bytes of `[A-Za-z0-9._:-]`. Cheap to clone.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -41,16 +82,18 @@ impl AccountId {
     /// Parses an account id, refusing anything outside the allowed alphabet and length.
     pub fn parse(text: &str) -> Result<AccountId, Invalid> {
         if text.is_empty() || text.len() > ACCOUNT_ID_BYTES_MAX {
-            return Err(Invalid(format!(
-                "account id must be 1..={ACCOUNT_ID_BYTES_MAX} characters"
-            )));
+            return Err(Invalid::new(
+                Field::AccountId,
+                format!("account id must be 1..={ACCOUNT_ID_BYTES_MAX} characters"),
+            ));
         }
         let ok = text
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'));
         if !ok {
-            return Err(Invalid(
-                "account id may contain only A-Z a-z 0-9 . _ : -".to_string(),
+            return Err(Invalid::new(
+                Field::AccountId,
+                "account id may contain only A-Z a-z 0-9 . _ : -",
             ));
         }
         Ok(AccountId(Arc::from(text)))
@@ -118,9 +161,10 @@ impl Currency {
                 .bytes()
                 .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_');
         if !ok {
-            return Err(Invalid(format!(
-                "currency must be 1..={CURRENCY_BYTES_MAX} characters of A-Z 0-9 _"
-            )));
+            return Err(Invalid::new(
+                Field::Currency,
+                format!("currency must be 1..={CURRENCY_BYTES_MAX} characters of A-Z 0-9 _"),
+            ));
         }
         Ok(Currency(Arc::new(text.to_string())))
     }
@@ -140,9 +184,10 @@ impl Amount {
     /// (negative, huge) reach validation instead of failing to parse.
     pub fn new(value: i128) -> Result<Amount, Invalid> {
         if value < 1 || value > i128::from(AMOUNT_MAX) {
-            return Err(Invalid(format!(
-                "amount must be an integer in 1..={AMOUNT_MAX}"
-            )));
+            return Err(Invalid::new(
+                Field::Amount,
+                format!("amount must be an integer in 1..={AMOUNT_MAX}"),
+            ));
         }
         // The range check above makes this conversion exact.
         Ok(Amount(value as u64))
@@ -168,21 +213,26 @@ impl Metadata {
     /// Validates a map against the metadata limits.
     pub fn new(map: BTreeMap<String, String>) -> Result<Metadata, Invalid> {
         if map.len() > METADATA_KEYS_MAX {
-            return Err(Invalid(format!(
-                "metadata may have at most {METADATA_KEYS_MAX} keys"
-            )));
+            return Err(Invalid::new(
+                Field::Metadata,
+                format!("metadata may have at most {METADATA_KEYS_MAX} keys"),
+            ));
         }
         for (key, value) in &map {
             let key_chars = key.chars().count();
             if key_chars == 0 || key_chars > METADATA_KEY_CHARS_MAX {
-                return Err(Invalid(format!(
-                    "metadata keys must be 1..={METADATA_KEY_CHARS_MAX} characters"
-                )));
+                return Err(Invalid::new(
+                    Field::Metadata,
+                    format!("metadata keys must be 1..={METADATA_KEY_CHARS_MAX} characters"),
+                ));
             }
             if value.chars().count() > METADATA_VALUE_CHARS_MAX {
-                return Err(Invalid(format!(
-                    "metadata values must be at most {METADATA_VALUE_CHARS_MAX} characters"
-                )));
+                return Err(Invalid::new(
+                    Field::Metadata,
+                    format!(
+                        "metadata values must be at most {METADATA_VALUE_CHARS_MAX} characters"
+                    ),
+                ));
             }
         }
         if map.is_empty() {
@@ -228,13 +278,15 @@ impl IdempotencyKey {
     /// Parses a key; the error says why it is refused.
     pub fn parse(text: &str) -> Result<IdempotencyKey, Invalid> {
         if text.is_empty() || text.len() > IDEMPOTENCY_KEY_BYTES_MAX {
-            return Err(Invalid(format!(
-                "Idempotency-Key must be 1..={IDEMPOTENCY_KEY_BYTES_MAX} characters"
-            )));
+            return Err(Invalid::new(
+                Field::IdempotencyKey,
+                format!("Idempotency-Key must be 1..={IDEMPOTENCY_KEY_BYTES_MAX} characters"),
+            ));
         }
         if !text.bytes().all(|b| b.is_ascii_graphic()) {
-            return Err(Invalid(
-                "Idempotency-Key must be visible ASCII characters".to_string(),
+            return Err(Invalid::new(
+                Field::IdempotencyKey,
+                "Idempotency-Key must be visible ASCII characters",
             ));
         }
         Ok(IdempotencyKey(text.into()))

@@ -39,7 +39,9 @@ use crate::domain::{
 use crate::storage::{FileStorage, Storage};
 use crate::wal::{self, codec, Wal, WalError, WalStart, WriterMode};
 
-pub use actor::{ACTORS_MAX, ACTOR_MAILBOX_CAPACITY, ACTOR_MAILBOX_CAPACITY_MAX};
+pub use actor::{
+    ACTORS_MAX, ACTOR_MAILBOX_CAPACITY, ACTOR_MAILBOX_CAPACITY_MAX, MAILBOX_SEND_WAIT,
+};
 
 /// Default: a snapshot after a million new WAL records...
 pub const SNAPSHOT_EVERY_RECORDS_DEFAULT: u64 = 1_000_000;
@@ -47,7 +49,7 @@ pub const SNAPSHOT_EVERY_RECORDS_DEFAULT: u64 = 1_000_000;
 pub const SNAPSHOT_INTERVAL_DEFAULT: Duration = Duration::from_secs(600);
 
 /// Default retention: the last 1000 transactions of each account in memory, idempotency
-/// keys and ended holds for 24 hours (API.md's minimum).
+/// keys and ended holds for 24 hours (docs/API.md's minimum).
 pub const RETENTION_DEFAULT: Retention = Retention {
     history: 1000,
     ttl_ms: 24 * 60 * 60 * 1000,

@@ -24,8 +24,8 @@ use uuid::Uuid;
 
 use super::{Engine, EngineError, Inner, Slot};
 use crate::domain::{
-    AccountId, Currency, Decision, IdempotencyKey, OpError, Request, TransferFailure,
-    TransferRecord, TransferStatus,
+    AccountId, Currency, Decision, Field, IdempotencyKey, Invalid, OpError, Request,
+    TransferFailure, TransferRecord, TransferStatus,
 };
 
 /// The end of a transfer request.
@@ -77,9 +77,10 @@ impl Engine {
         request: Request,
     ) -> Result<TransferOutcome, EngineError> {
         let Request::Transfer { to, .. } = &request else {
-            return Err(EngineError::Op(OpError::Validation(
-                "not a transfer".to_string(),
-            )));
+            return Err(EngineError::Op(OpError::Validation(Invalid::new(
+                Field::Request,
+                "not a transfer",
+            ))));
         };
         let from_slot = self.inner.slot_or_404(from)?;
         let to_slot = self.inner.slot_or_404(to)?;

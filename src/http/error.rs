@@ -4,7 +4,7 @@
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 
-use crate::domain::{OpError, TransferFailure, TransferRecord};
+use crate::domain::{Field, Invalid, OpError, TransferFailure, TransferRecord};
 use crate::engine::EngineError;
 
 /// An error answer.
@@ -20,9 +20,29 @@ pub struct ApiError {
     pub detail: String,
     /// Seconds for `Retry-After`, on 429 and 503.
     pub retry_after_secs: Option<u32>,
-    /// With 410 `cursor_expired`: the oldest cursor still available (an RFC 9457 extension
-    /// member of the body).
+    /// The RFC 9457 extension members of the body, when it has any (boxed: most answers
+    /// have none, and the error travels in every `Result` of the HTTP layer).
+    pub members: Option<Box<Members>>,
+}
+
+/// The extension members of a problem body.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Members {
+    /// Where the offending value is (see [`ApiError::at`]), when one value is at fault.
+    pub field: Option<String>,
+    /// With 409 `insufficient_funds`: the account's available money and the amount asked.
+    pub funds: Option<Funds>,
+    /// With 410 `cursor_expired`: the oldest cursor still available.
     pub oldest_cursor: Option<String>,
+}
+
+/// The numbers of an `insufficient_funds` answer (members `available` and `requested`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Funds {
+    /// The account's `available` when the request was decided (negative with an overdraft).
+    pub available: i64,
+    /// The amount the request needed.
+    pub requested: u64,
 }
 
 /// One kind of error answer: status, stable code, title, and what the OpenAPI document says
@@ -266,11 +286,41 @@ pub mod kinds {
     /// 503: the server is shutting down.
     pub const SHUTTING_DOWN: ErrorKind = retry(kind(
         StatusCode::SERVICE_UNAVAILABLE,
-        "overloaded",
+        "shutting_down",
         "Shutting down",
-        "overloaded: the server is shutting down (Retry-After: 1)",
+        "shutting_down: the server is stopping: a request that arrives after the stop began, a long poll or event stream cut short by it, or a change the stopping engine no longer takes (nothing was applied; retry on a running server, Retry-After: 1)",
         "the server is shutting down",
     ));
+
+    /// Every kind, in the order of the error table of the documentation: the codes the
+    /// server can answer with, which the OpenAPI document lists as the `code` enum.
+    pub const ALL: &[ErrorKind] = &[
+        INVALID_REQUEST,
+        IDEMPOTENCY_KEY_MISSING,
+        UNAUTHORIZED,
+        ACCOUNT_NOT_FOUND,
+        HOLD_NOT_FOUND,
+        TRANSFER_NOT_FOUND,
+        UNKNOWN_IDEMPOTENCY_KEY,
+        NOT_FOUND,
+        METHOD_NOT_ALLOWED,
+        ACCOUNT_EXISTS,
+        INSUFFICIENT_FUNDS,
+        HOLD_NOT_OPEN,
+        BALANCE_LIMIT_EXCEEDED,
+        CURRENCY_MISMATCH,
+        CURSOR_EXPIRED,
+        PAYLOAD_TOO_LARGE,
+        VALIDATION_FAILED,
+        IDEMPOTENCY_KEY_REUSED,
+        AMOUNT_EXCEEDS_HOLD,
+        RATE_LIMITED,
+        INTERNAL_ERROR,
+        NOT_READY,
+        STORAGE_FAILURE,
+        OVERLOADED,
+        SHUTTING_DOWN,
+    ];
 }
 
 impl ApiError {
@@ -282,8 +332,59 @@ impl ApiError {
             title: kind.title,
             detail: detail.into(),
             retry_after_secs: kind.retry_after_secs,
-            oldest_cursor: None,
+            members: None,
         }
+    }
+
+    /// Where the offending value is, if the answer names it.
+    pub fn field(&self) -> Option<&str> {
+        self.members.as_ref().and_then(|m| m.field.as_deref())
+    }
+
+    fn members_mut(&mut self) -> &mut Members {
+        self.members.get_or_insert_with(Box::default)
+    }
+
+    /// The same answer naming where the offending value is: a JSON pointer into the body
+    /// (`/amount`, `/operations/3/account`; `""` is the whole body), or `header:NAME`,
+    /// `query:NAME`, `path:NAME` for a header, query parameter or path parameter.
+    pub fn at(mut self, field: impl Into<String>) -> ApiError {
+        self.members_mut().field = Some(field.into());
+        self
+    }
+
+    /// 400 `invalid_request` for the value at `field`.
+    pub fn invalid_at(field: &str, detail: impl Into<String>) -> ApiError {
+        ApiError::invalid(detail).at(field)
+    }
+
+    /// 422 `validation_failed` for a value out of bounds, named where a single endpoint
+    /// takes it (see [`body_field`]).
+    pub fn out_of_bounds(invalid: Invalid) -> ApiError {
+        let error = ApiError::validation(invalid.reason);
+        match body_field(invalid.field) {
+            Some(field) => error.at(field),
+            None => error,
+        }
+    }
+
+    /// The answer as a result of operation `index` of a batch: a body pointer moves under
+    /// `/operations/{index}`, and the Idempotency-Key header of a single endpoint is the
+    /// operation's own `idempotency_key`.
+    pub fn in_operation(mut self, index: usize) -> ApiError {
+        let Some(members) = self.members.as_mut() else {
+            return self;
+        };
+        members.field = members.field.take().map(|field| {
+            if field == IDEMPOTENCY_KEY_HEADER {
+                format!("/operations/{index}/idempotency_key")
+            } else if field.is_empty() || field.starts_with('/') {
+                format!("/operations/{index}{field}")
+            } else {
+                field
+            }
+        });
+        self
     }
 
     /// 400 `invalid_request`: malformed JSON, wrong types, bad ids, bad query.
@@ -297,6 +398,7 @@ impl ApiError {
             kinds::IDEMPOTENCY_KEY_MISSING,
             "this request moves money and needs an Idempotency-Key header",
         )
+        .at(IDEMPOTENCY_KEY_HEADER)
     }
 
     /// 422 `validation_failed`: a well-formed value out of bounds.
@@ -408,13 +510,16 @@ impl From<EngineError> for ApiError {
                         "the events after this cursor are no longer kept; the oldest available cursor is {oldest}"
                     ),
                 );
-                e.oldest_cursor = Some(oldest);
+                e.members_mut().oldest_cursor = Some(oldest);
                 e
             }
-            EngineError::CursorAhead { durable } => ApiError::invalid(format!(
-                "the cursor is past the end of the log (the newest cursor is {}): it was not made by this server",
-                super::dto::cursor::encode(durable)
-            )),
+            EngineError::CursorAhead { durable } => ApiError::invalid_at(
+                "query:after",
+                format!(
+                    "the cursor is past the end of the log (the newest cursor is {}): it was not made by this server",
+                    super::dto::cursor::encode(durable)
+                ),
+            ),
             EngineError::Internal => ApiError::of(
                 kinds::INTERNAL_ERROR,
                 "the server could not answer; the error is logged",
@@ -433,7 +538,7 @@ impl From<OpError> for ApiError {
                 kinds::IDEMPOTENCY_KEY_REUSED,
                 "this Idempotency-Key was used for a different request",
             ),
-            OpError::Validation(detail) => ApiError::validation(detail),
+            OpError::Validation(invalid) => ApiError::out_of_bounds(invalid),
             OpError::HoldNotFound(id) => ApiError::of(
                 kinds::HOLD_NOT_FOUND,
                 format!("no hold {id} on this account"),
@@ -450,16 +555,23 @@ impl From<OpError> for ApiError {
                 available,
                 overdraft_limit,
                 amount,
-            } => ApiError::of(
-                kinds::INSUFFICIENT_FUNDS,
-                if overdraft_limit == 0 {
-                    format!("available {available} is less than {amount}")
-                } else {
-                    format!(
-                        "available {available} plus overdraft_limit {overdraft_limit} is less than {amount}"
-                    )
-                },
-            ),
+            } => {
+                let mut error = ApiError::of(
+                    kinds::INSUFFICIENT_FUNDS,
+                    if overdraft_limit == 0 {
+                        format!("available {available} is less than {amount}")
+                    } else {
+                        format!(
+                            "available {available} plus overdraft_limit {overdraft_limit} is less than {amount}"
+                        )
+                    },
+                );
+                error.members_mut().funds = Some(Funds {
+                    available,
+                    requested: amount,
+                });
+                error
+            }
             OpError::CurrencyMismatch { from, to } => ApiError::of(
                 kinds::CURRENCY_MISMATCH,
                 format!(
@@ -511,13 +623,20 @@ impl ApiError {
 
     /// The problem+json body.
     pub fn body(&self) -> serde_json::Value {
+        let funds = self.members.as_ref().and_then(|m| m.funds);
         serde_json::to_value(ProblemJson {
             r#type: format!("urn:coffer:error:{}", self.code),
             title: self.title,
             status: self.status.as_u16(),
             detail: &self.detail,
             code: self.code,
-            oldest_cursor: self.oldest_cursor.as_deref(),
+            field: self.field(),
+            available: funds.map(|f| f.available),
+            requested: funds.map(|f| f.requested),
+            oldest_cursor: self
+                .members
+                .as_ref()
+                .and_then(|m| m.oldest_cursor.as_deref()),
         })
         .unwrap_or(serde_json::Value::Null)
     }
@@ -540,18 +659,66 @@ pub struct ProblemJson<'a> {
     pub status: u16,
     /// What exactly is wrong.
     pub detail: &'a str,
-    /// Stable, machine-readable: invalid_request, idempotency_key_missing (400); unauthorized
-    /// (401); account_not_found, hold_not_found, transfer_not_found, unknown_idempotency_key,
-    /// not_found (404); method_not_allowed (405); account_exists, insufficient_funds,
-    /// hold_not_open, balance_limit_exceeded, currency_mismatch (409); payload_too_large (413);
-    /// validation_failed, idempotency_key_reused, amount_exceeds_hold (422); rate_limited
-    /// (429); not_ready, storage_failure, overloaded (503).
-    #[schema(pattern = "^[a-z_]+$", examples("insufficient_funds"))]
+    /// Stable, machine-readable: one of the codes of [`kinds::ALL`].
+    #[schema(schema_with = problem_code)]
     pub code: &'a str,
+    /// With 400 `invalid_request`, 400 `idempotency_key_missing` and 422 `validation_failed`,
+    /// when one value is at fault: where it is. A JSON pointer into the body (`/amount`,
+    /// `/metadata`, `/operations/3/account`; `""` for the body as a whole), or
+    /// `header:Idempotency-Key`, `query:limit`, `path:hold_id` for a header, a query
+    /// parameter or a path parameter.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(examples(
+        "/amount",
+        "/operations/3/idempotency_key",
+        "header:Idempotency-Key",
+        "query:limit"
+    ))]
+    pub field: Option<&'a str>,
+    /// With `insufficient_funds`: the account's available money when the request was decided
+    /// (negative only with an overdraft).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(schema_with = super::schema::signed_money)]
+    pub available: Option<i64>,
+    /// With `insufficient_funds`: the amount the request needed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(schema_with = super::schema::amount)]
+    pub requested: Option<u64>,
     /// With `cursor_expired`: the oldest cursor still available.
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(pattern = "^e[0-9a-f]{16}$")]
     pub oldest_cursor: Option<&'a str>,
+}
+
+/// Where a single endpoint takes each value a domain refusal can name (`None`: no value of
+/// the client's is at fault).
+pub fn body_field(field: Field) -> Option<&'static str> {
+    match field {
+        Field::Amount => Some("/amount"),
+        Field::ExpiresInSecs => Some("/expires_in_secs"),
+        Field::Metadata => Some("/metadata"),
+        Field::Currency => Some("/currency"),
+        Field::OverdraftLimit => Some("/overdraft_limit"),
+        Field::To => Some("/to"),
+        Field::IdempotencyKey => Some(IDEMPOTENCY_KEY_HEADER),
+        Field::AccountId | Field::Request => None,
+    }
+}
+
+/// The `field` of a problem about the `Idempotency-Key` header.
+pub const IDEMPOTENCY_KEY_HEADER: &str = "header:Idempotency-Key";
+
+/// The schema of a problem's `code`: every code the server answers with.
+fn problem_code() -> utoipa::openapi::schema::Object {
+    let mut codes: Vec<&'static str> = Vec::new();
+    for kind in kinds::ALL {
+        if !codes.contains(&kind.code) {
+            codes.push(kind.code);
+        }
+    }
+    let mut object = super::schema::one_of_strings(codes);
+    object.examples = vec![serde_json::json!("insufficient_funds")];
+    object
 }
 
 impl IntoResponse for ApiError {

@@ -32,6 +32,8 @@ const SSE_KEEPALIVE: Duration = Duration::from_secs(15);
 const DEADLINE_MARGIN: Duration = Duration::from_millis(250);
 /// Encoded SSE chunks queued for a slow client before the reader waits for it.
 const SSE_QUEUE_CHUNKS: usize = 4;
+/// The `field` of a problem about the `Last-Event-ID` header.
+const LAST_EVENT_ID: &str = "header:Last-Event-ID";
 
 /// Counters of the event stream for `/metrics`.
 #[derive(Debug, Default)]
@@ -62,6 +64,9 @@ impl Drop for Consumer<'_> {
 /// What a request asks for, parsed and validated.
 struct Ask {
     after: Option<u64>,
+    /// Where `after` came from (`query:after` or the `Last-Event-ID` header), for a
+    /// problem about it.
+    after_field: &'static str,
     limit: usize,
     wait: Duration,
     filter: EventFilter,
@@ -113,7 +118,7 @@ pub(crate) async fn get_events(
     let _consumer = Consumer::new(&stats.consumers);
     let mut stopping = state.stopping();
     let page = tokio::select! {
-        page = engine.events(ask.after, ask.limit, &ask.filter, wait) => page?,
+        page = engine.events(ask.after, ask.limit, &ask.filter, wait) => page.map_err(|e| ask.problem(e))?,
         _ = stopping.wait_for(|stop| *stop) => return Err(EngineError::ShuttingDown.into()),
     };
     stats
@@ -175,50 +180,72 @@ fn parse_ask(query: Option<&str>, headers: &HeaderMap) -> Result<Ask, ApiError> 
             .and_then(|t| u64::from_str(t).ok())
             .filter(|ms| *ms <= EVENTS_WAIT_MS_MAX)
             .ok_or_else(|| {
-                ApiError::invalid(format!(
-                    "wait_ms must be an integer in 0..={EVENTS_WAIT_MS_MAX}"
-                ))
+                ApiError::invalid_at(
+                    "query:wait_ms",
+                    format!("wait_ms must be an integer in 0..={EVENTS_WAIT_MS_MAX}"),
+                )
             })?,
     };
     let account = match query.account.as_deref() {
         None => None,
-        Some(text) => Some(AccountId::parse(text).map_err(|e| ApiError::invalid(e.0))?),
+        Some(text) => Some(
+            AccountId::parse(text).map_err(|e| ApiError::invalid_at("query:account", e.reason))?,
+        ),
     };
     let kind = match query.kind.as_deref() {
         None => None,
         Some(text) => Some(TxKind::parse(text).ok_or_else(|| {
             let kinds: Vec<&str> = TxKind::ALL.iter().map(|k| k.as_str()).collect();
-            ApiError::invalid(format!("kind must be one of {}", kinds.join(", ")))
+            ApiError::invalid_at(
+                "query:kind",
+                format!("kind must be one of {}", kinds.join(", ")),
+            )
         })?),
     };
-    let mut after = match query.after.as_deref() {
-        None => None,
-        Some(text) => Some(
-            cursor::decode(text).ok_or_else(|| ApiError::invalid("after is not a valid cursor"))?,
-        ),
-    };
+    let mut after =
+        match query.after.as_deref() {
+            None => None,
+            Some(text) => Some(cursor::decode(text).ok_or_else(|| {
+                ApiError::invalid_at("query:after", "after is not a valid cursor")
+            })?),
+        };
+    let mut after_field = "query:after";
     let sse = accepts_event_stream(headers);
     if sse {
         // A reconnecting EventSource resumes after the last event it received.
         if let Some(value) = headers.get("last-event-id") {
-            let text = value
-                .to_str()
-                .map_err(|_| ApiError::invalid("Last-Event-ID is not a valid cursor"))?;
+            let text = value.to_str().map_err(|_| {
+                ApiError::invalid_at(LAST_EVENT_ID, "Last-Event-ID is not a valid cursor")
+            })?;
             if !text.is_empty() {
-                after = Some(
-                    cursor::decode(text)
-                        .ok_or_else(|| ApiError::invalid("Last-Event-ID is not a valid cursor"))?,
-                );
+                after_field = LAST_EVENT_ID;
+                after = Some(cursor::decode(text).ok_or_else(|| {
+                    ApiError::invalid_at(LAST_EVENT_ID, "Last-Event-ID is not a valid cursor")
+                })?);
             }
         }
     }
     Ok(Ask {
         after,
+        after_field,
         limit,
         wait: Duration::from_millis(wait_ms),
         filter: EventFilter { account, kind },
         sse,
     })
+}
+
+impl Ask {
+    /// The answer to a failed read: a cursor past the end of the log is named where the
+    /// client gave it.
+    fn problem(&self, error: EngineError) -> ApiError {
+        let problem = ApiError::from(error);
+        if problem.field() == Some("query:after") {
+            problem.at(self.after_field)
+        } else {
+            problem
+        }
+    }
 }
 
 /// Whether the client asks for `text/event-stream` (and not only for JSON).
@@ -239,7 +266,8 @@ fn accepts_event_stream(headers: &HeaderMap) -> bool {
 async fn sse(state: AppState, engine: Engine, ask: Ask) -> ApiResult {
     let first = engine
         .events(ask.after, ask.limit, &ask.filter, Duration::ZERO)
-        .await?;
+        .await
+        .map_err(|e| ask.problem(e))?;
     let (tx, rx) = mpsc::channel::<Bytes>(SSE_QUEUE_CHUNKS);
     tokio::spawn(stream_events(state, engine, ask, first, tx));
     let mut response = Response::new(Body::new(SseBody { rx }));
@@ -252,9 +280,10 @@ async fn sse(state: AppState, engine: Engine, ask: Ask) -> ApiResult {
     Ok(response)
 }
 
-/// Feeds an SSE stream until the client goes away, the server stops, or a read fails (then
-/// an `error` event with the problem body ends the stream; the client reconnects with
-/// `Last-Event-ID`).
+/// Feeds an SSE stream until the client goes away, the server stops or a read fails. A stop
+/// or a failure sends an `error` event with the problem body (503 `shutting_down` for a
+/// stop) before the stream ends, so the client can tell it from a dropped connection; it
+/// reconnects with `Last-Event-ID`.
 async fn stream_events(
     state: AppState,
     engine: Engine,
@@ -276,12 +305,12 @@ async fn stream_events(
         let next = Some(page.next);
         let read = tokio::select! {
             read = engine.events(next, ask.limit, &ask.filter, SSE_KEEPALIVE) => read,
-            _ = stopping.wait_for(|stop| *stop) => return,
+            _ = stopping.wait_for(|stop| *stop) => Err(EngineError::ShuttingDown),
         };
         page = match read {
             Ok(page) => page,
             Err(error) => {
-                let body = ApiError::from(error).body();
+                let body = ask.problem(error).body();
                 let _ = tx
                     .send(Bytes::from(format!("event: error\ndata: {body}\n\n")))
                     .await;

@@ -263,11 +263,15 @@ pub(crate) async fn guard(State(guard): State<Guard>, request: Request, next: Ne
     } else {
         match bearer(&request).and_then(|token| guard.config.tokens.check(token)) {
             Some(digest) => Some(RateKey::Token(digest)),
-            None => return unauthorized(),
+            None => {
+                super::conn::discard_body(request).await;
+                return unauthorized();
+            }
         }
     };
     if let (Some(limit), Some(key)) = (guard.config.rate_limit, key) {
         if let Err(wait) = guard.admit(limit, key, Instant::now()) {
+            super::conn::discard_body(request).await;
             return ApiError::rate_limited(retry_after_secs(wait)).into_response();
         }
     }

@@ -84,7 +84,9 @@ pub(crate) async fn count(State(state): State<AppState>, request: Request, next:
     response
 }
 
-super::openapi::problems!(MetricsProblems = [UNAUTHORIZED, RATE_LIMITED, OVERLOADED]);
+super::openapi::problems!(
+    MetricsProblems = [UNAUTHORIZED, RATE_LIMITED, OVERLOADED, SHUTTING_DOWN]
+);
 
 /// Prometheus metrics
 ///
@@ -92,7 +94,7 @@ super::openapi::problems!(MetricsProblems = [UNAUTHORIZED, RATE_LIMITED, OVERLOA
 /// latency and the durable LSN; mailbox depth, live actors, accounts, open holds; recovery
 /// duration. Behind authentication, or served without it on its own `--metrics-listen`
 /// address (and then not here).
-#[utoipa::path(get, path = "/metrics", operation_id = "metrics", tag = "operations",
+#[utoipa::path(get, path = "/metrics", operation_id = "metrics", tag = "service",
     responses(
         (status = 200, description = "Prometheus text format 0.0.4.", body = String, content_type = "text/plain; version=0.0.4; charset=utf-8"),
         MetricsProblems,

@@ -1,8 +1,9 @@
-//! The HTTP API of `shared/API.md`: routes, parsing and answers. The only module that knows
+//! The HTTP API of `docs/API.md`: routes, parsing and answers. The only module that knows
 //! about JSON. Parsing follows the API's order of errors: 413, then 400 (path, body, query,
 //! key format), then 400 `idempotency_key_missing`; everything after that (404 account,
 //! idempotency, 422 validation, holds, funds) is decided by the engine in the same order.
 
+mod conn;
 pub mod dto;
 pub mod error;
 pub mod events;
@@ -30,6 +31,7 @@ use crate::domain::{
     TransferStatus, TxKind, AMOUNT_MAX,
 };
 use crate::engine::{Engine, Executed};
+pub use conn::{DISCARD_BODY_BYTES_MAX, DISCARD_BODY_WAIT};
 use dto::*;
 pub use error::ApiError;
 pub use guard::{GuardConfig, RateLimit, Tokens};
@@ -93,6 +95,10 @@ impl AppState {
         self.inner.stopping.subscribe()
     }
 
+    fn is_stopping(&self) -> bool {
+        *self.inner.stopping.borrow()
+    }
+
     /// The engine, once ready.
     pub fn engine(&self) -> Option<&Engine> {
         self.inner.engine.get()
@@ -117,9 +123,10 @@ pub fn router(state: AppState) -> Router {
     router_with(state, RouterConfig::default())
 }
 
-/// The router of every endpoint, guarded as `config` says: request id, then
-/// counting (so 401 and 429 are counted too), then authentication, then rate limit, then
-/// timeout, then the routes.
+/// The router of every endpoint, guarded as `config` says: `Connection: close` when a body
+/// is left unread, request id, then counting (so 401 and 429 are counted too), then
+/// authentication, then rate limit, then timeout, then 503 `shutting_down` once the server
+/// stops, then the routes.
 pub fn router_with(state: AppState, config: RouterConfig) -> Router {
     let routes = routes(!config.metrics_elsewhere).into_router();
     let guard = guard::Guard::new(config.guard);
@@ -127,12 +134,17 @@ pub fn router_with(state: AppState, config: RouterConfig) -> Router {
         .route_layer(axum::middleware::from_fn(metrics::mark_route))
         .fallback(|| async { ApiError::no_route() })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            conn::refuse_when_stopping,
+        ))
         .layer(axum::middleware::from_fn_with_state(guard, guard::guard))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             metrics::count,
         ))
         .layer(axum::middleware::from_fn(guard::request_id))
+        .layer(axum::middleware::from_fn(conn::close_unread))
         .with_state(state)
 }
 
@@ -181,6 +193,7 @@ pub fn metrics_router(state: AppState) -> Router {
         .route("/metrics", get(metrics::render))
         .fallback(|| async { ApiError::no_route() })
         .layer(axum::middleware::from_fn(guard::request_id))
+        .layer(axum::middleware::from_fn(conn::close_unread))
         .with_state(state)
 }
 
@@ -226,20 +239,21 @@ async fn put_account(
     body: Body,
 ) -> ApiResult {
     let bytes = read_body(body, HTTP_BODY_BYTES_MAX).await?;
-    let id = account_id(&path_param(path)?)?;
+    let id = account_id(&path_param(path)?, "path:id")?;
     let body: AccountBody = parse_json(&bytes)?;
     let engine = state.ready()?;
-    let currency = Currency::parse(&body.currency).map_err(|e| ApiError::validation(e.0))?;
+    let currency = Currency::parse(&body.currency).map_err(ApiError::out_of_bounds)?;
     let overdraft_limit = match body.overdraft_limit {
         None => 0,
         Some(JsonInt(v)) if (0..=i128::from(AMOUNT_MAX)).contains(&v) => v as u64,
         Some(_) => {
             return Err(ApiError::validation(format!(
                 "overdraft_limit must be an integer in 0..={AMOUNT_MAX}"
-            )))
+            ))
+            .at("/overdraft_limit"))
         }
     };
-    let metadata = Metadata::new(body.metadata).map_err(|e| ApiError::validation(e.0))?;
+    let metadata = Metadata::new(body.metadata).map_err(ApiError::out_of_bounds)?;
     let (created, view) = engine
         .open_account(id, currency, overdraft_limit, metadata)
         .await?;
@@ -275,7 +289,7 @@ async fn get_account(
     State(state): State<AppState>,
     path: Result<Path<String>, PathRejection>,
 ) -> ApiResult {
-    let id = account_id(&path_param(path)?)?;
+    let id = account_id(&path_param(path)?, "path:id")?;
     let view = state.ready()?.account(&id).await?;
     Ok(json(StatusCode::OK, &AccountJson::from(&view)))
 }
@@ -301,7 +315,7 @@ problems!(
 /// Credit an account
 ///
 /// Adds `amount` to the balance: one `credit` transaction.
-#[utoipa::path(post, path = "/v1/accounts/{id}/credits", operation_id = "postCredit", tag = "money",
+#[utoipa::path(post, path = "/v1/accounts/{id}/credits", operation_id = "postCredit", tag = "transactions",
     params(("id" = schema::AccountIdSchema, Path, description = ACCOUNT_ID_DOC), ("Idempotency-Key" = String, Header, min_length = 1, max_length = 255, pattern = "^[!-~]{1,255}$", description = IDEMPOTENCY_KEY_DOC)),
     request_body = MoveBody,
     responses(
@@ -315,7 +329,7 @@ async fn post_credit(
     body: Body,
 ) -> ApiResult {
     let bytes = read_body(body, HTTP_BODY_BYTES_MAX).await?;
-    let id = account_id(&path_param(path)?)?;
+    let id = account_id(&path_param(path)?, "path:id")?;
     let body: MoveBody = parse_json(&bytes)?;
     let request = Request::Credit {
         amount: body.amount.0,
@@ -347,7 +361,7 @@ problems!(
 ///
 /// Removes `amount` from the balance: one `debit` transaction. Needs
 /// `amount <= available + overdraft_limit`.
-#[utoipa::path(post, path = "/v1/accounts/{id}/debits", operation_id = "postDebit", tag = "money",
+#[utoipa::path(post, path = "/v1/accounts/{id}/debits", operation_id = "postDebit", tag = "transactions",
     params(("id" = schema::AccountIdSchema, Path, description = ACCOUNT_ID_DOC), ("Idempotency-Key" = String, Header, min_length = 1, max_length = 255, pattern = "^[!-~]{1,255}$", description = IDEMPOTENCY_KEY_DOC)),
     request_body = MoveBody,
     responses(
@@ -361,7 +375,7 @@ async fn post_debit(
     body: Body,
 ) -> ApiResult {
     let bytes = read_body(body, HTTP_BODY_BYTES_MAX).await?;
-    let id = account_id(&path_param(path)?)?;
+    let id = account_id(&path_param(path)?, "path:id")?;
     let body: MoveBody = parse_json(&bytes)?;
     let request = Request::Debit {
         amount: body.amount.0,
@@ -388,7 +402,7 @@ async fn post_hold(
     body: Body,
 ) -> ApiResult {
     let bytes = read_body(body, HTTP_BODY_BYTES_MAX).await?;
-    let id = account_id(&path_param(path)?)?;
+    let id = account_id(&path_param(path)?, "path:id")?;
     let body: HoldBody = parse_json(&bytes)?;
     let request = Request::Hold {
         amount: body.amount.0,
@@ -437,8 +451,8 @@ async fn post_capture(
 ) -> ApiResult {
     let bytes = read_body(body, HTTP_BODY_BYTES_MAX).await?;
     let (id, hold_id) = path_param(path)?;
-    let id = account_id(&id)?;
-    let hold_id = hold_id_param(&hold_id)?;
+    let id = account_id(&id, "path:id")?;
+    let hold_id = hold_id_param(&hold_id, "path:hold_id")?;
     let body: CaptureBody = parse_json_or_empty(&bytes)?;
     let request = Request::Capture {
         hold_id,
@@ -486,8 +500,8 @@ async fn post_release(
 ) -> ApiResult {
     let bytes = read_body(body, HTTP_BODY_BYTES_MAX).await?;
     let (id, hold_id) = path_param(path)?;
-    let id = account_id(&id)?;
-    let hold_id = hold_id_param(&hold_id)?;
+    let id = account_id(&id, "path:id")?;
+    let hold_id = hold_id_param(&hold_id, "path:hold_id")?;
     let body: ReleaseBody = parse_json_or_empty(&bytes)?;
     let request = Request::Release {
         hold_id,
@@ -554,8 +568,8 @@ problems!(
 async fn post_transfer(State(state): State<AppState>, headers: HeaderMap, body: Body) -> ApiResult {
     let bytes = read_body(body, HTTP_BODY_BYTES_MAX).await?;
     let body: TransferBody = parse_json(&bytes)?;
-    let from = account_id(&body.from)?;
-    let to = account_id(&body.to)?;
+    let from = account_id(&body.from, "/from")?;
+    let to = account_id(&body.to, "/to")?;
     let key = idempotency_key(&headers)?.ok_or_else(ApiError::key_missing)?;
     let engine = state.ready()?;
     let request = Request::Transfer {
@@ -617,8 +631,8 @@ async fn get_transfer(
     path: Result<Path<String>, PathRejection>,
 ) -> ApiResult {
     let id = path_param(path)?;
-    let id =
-        Uuid::parse_str(&id).map_err(|_| ApiError::invalid("transfer id is not a valid UUID"))?;
+    let id = Uuid::parse_str(&id)
+        .map_err(|_| ApiError::invalid_at("path:id", "transfer id is not a valid UUID"))?;
     let record = state.ready()?.transfer_record(&id).await?;
     Ok(json(StatusCode::OK, &TransferJson::from(&*record)))
 }
@@ -644,7 +658,7 @@ problems!(
 /// whole batch is refused only when the request itself is malformed (400), too large (413)
 /// or has no operation or more than 1,000 (422). Operations are not atomic together;
 /// operations on the same account apply in the order given.
-#[utoipa::path(post, path = "/v1/batch", operation_id = "postBatch", tag = "money",
+#[utoipa::path(post, path = "/v1/batch", operation_id = "postBatch", tag = "batch",
     request_body = BatchBody,
     responses(
         (status = 200, description = "One result per operation, in order.", body = BatchResponseDoc),
@@ -656,7 +670,8 @@ async fn post_batch(State(state): State<AppState>, body: Body) -> ApiResult {
     if batch.operations.is_empty() || batch.operations.len() > BATCH_OPERATIONS_MAX {
         return Err(ApiError::validation(format!(
             "operations must hold 1..={BATCH_OPERATIONS_MAX} entries"
-        )));
+        ))
+        .at("/operations"));
     }
     let engine = state.ready()?;
     let count = batch.operations.len();
@@ -669,7 +684,7 @@ async fn post_batch(State(state): State<AppState>, body: Body) -> ApiResult {
                 valid.push(operation);
                 valid_index.push(index);
             }
-            Err(error) => early[index] = Some(error),
+            Err(error) => early[index] = Some(error.in_operation(index)),
         }
     }
     let mut outcomes = engine.execute_batch(valid).await.into_iter();
@@ -686,7 +701,7 @@ async fn post_batch(State(state): State<AppState>, body: Body) -> ApiResult {
                 debug_assert_eq!(next_valid.next(), Some(index));
                 match outcomes.next() {
                     Some(Ok(executed)) => Ok(executed),
-                    Some(Err(error)) => Err(ApiError::from(error)),
+                    Some(Err(error)) => Err(ApiError::from(error).in_operation(index)),
                     None => Err(ApiError::from(crate::engine::EngineError::ShuttingDown)),
                 }
             }
@@ -730,26 +745,34 @@ fn write_batch_result(out: &mut Vec<u8>, result: Result<Executed, ApiError>) {
 }
 
 /// Parses one batch operation with the checks of its single endpoint, in the same order:
-/// 400 for syntax, path-like ids and key format, then 400 `idempotency_key_missing`.
+/// 400 for syntax, path-like ids and key format, then 400 `idempotency_key_missing`. A
+/// problem's `field` is relative to the operation (the caller moves it under
+/// `/operations/{index}`).
 fn batch_operation(
     raw: &serde_json::value::RawValue,
 ) -> Result<(AccountId, Option<IdempotencyKey>, Request), ApiError> {
     if !raw.get().trim_start().starts_with('{') {
-        return Err(ApiError::invalid("each operation must be a JSON object"));
+        return Err(ApiError::invalid_at(
+            "",
+            "each operation must be a JSON object",
+        ));
     }
-    let op: BatchOpBody = serde_json::from_str(raw.get())
-        .map_err(|e| ApiError::invalid(format!("invalid operation: {e}")))?;
-    let account = account_id(&op.account)?;
-    let not_for =
-        |field: &str| ApiError::invalid(format!("unknown field `{field}` for op {}", op.op));
+    let op: BatchOpBody = parse_json_text(raw.get().as_bytes(), "invalid operation")?;
+    let account = account_id(&op.account, "/account")?;
+    let not_for = |field: &str| {
+        ApiError::invalid_at(
+            &format!("/{field}"),
+            format!("unknown field `{field}` for op {}", op.op),
+        )
+    };
     let hold_id = |text: &Option<String>| match text {
-        Some(text) => hold_id_param(text),
-        None => Err(ApiError::invalid("missing field `hold_id`")),
+        Some(text) => hold_id_param(text, "/hold_id"),
+        None => Err(ApiError::invalid_at("/hold_id", "missing field `hold_id`")),
     };
     let amount = |value: Option<JsonInt>| {
         value
             .map(|v| v.0)
-            .ok_or_else(|| ApiError::invalid("missing field `amount`"))
+            .ok_or_else(|| ApiError::invalid_at("/amount", "missing field `amount`"))
     };
     let request = match op.op.as_str() {
         "credit" | "debit" => {
@@ -805,14 +828,26 @@ fn batch_operation(
             }
         }
         other => {
-            return Err(ApiError::invalid(format!(
-                "op {other:?} is not one of credit, debit, hold, capture, release"
-            )))
+            return Err(ApiError::invalid_at(
+                "/op",
+                format!("op {other:?} is not one of credit, debit, hold, capture, release"),
+            ))
         }
     };
     let key = match op.idempotency_key.as_deref() {
-        Some(text) => IdempotencyKey::parse(text).map_err(|e| ApiError::invalid(e.0))?,
-        None => return Err(ApiError::key_missing()),
+        Some(text) => IdempotencyKey::parse(text).map_err(|e| {
+            ApiError::invalid_at(
+                "/idempotency_key",
+                e.reason.replace("Idempotency-Key", "idempotency_key"),
+            )
+        })?,
+        None => {
+            return Err(ApiError::of(
+                error::kinds::IDEMPOTENCY_KEY_MISSING,
+                "this operation moves money and needs its own idempotency_key",
+            )
+            .at("/idempotency_key"))
+        }
     };
     Ok((account, Some(key), request))
 }
@@ -844,12 +879,15 @@ async fn list_holds(
     path: Result<Path<String>, PathRejection>,
     RawQuery(query): RawQuery,
 ) -> ApiResult {
-    let id = account_id(&path_param(path)?)?;
+    let id = account_id(&path_param(path)?, "path:id")?;
     let query: HoldsQuery = parse_query(query.as_deref())?;
     let status = match query.status.as_deref() {
         None => None,
         Some(s) => Some(HoldStatus::parse(s).ok_or_else(|| {
-            ApiError::invalid("status must be one of open, captured, released, expired")
+            ApiError::invalid_at(
+                "query:status",
+                "status must be one of open, captured, released, expired",
+            )
         })?),
     };
     let limit = list_limit(query.limit.as_deref())?;
@@ -857,7 +895,7 @@ async fn list_holds(
         None => None,
         Some(cursor) => Some(
             Uuid::parse_str(cursor)
-                .map_err(|_| ApiError::invalid("after is not a valid cursor"))?,
+                .map_err(|_| ApiError::invalid_at("query:after", "after is not a valid cursor"))?,
         ),
     };
     let (holds, next) = state.ready()?.holds(&id, status, after, limit).await?;
@@ -894,8 +932,8 @@ async fn get_hold(
     path: Result<Path<(String, String)>, PathRejection>,
 ) -> ApiResult {
     let (id, hold_id) = path_param(path)?;
-    let id = account_id(&id)?;
-    let hold_id = hold_id_param(&hold_id)?;
+    let id = account_id(&id, "path:id")?;
+    let hold_id = hold_id_param(&hold_id, "path:hold_id")?;
     let hold = state.ready()?.hold(&id, &hold_id).await?;
     Ok(json(StatusCode::OK, &HoldJson::from(&hold)))
 }
@@ -916,7 +954,7 @@ problems!(
 /// List an account's transactions
 ///
 /// Newest first, paged by seq. Accounts keep their last 1000 transactions in memory.
-#[utoipa::path(get, path = "/v1/accounts/{id}/transactions", operation_id = "listTransactions", tag = "accounts",
+#[utoipa::path(get, path = "/v1/accounts/{id}/transactions", operation_id = "listTransactions", tag = "transactions",
     params(("id" = schema::AccountIdSchema, Path, description = ACCOUNT_ID_DOC), TransactionsQuery),
     responses(
         (status = 200, description = "A page of transactions.", body = TransactionPage),
@@ -927,7 +965,7 @@ async fn list_transactions(
     path: Result<Path<String>, PathRejection>,
     RawQuery(query): RawQuery,
 ) -> ApiResult {
-    let id = account_id(&path_param(path)?)?;
+    let id = account_id(&path_param(path)?, "path:id")?;
     let query: TransactionsQuery = parse_query(query.as_deref())?;
     let limit = list_limit(query.limit.as_deref())?;
     let before_seq = match query.before_seq.as_deref() {
@@ -937,7 +975,12 @@ async fn list_transactions(
                 .filter(|t| t.bytes().all(|b| b.is_ascii_digit()))
                 .and_then(|t| u64::from_str(t).ok())
                 .filter(|v| *v >= 1)
-                .ok_or_else(|| ApiError::invalid("before_seq must be a positive integer"))?,
+                .ok_or_else(|| {
+                    ApiError::invalid_at(
+                        "query:before_seq",
+                        "before_seq must be a positive integer",
+                    )
+                })?,
         ),
     };
     let (transactions, next) = state.ready()?.transactions(&id, before_seq, limit).await?;
@@ -967,7 +1010,7 @@ problems!(
 ///
 /// For a client that lost an answer: tells whether the request happened. Never applies
 /// anything.
-#[utoipa::path(get, path = "/v1/accounts/{id}/idempotency-keys/{key}", operation_id = "getIdempotencyKey", tag = "money",
+#[utoipa::path(get, path = "/v1/accounts/{id}/idempotency-keys/{key}", operation_id = "getIdempotencyKey", tag = "idempotency",
     params(("id" = schema::AccountIdSchema, Path, description = ACCOUNT_ID_DOC), ("key" = String, Path, min_length = 1, max_length = 255, pattern = "^[!-~]{1,255}$", description = "The Idempotency-Key to look up (percent-encoded in the path).")),
     responses(
         (status = 200, description = "The stored outcome.", body = IdempotencyLookup),
@@ -978,8 +1021,9 @@ async fn get_idempotency_key(
     path: Result<Path<(String, String)>, PathRejection>,
 ) -> ApiResult {
     let (id, key) = path_param(path)?;
-    let id = account_id(&id)?;
-    let key = IdempotencyKey::parse(&key).map_err(|e| ApiError::invalid(e.0))?;
+    let id = account_id(&id, "path:id")?;
+    let key =
+        IdempotencyKey::parse(&key).map_err(|e| ApiError::invalid_at("path:key", e.reason))?;
     let engine = state.ready()?;
     let entry = engine.idempotency_entry(&id, &key).await?.ok_or_else(|| {
         ApiError::of(
@@ -1019,20 +1063,20 @@ async fn get_idempotency_key(
 /// Liveness
 ///
 /// 200 while the process runs, also during recovery. Never needs a token.
-#[utoipa::path(get, path = "/healthz", operation_id = "healthz", tag = "operations",
+#[utoipa::path(get, path = "/healthz", operation_id = "healthz", tag = "service",
     security(()),
     responses((status = 200, description = "The process runs.", body = Health)))]
 async fn healthz() -> Response {
     json(StatusCode::OK, &Health { status: "ok" })
 }
 
-problems!(ReadyzProblems = [NOT_READY, STORAGE_FAILURE]);
+problems!(ReadyzProblems = [NOT_READY, STORAGE_FAILURE, SHUTTING_DOWN]);
 
 /// Readiness
 ///
 /// 200 once recovery is done (overdue holds expired) and writes are accepted. Never needs a
 /// token.
-#[utoipa::path(get, path = "/readyz", operation_id = "readyz", tag = "operations",
+#[utoipa::path(get, path = "/readyz", operation_id = "readyz", tag = "service",
     security(()),
     responses((status = 200, description = "Ready.", body = Readiness), ReadyzProblems))]
 async fn readyz(State(state): State<AppState>) -> ApiResult {
@@ -1043,10 +1087,10 @@ async fn readyz(State(state): State<AppState>) -> ApiResult {
     Ok(json(StatusCode::OK, &Readiness { status: "ready" }))
 }
 
-problems!(OpenApiProblems = [UNAUTHORIZED, RATE_LIMITED, OVERLOADED]);
+problems!(OpenApiProblems = [UNAUTHORIZED, RATE_LIMITED, OVERLOADED, SHUTTING_DOWN]);
 
 /// This document
-#[utoipa::path(get, path = "/openapi.json", operation_id = "openapi", tag = "operations",
+#[utoipa::path(get, path = "/openapi.json", operation_id = "openapi", tag = "service",
     responses(
         (status = 200, description = "The OpenAPI 3.1 document of this API.", body = Object, content_type = "application/json"),
         OpenApiProblems,
@@ -1101,12 +1145,14 @@ fn path_param<T>(path: Result<Path<T>, PathRejection>) -> Result<T, ApiError> {
         .map_err(|e| ApiError::invalid(format!("invalid path: {e}")))
 }
 
-fn account_id(text: &str) -> Result<AccountId, ApiError> {
-    AccountId::parse(text).map_err(|e| ApiError::invalid(e.0))
+/// An account id given at `field` (`path:id`, `/from`, ...).
+fn account_id(text: &str, field: &str) -> Result<AccountId, ApiError> {
+    AccountId::parse(text).map_err(|e| ApiError::invalid_at(field, e.reason))
 }
 
-fn hold_id_param(text: &str) -> Result<Uuid, ApiError> {
-    Uuid::parse_str(text).map_err(|_| ApiError::invalid("hold id is not a valid UUID"))
+/// A hold id given at `field`.
+fn hold_id_param(text: &str, field: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(text).map_err(|_| ApiError::invalid_at(field, "hold id is not a valid UUID"))
 }
 
 /// Parses a JSON object body. Only an object is a request: serde's derived structs would
@@ -1114,9 +1160,73 @@ fn hold_id_param(text: &str) -> Result<Uuid, ApiError> {
 fn parse_json<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, ApiError> {
     let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
     if first != Some(&b'{') {
-        return Err(ApiError::invalid("the body must be a JSON object"));
+        return Err(ApiError::invalid_at("", "the body must be a JSON object"));
     }
-    serde_json::from_slice(bytes).map_err(|e| ApiError::invalid(format!("invalid JSON body: {e}")))
+    parse_json_text(bytes, "invalid JSON body")
+}
+
+/// Deserializes JSON text, naming in the problem where a value is wrong: the path serde
+/// was at (`serde_path_to_error`), plus the field an unknown, missing or repeated field
+/// error names, as a JSON pointer. Syntax errors name no field: the text is at fault, and
+/// the detail says where (line and column).
+fn parse_json_text<'a, T: Deserialize<'a>>(bytes: &'a [u8], what: &str) -> Result<T, ApiError> {
+    let mut deserializer = serde_json::Deserializer::from_slice(bytes);
+    let value = serde_path_to_error::deserialize(&mut deserializer).map_err(|error| {
+        let inner = error.inner();
+        let problem = ApiError::invalid(format!("{what}: {inner}"));
+        if !inner.is_data() {
+            return problem;
+        }
+        let mut pointer = json_pointer(error.path());
+        // An unknown field's path already ends at it; a missing one's ends at its object.
+        if let Some(name) = named_field(&inner.to_string()) {
+            let last = format!("/{}", escape_pointer(name));
+            if !pointer.ends_with(&last) {
+                pointer.push_str(&last);
+            }
+        }
+        problem.at(pointer)
+    })?;
+    // As `serde_json::from_slice`: nothing but whitespace may follow the value.
+    deserializer
+        .end()
+        .map_err(|e| ApiError::invalid(format!("{what}: {e}")))?;
+    Ok(value)
+}
+
+/// The JSON pointer of a deserialization path (`""` at the top).
+fn json_pointer(path: &serde_path_to_error::Path) -> String {
+    use serde_path_to_error::Segment;
+    let mut pointer = String::new();
+    for segment in path.iter() {
+        match segment {
+            Segment::Seq { index } => {
+                pointer.push('/');
+                pointer.push_str(&index.to_string());
+            }
+            Segment::Map { key } => {
+                pointer.push('/');
+                pointer.push_str(&escape_pointer(key));
+            }
+            Segment::Enum { .. } | Segment::Unknown => {}
+        }
+    }
+    pointer
+}
+
+/// RFC 6901: `~` and `/` in a member name are written `~0` and `~1`.
+fn escape_pointer(name: &str) -> String {
+    name.replace('~', "~0").replace('/', "~1")
+}
+
+/// The field that serde's `unknown field`, `missing field` and `duplicate field` errors
+/// name (between backticks): the error sits at the enclosing object, the fault at the field.
+fn named_field(message: &str) -> Option<&str> {
+    ["unknown field `", "missing field `", "duplicate field `"]
+        .iter()
+        .find_map(|prefix| message.strip_prefix(prefix))
+        .and_then(|rest| rest.split_once('`'))
+        .map(|(name, _)| name)
 }
 
 /// Bodies whose fields are all optional may be empty.
@@ -1129,7 +1239,7 @@ fn parse_json_or_empty<'a, T: Deserialize<'a> + Default>(bytes: &'a [u8]) -> Res
 
 /// Parses a query string strictly: unknown or repeated parameters are 400, and so is any
 /// malformed non-empty value (`limit=0`, `limit=+5`, `status=foo`). A parameter given with an
-/// empty value (`?limit=&after=`) counts as absent, exactly as if it were left out: API.md
+/// empty value (`?limit=&after=`) counts as absent, exactly as if it were left out: docs/API.md
 /// shows the list URL as the template `?status=open&limit=&after=`, and a client written
 /// against it may send the parameters it does not use empty. Refusing those would break it.
 fn parse_query<T: serde::de::DeserializeOwned + Default>(
@@ -1138,13 +1248,19 @@ fn parse_query<T: serde::de::DeserializeOwned + Default>(
     let Some(query) = query.filter(|q| !q.is_empty()) else {
         return Ok(T::default());
     };
-    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query)
-        .map_err(|e| ApiError::invalid(format!("invalid query: {e}")))?;
+    let problem = |e: &dyn std::fmt::Display| {
+        let message = e.to_string();
+        let error = ApiError::invalid(format!("invalid query: {message}"));
+        match named_field(&message) {
+            Some(name) => error.at(format!("query:{name}")),
+            None => error,
+        }
+    };
+    let pairs: Vec<(String, String)> =
+        serde_urlencoded::from_str(query).map_err(|e| problem(&e))?;
     let kept: Vec<(String, String)> = pairs.into_iter().filter(|(_, v)| !v.is_empty()).collect();
-    let canonical = serde_urlencoded::to_string(&kept)
-        .map_err(|e| ApiError::invalid(format!("invalid query: {e}")))?;
-    serde_urlencoded::from_str(&canonical)
-        .map_err(|e| ApiError::invalid(format!("invalid query: {e}")))
+    let canonical = serde_urlencoded::to_string(&kept).map_err(|e| problem(&e))?;
+    serde_urlencoded::from_str(&canonical).map_err(|e| problem(&e))
 }
 
 fn list_limit(text: Option<&str>) -> Result<usize, ApiError> {
@@ -1155,7 +1271,10 @@ fn list_limit(text: Option<&str>) -> Result<usize, ApiError> {
             .and_then(|t| usize::from_str(t).ok())
             .filter(|v| (1..=LIST_LIMIT_MAX).contains(v))
             .ok_or_else(|| {
-                ApiError::invalid(format!("limit must be an integer in 1..={LIST_LIMIT_MAX}"))
+                ApiError::invalid_at(
+                    "query:limit",
+                    format!("limit must be an integer in 1..={LIST_LIMIT_MAX}"),
+                )
             }),
     }
 }
@@ -1167,12 +1286,82 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<IdempotencyKey>, ApiErr
         return Ok(None);
     };
     if values.next().is_some() {
-        return Err(ApiError::invalid("Idempotency-Key given more than once"));
+        return Err(ApiError::invalid_at(
+            error::IDEMPOTENCY_KEY_HEADER,
+            "Idempotency-Key given more than once",
+        ));
     }
-    let text = value
-        .to_str()
-        .map_err(|_| ApiError::invalid("Idempotency-Key must be visible ASCII characters"))?;
+    let text = value.to_str().map_err(|_| {
+        ApiError::invalid_at(
+            error::IDEMPOTENCY_KEY_HEADER,
+            "Idempotency-Key must be visible ASCII characters",
+        )
+    })?;
     IdempotencyKey::parse(text)
         .map(Some)
-        .map_err(|e| ApiError::invalid(e.0))
+        .map_err(|e| ApiError::invalid_at(error::IDEMPOTENCY_KEY_HEADER, e.reason))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn field_of<T: for<'a> Deserialize<'a>>(body: &str) -> Option<String> {
+        parse_json::<T>(body.as_bytes())
+            .err()
+            .expect("a refusal")
+            .field()
+            .map(str::to_string)
+    }
+
+    #[test]
+    fn body_problems_name_the_field_as_a_json_pointer() {
+        let cases = [
+            (r#"{"amount": "5"}"#, Some("/amount")),
+            (r#"{"amount": 1.5}"#, Some("/amount")),
+            (r#"{"amount": null}"#, Some("/amount")),
+            (r#"{"amont": 5}"#, Some("/amont")),
+            (r#"{}"#, Some("/amount")),
+            (r#"{"amount": 5, "amount": 6}"#, Some("/amount")),
+            (r#"{"amount": 5, "metadata": null}"#, Some("/metadata")),
+            (
+                r#"{"amount": 5, "metadata": {"a/b~": 5}}"#,
+                Some("/metadata/a~1b~0"),
+            ),
+            (
+                r#"{"amount": 5, "metadata": {"k": "a", "k": "b"}}"#,
+                Some("/metadata"),
+            ),
+            (r#"[5]"#, Some("")),
+            (r#"{"amount": 5,"#, None),
+            (r#"{"amount": 5} x"#, None),
+        ];
+        for (body, field) in cases {
+            assert_eq!(field_of::<MoveBody>(body).as_deref(), field, "{body}");
+        }
+    }
+
+    #[test]
+    fn batch_problems_name_the_operation() {
+        let batch = r#"{"operations": [{"op": "credit"}]}"#;
+        let body: BatchBody = parse_json(batch.as_bytes()).expect("a batch");
+        let error = batch_operation(body.operations[0])
+            .expect_err("no account")
+            .in_operation(3);
+        assert_eq!(error.field(), Some("/operations/3/account"));
+        let error = parse_json::<BatchBody>(br#"{"operation": []}"#).expect_err("an unknown field");
+        assert_eq!(error.field(), Some("/operation"));
+        let missing = ApiError::key_missing().in_operation(2);
+        assert_eq!(missing.field(), Some("/operations/2/idempotency_key"));
+    }
+
+    #[test]
+    fn query_problems_name_the_parameter() {
+        let error =
+            parse_query::<HoldsQuery>(Some("limit=5&bogus=1")).expect_err("an unknown parameter");
+        assert_eq!(error.field(), Some("query:bogus"));
+        let error =
+            parse_query::<HoldsQuery>(Some("limit=5&limit=6")).expect_err("a repeated parameter");
+        assert_eq!(error.field(), Some("query:limit"));
+    }
 }

@@ -20,6 +20,7 @@ use utoipa::openapi::path::HttpMethod;
 use utoipa::openapi::response::ResponseBuilder;
 use utoipa::openapi::schema::{ObjectBuilder, Schema, Type};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme};
+use utoipa::openapi::server::ServerBuilder;
 use utoipa::openapi::{
     ComponentsBuilder, InfoBuilder, LicenseBuilder, OpenApi, OpenApiBuilder, Paths, Ref, RefOr,
     Response, Tag,
@@ -58,7 +59,7 @@ impl Routes {
     /// documents it with that operation.
     pub(crate) fn add<P, H, T>(mut self, handler: H) -> Routes
     where
-        P: utoipa::Path,
+        P: utoipa::Path + for<'t> utoipa::__dev::Tags<'t>,
         H: Handler<T, AppState>,
         T: 'static,
     {
@@ -73,8 +74,12 @@ impl Routes {
             path: path.clone(),
             methods: methods.iter().map(method_name).collect(),
         });
-        self.paths
-            .add_path_operation(&path, methods, P::operation());
+        // utoipa puts a path's `tag` into its operation only when its `OpenApi` derive
+        // collects the paths; this document is built here, so the tags are added here.
+        let mut operation = P::operation();
+        let tags = operation.tags.get_or_insert_with(Vec::new);
+        tags.extend(P::tags().into_iter().map(str::to_string));
+        self.paths.add_path_operation(&path, methods, operation);
         self
     }
 
@@ -131,6 +136,34 @@ pub(crate) fn document_json() -> &'static str {
     })
 }
 
+/// The tags of the document's operations (each operation has exactly one), with their
+/// descriptions. Generated clients group operations by them.
+pub const TAGS: [(&str, &str); 8] = [
+    ("accounts", "Opening and reading accounts."),
+    (
+        "transactions",
+        "Credits and debits, and an account's history of transactions.",
+    ),
+    ("holds", "Reserving money, then capturing or releasing it."),
+    (
+        "transfers",
+        "Moving money between two accounts, all or nothing, exactly once.",
+    ),
+    (
+        "batch",
+        "Many credits, debits and hold operations in one request.",
+    ),
+    (
+        "idempotency",
+        "What a request with an idempotency key was answered.",
+    ),
+    (
+        "events",
+        "Every committed transaction of every account, in commit order.",
+    ),
+    ("service", "Health, readiness, metrics and this document."),
+];
+
 const DESCRIPTION: &str = "Accounts, credits, debits, holds (capture, release, expiry) and transfers with idempotent retries. Amounts are integers in the account's minor unit. A 2xx answer to a change means it is written and fdatasync'ed to the write-ahead log; no answer shows state a crash could undo.\n\nEvery error is `application/problem+json` with a stable `code`. Request bodies are limited to 65,536 bytes (1 MiB for `/v1/batch`; 413 payload_too_large). Unknown fields, explicit nulls, and numbers with a fractional part are 400 invalid_request; a number whose exact value is an integer is that integer however it is written (`46`, `46.0`, `4.6e1`), read from its text and never through a float. Well-formed values out of bounds are 422 validation_failed. A query parameter given with an empty value (`?limit=&after=`, as in the contract's URL template `?status=open&limit=&after=`) counts as absent, the same as leaving it out; a non-empty malformed value (`limit=0`, `status=foo`) is 400 invalid_request. Until recovery is done every `/v1` endpoint answers 503 not_ready. A path that names no endpoint is 404 `not_found`; a known path with another method is 405 `method_not_allowed` with `Allow`.\n\nWhen bearer tokens are configured every endpoint but `/healthz` and `/readyz` needs `Authorization: Bearer TOKEN` (401 unauthorized first, before any other error). Every answer carries `X-Request-Id` (the client's if it sent a sane one, else a new UUID v7). Per-token rate limits answer 429 rate_limited with Retry-After; a request over the request timeout, or one whose account's mailbox stays full, answers 503 overloaded with Retry-After.";
 
 fn document(paths: Paths) -> OpenApi {
@@ -166,28 +199,23 @@ fn document(paths: Paths) -> OpenApi {
     };
     OpenApiBuilder::new()
         .info(info)
+        .servers(Some([
+            ServerBuilder::new()
+                .url("/")
+                .description(Some("The server that served this document."))
+                .build(),
+            ServerBuilder::new()
+                .url("http://127.0.0.1:8080")
+                .description(Some("`coffer serve` with its default --listen."))
+                .build(),
+        ]))
         .paths(paths)
         .components(Some(components.build()))
         .security(Some([SecurityRequirement::new(
             "bearerAuth",
             Vec::<String>::new(),
         )]))
-        .tags(Some([
-            tag("accounts", "Opening and reading accounts."),
-            tag(
-                "money",
-                "Credits, debits and batches: changes of one account.",
-            ),
-            tag("holds", "Reserving money, then capturing or releasing it."),
-            tag(
-                "transfers",
-                "Moving money between two accounts, all or nothing, exactly once.",
-            ),
-            tag(
-                "operations",
-                "Health, readiness, metrics and this document.",
-            ),
-        ]))
+        .tags(Some(TAGS.map(|(name, description)| tag(name, description))))
         .build()
 }
 
@@ -268,13 +296,10 @@ fn problem_response(kinds: &[ErrorKind]) -> Response {
         if kind == &crate::http::error::kinds::CURSOR_EXPIRED {
             example["oldest_cursor"] = json!("e00000000000003e8");
         }
-        let name = if kind.title == "Shutting down" {
-            "shutting_down"
-        } else {
-            kind.code
-        };
-        content = content
-            .examples_from_iter([(name, ExampleBuilder::new().value(Some(example)).build())]);
+        content = content.examples_from_iter([(
+            kind.code,
+            ExampleBuilder::new().value(Some(example)).build(),
+        )]);
     }
     let mut response = ResponseBuilder::new()
         .description(format!("{description}."))

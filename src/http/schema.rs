@@ -6,8 +6,8 @@ use std::borrow::Cow;
 
 use serde_json::json;
 use utoipa::openapi::schema::{
-    AdditionalProperties, AnyOfBuilder, Object, ObjectBuilder, OneOfBuilder, Schema, SchemaFormat,
-    SchemaType, Type,
+    AdditionalProperties, AnyOfBuilder, Discriminator, Object, ObjectBuilder, OneOfBuilder, Schema,
+    SchemaFormat, SchemaType, Type,
 };
 use utoipa::openapi::{KnownFormat, Ref, RefOr};
 use utoipa::{PartialSchema, ToSchema};
@@ -18,9 +18,9 @@ use crate::domain::{
     METADATA_KEY_CHARS_MAX, METADATA_VALUE_CHARS_MAX,
 };
 
-/// The pattern of an account id (API.md: 1..=128 of `[A-Za-z0-9._:-]`).
+/// The pattern of an account id (docs/API.md: 1..=128 of `[A-Za-z0-9._:-]`).
 pub const ACCOUNT_ID_PATTERN: &str = "^[A-Za-z0-9._:-]{1,128}$";
-/// The pattern of a currency (API.md: 1..=16 of `[A-Z0-9_]`).
+/// The pattern of a currency (docs/API.md: 1..=16 of `[A-Z0-9_]`).
 pub const CURRENCY_PATTERN: &str = "^[A-Z0-9_]{1,16}$";
 /// The pattern of an idempotency key (1..=255 visible ASCII characters).
 pub const IDEMPOTENCY_KEY_PATTERN: &str = "^[!-~]{1,255}$";
@@ -307,65 +307,33 @@ pub fn const_ready() -> Object {
     one_of_strings(["ready"])
 }
 
-/// The `BatchOperation` component: one schema per `op`, each with exactly the fields of its
-/// single endpoint's body plus `op`, `account` and its own `idempotency_key`.
+/// The `BatchOperation` component: a `oneOf` of one named schema per `op` (see
+/// [`BATCH_OPS`]), each with exactly the fields of its single endpoint's body plus `op`,
+/// `account` and its own `idempotency_key`, told apart by `op` (a discriminator with a
+/// mapping, so that generated clients pick the variant by it instead of by trial).
 pub struct BatchOperation;
+
+/// Each batch `op` and the name of its schema.
+pub const BATCH_OPS: [(&str, &str); 5] = [
+    ("credit", "BatchCredit"),
+    ("debit", "BatchDebit"),
+    ("hold", "BatchHold"),
+    ("capture", "BatchCapture"),
+    ("release", "BatchRelease"),
+];
 
 impl PartialSchema for BatchOperation {
     fn schema() -> RefOr<Schema> {
-        let account = || RefOr::from(Ref::from_schema_name("AccountId"));
-        let metadata = || RefOr::from(Ref::from_schema_name("Metadata"));
-        let variant = |op: &'static str, fields: Vec<(&'static str, RefOr<Schema>, bool)>| {
-            let mut object = ObjectBuilder::new()
-                .schema_type(Type::Object)
-                .title(Some(op))
-                .additional_properties(Some(AdditionalProperties::FreeForm(false)))
-                .property("op", one_of_strings([op]))
-                .required("op")
-                .property("account", account())
-                .required("account")
-                .property("idempotency_key", idempotency_key())
-                .required("idempotency_key");
-            for (name, schema, required) in fields {
-                object = object.property(name, schema);
-                if required {
-                    object = object.required(name);
-                }
-            }
-            object.property("metadata", metadata()).build()
-        };
-        let amount = || RefOr::from(Schema::Object(amount()));
-        let hold_id = || RefOr::from(Schema::Object(uuid()));
-        OneOfBuilder::new()
+        let mapping = BATCH_OPS.map(|(op, name)| (op, format!("#/components/schemas/{name}")));
+        let mut one_of = OneOfBuilder::new()
             .description(Some(
                 "One operation of a batch, with the fields of its single endpoint's body plus `op`, `account` and its own `idempotency_key` (scoped to `account`). A malformed operation is answered with 400 in its own result; the rest of the batch proceeds.",
             ))
-            .item(variant("credit", vec![("amount", amount(), true)]))
-            .item(variant("debit", vec![("amount", amount(), true)]))
-            .item(variant(
-                "hold",
-                vec![
-                    ("amount", amount(), true),
-                    (
-                        "expires_in_secs",
-                        RefOr::from(Schema::Object(expires_in_secs())),
-                        false,
-                    ),
-                ],
-            ))
-            .item(variant(
-                "capture",
-                vec![
-                    ("hold_id", hold_id(), true),
-                    (
-                        "amount",
-                        RefOr::from(Schema::Object(capture_amount())),
-                        false,
-                    ),
-                ],
-            ))
-            .item(variant("release", vec![("hold_id", hold_id(), true)]))
-            .into()
+            .discriminator(Some(Discriminator::with_mapping("op", mapping)));
+        for (_, name) in BATCH_OPS {
+            one_of = one_of.item(Ref::from_schema_name(name));
+        }
+        one_of.into()
     }
 }
 
@@ -373,6 +341,56 @@ impl ToSchema for BatchOperation {
     fn name() -> Cow<'static, str> {
         "BatchOperation".into()
     }
+
+    fn schemas(schemas: &mut Vec<(String, RefOr<Schema>)>) {
+        for (op, name) in BATCH_OPS {
+            schemas.push((name.to_string(), batch_variant(op).into()));
+        }
+    }
+}
+
+/// The schema of one batch `op`.
+fn batch_variant(op: &'static str) -> Object {
+    let amount = || RefOr::from(Schema::Object(amount()));
+    let hold_id = || RefOr::from(Schema::Object(uuid()));
+    let fields: Vec<(&'static str, RefOr<Schema>, bool)> = match op {
+        "credit" | "debit" => vec![("amount", amount(), true)],
+        "hold" => vec![
+            ("amount", amount(), true),
+            (
+                "expires_in_secs",
+                RefOr::from(Schema::Object(expires_in_secs())),
+                false,
+            ),
+        ],
+        "capture" => vec![
+            ("hold_id", hold_id(), true),
+            (
+                "amount",
+                RefOr::from(Schema::Object(capture_amount())),
+                false,
+            ),
+        ],
+        _ => vec![("hold_id", hold_id(), true)],
+    };
+    let mut object = ObjectBuilder::new()
+        .schema_type(Type::Object)
+        .additional_properties(Some(AdditionalProperties::FreeForm(false)))
+        .property("op", one_of_strings([op]))
+        .required("op")
+        .property("account", Ref::from_schema_name("AccountId"))
+        .required("account")
+        .property("idempotency_key", idempotency_key())
+        .required("idempotency_key");
+    for (name, schema, required) in fields {
+        object = object.property(name, schema);
+        if required {
+            object = object.required(name);
+        }
+    }
+    object
+        .property("metadata", Ref::from_schema_name("Metadata"))
+        .build()
 }
 
 /// `limit` of a list: 1..=1000, default 100.
@@ -423,7 +441,7 @@ pub fn account_id() -> Object {
 }
 
 /// A query parameter's schema: `value`, or the empty string, which the server takes as the
-/// parameter being absent (API.md's list URL is the template `?status=open&limit=&after=`, so
+/// parameter being absent (docs/API.md's list URL is the template `?status=open&limit=&after=`, so
 /// clients may send unused parameters empty). The non-empty form keeps `value`'s exact bounds,
 /// format or enum; only a zero-length string is added. `meaning` describes the parameter
 /// (utoipa does not carry a field's doc comment into a `schema_with` parameter).

@@ -530,7 +530,7 @@ impl Sim<'_> {
             if self.accounts.contains_key(account) {
                 continue;
             }
-            let id = AccountId::parse(account).map_err(|e| e.0)?;
+            let id = AccountId::parse(account).map_err(|e| e.reason)?;
             if let Ok(view) = self.life()?.rt.block_on(engine.account(&id)) {
                 if view.currency.as_str() == currency && view.overdraft_limit == *overdraft {
                     self.trace(|| format!("survived: open {account}"));
@@ -572,8 +572,8 @@ impl Sim<'_> {
                 {
                     continue;
                 }
-                let id = AccountId::parse(&op.account).map_err(|e| e.0)?;
-                let key = IdempotencyKey::parse(&op.key).map_err(|e| e.0)?;
+                let id = AccountId::parse(&op.account).map_err(|e| e.reason)?;
+                let key = IdempotencyKey::parse(&op.key).map_err(|e| e.reason)?;
                 let entry = self
                     .life()?
                     .rt
@@ -673,9 +673,10 @@ impl Sim<'_> {
         let Request::Transfer { to, .. } = &op.request else {
             return Err(format!("{op:?} is not a transfer"));
         };
-        let to_currency = Currency::parse(&self.acct(to.as_str())?.currency).map_err(|e| e.0)?;
+        let to_currency =
+            Currency::parse(&self.acct(to.as_str())?.currency).map_err(|e| e.reason)?;
         let acct = self.acct_mut(&op.account)?;
-        let from_currency = Currency::parse(&acct.currency).map_err(|e| e.0)?;
+        let from_currency = Currency::parse(&acct.currency).map_err(|e| e.reason)?;
         let expect = acct.model.evaluate_transfer(
             Some(&op.key),
             &op.request,
@@ -985,8 +986,8 @@ impl Sim<'_> {
                 currency,
                 overdraft,
             } => {
-                let id = AccountId::parse(account).map_err(|e| e.0)?;
-                let currency = Currency::parse(currency).map_err(|e| e.0)?;
+                let id = AccountId::parse(account).map_err(|e| e.reason)?;
+                let currency = Currency::parse(currency).map_err(|e| e.reason)?;
                 let overdraft = *overdraft;
                 self.spawn_task(async move {
                     Output::Open(
@@ -1000,8 +1001,8 @@ impl Sim<'_> {
                 let mut parsed = Vec::with_capacity(ops.len());
                 for op in ops {
                     parsed.push((
-                        AccountId::parse(&op.account).map_err(|e| e.0)?,
-                        Some(IdempotencyKey::parse(&op.key).map_err(|e| e.0)?),
+                        AccountId::parse(&op.account).map_err(|e| e.reason)?,
+                        Some(IdempotencyKey::parse(&op.key).map_err(|e| e.reason)?),
                         op.request.clone(),
                     ));
                 }
@@ -1018,8 +1019,8 @@ impl Sim<'_> {
                 }
             }
             Job::Transfer { op } => {
-                let from = AccountId::parse(&op.account).map_err(|e| e.0)?;
-                let key = IdempotencyKey::parse(&op.key).map_err(|e| e.0)?;
+                let from = AccountId::parse(&op.account).map_err(|e| e.reason)?;
+                let key = IdempotencyKey::parse(&op.key).map_err(|e| e.reason)?;
                 let request = op.request.clone();
                 self.spawn_task(async move {
                     Output::Transfer(engine.transfer(&from, Some(key), request).await)
@@ -1107,7 +1108,7 @@ impl Sim<'_> {
                 to = pick(self);
             }
             let request = Request::Transfer {
-                to: AccountId::parse(&to).map_err(|e| e.0)?,
+                to: AccountId::parse(&to).map_err(|e| e.reason)?,
                 amount: self.amount(),
                 metadata: self.metadata(),
             };
@@ -1368,8 +1369,8 @@ impl Sim<'_> {
             self.report.refused += 1;
             return Ok(());
         };
-        let from_currency = Currency::parse(&from_acct.currency).map_err(|e| e.0)?;
-        let to_currency = Currency::parse(&to_acct.currency).map_err(|e| e.0)?;
+        let from_currency = Currency::parse(&from_acct.currency).map_err(|e| e.reason)?;
+        let to_currency = Currency::parse(&to_acct.currency).map_err(|e| e.reason)?;
         let expect = from_acct.model.evaluate_transfer(
             Some(&op.key),
             &op.request,
@@ -1512,7 +1513,7 @@ impl Sim<'_> {
             );
         }
         for name in NAMES {
-            let id = AccountId::parse(name).map_err(|e| e.0)?;
+            let id = AccountId::parse(name).map_err(|e| e.reason)?;
             let found = rt.block_on(engine.account(&id));
             let Some(acct) = self.accounts.get(name) else {
                 ensure!(
@@ -1539,7 +1540,7 @@ impl Sim<'_> {
             history.reverse();
             check_history(&history, &view).map_err(|e| format!("account {name}: {e}"))?;
             for (key, request) in &acct.model.keys {
-                let parsed = IdempotencyKey::parse(key).map_err(|e| e.0)?;
+                let parsed = IdempotencyKey::parse(key).map_err(|e| e.reason)?;
                 let entry = rt
                     .block_on(engine.idempotency_entry(&id, &parsed))
                     .map_err(|e| e.to_string())?

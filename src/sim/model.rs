@@ -1,4 +1,4 @@
-//! The reference model of one account: plain integers and maps, written from API.md's rules
+//! The reference model of one account: plain integers and maps, written from docs/API.md's rules
 //! without reusing the state machine, so that the two can disagree. The simulation and the
 //! property tests feed it the acknowledged requests and compare.
 
@@ -7,8 +7,8 @@ use std::collections::{BTreeMap, HashMap};
 use uuid::Uuid;
 
 use crate::domain::{
-    AccountView, Currency, Hold, HoldStatus, OpError, Receipt, Request, Transaction,
-    TransferFailure, TransferStatus, TxKind, AMOUNT_MAX, HOLD_EXPIRES_SECS_DEFAULT,
+    AccountView, Currency, Field, Hold, HoldStatus, Invalid, OpError, Receipt, Request,
+    Transaction, TransferFailure, TransferStatus, TxKind, AMOUNT_MAX, HOLD_EXPIRES_SECS_DEFAULT,
     HOLD_EXPIRES_SECS_MAX,
 };
 use crate::engine::Conservation;
@@ -77,7 +77,7 @@ fn valid_metadata(metadata: &BTreeMap<String, String>) -> bool {
 }
 
 fn invalid() -> OpError {
-    OpError::Validation(String::new())
+    OpError::Validation(Invalid::new(Field::Request, ""))
 }
 
 /// Validation messages are free text; compares only the kind of a validation refusal.
@@ -134,7 +134,7 @@ impl Model {
         }
     }
 
-    /// API.md's order: validation, hold lookup, hold state, amount vs hold, then money.
+    /// docs/API.md's order: validation, hold lookup, hold state, amount vs hold, then money.
     pub fn evaluate_fresh(&self, request: &Request) -> Result<(), OpError> {
         match request {
             Request::Credit { amount, metadata } => {
@@ -201,7 +201,7 @@ impl Model {
                 self.open_hold(hold_id).map(|_| ())
             }
             // The source's side of a transfer; the caller checks what needs the destination
-            // (a different account, the same currency) in API.md's order.
+            // (a different account, the same currency) in docs/API.md's order.
             Request::Transfer {
                 amount, metadata, ..
             } => {
@@ -214,7 +214,7 @@ impl Model {
         }
     }
 
-    /// What a transfer from this account would do now (API.md): the key first (a transfer
+    /// What a transfer from this account would do now (docs/API.md): the key first (a transfer
     /// without one is refused: every POST that moves money needs one; replay or reuse),
     /// then validation (amount, metadata, a destination other than the source), then
     /// the currencies, then the funds. `to_currency` is the destination's currency; the
@@ -395,7 +395,7 @@ impl Model {
     }
 }
 
-/// How the model says a transfer whose source was debited ends (API.md, DESIGN.md): the
+/// How the model says a transfer whose source was debited ends (docs/API.md, DESIGN.md): the
 /// destination is credited unless that would push its balance over the limit; then the
 /// source is refunded, unless even that would push the source's balance over the limit
 /// (credits since the debit), and the money stays in flight until a retry.
